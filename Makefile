@@ -1,0 +1,31 @@
+# Set-up is automatic: the first `make train` or `make test` creates .venv and installs
+# mmtrain into it (again whenever pyproject.toml changes).
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: train test test-fast lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)  ## run `mmtrain train` (pass overrides with ARGS="optimizer.lr=3e-4 ...")
+	$(VENV)/bin/mmtrain train $(ARGS)
+
+test: $(STAMP)  ## the whole test suite, slow tests included (what CI runs)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "slow or not slow" $(ARGS)
+
+test-fast: $(STAMP)  ## the default suite without tests marked slow
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,103 @@
+"""`mmtrain COMMAND [ARGS]`: each command that takes config overrides is a Hydra app."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mmtrain.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+USAGE = """\
+mmtrain: a config-driven trainer for image-text models.
+
+Usage:
+  mmtrain train [KEY=VALUE ...]        train one run into outputs/DATE/TIME/
+  mmtrain train -m KEY=a,b ...         sweep: one run per combination, in multirun/DATE/TIME/N/
+  mmtrain train --help                 config groups, the composed config, examples
+  mmtrain list [GROUP]                 registered components and config options
+
+Examples:
+  mmtrain train                                     the built-in default (synthetic shapes, CPU)
+  mmtrain train model.fusion=concat optimizer.lr=3e-4
+  mmtrain train --cfg job                           print the composed config and exit
+"""
+COMMANDS = ("train", "list")
+log = logging.getLogger("mmtrain")
+
+
+def _train_task(cfg: Any) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from mmtrain.config import validate
+    from mmtrain.loop import fit
+
+    try:
+        validate(cfg)
+        return fit(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as error:
+        _log_to_files(f"error: {error}")  # main() prints it to the console
+        raise
+
+
+def _log_to_files(message: str) -> None:
+    """Write `message` into the run's train.log only (the console gets it from main)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _run_hydra(task: Any, args: list[str]) -> None:
+    import hydra
+
+    sys.argv = ["mmtrain", *args]
+    hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(task)()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mmtrain` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    console = Console(stderr=True)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        console.print(
+            f"[red]error:[/] unknown command {command!r}; choose one of: {', '.join(COMMANDS)}.\n"
+        )
+        print(USAGE, end="", file=sys.stderr)
+        return 2
+    # Let exceptions reach this function: user errors are printed below without a traceback.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if command == "train":
+            _run_hydra(_train_task, args)
+        elif command == "list":
+            from mmtrain.listing import print_listing
+
+            print_listing(CONFIG_DIR, args)
+    except UserError as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        return 2
+    except (HydraException, OmegaConfBaseException) as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Datasets, the resumable sampler and the collate function that tokenizes per batch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmtrain.data.source import SplitData
+
+
+class PairDataset(Dataset):
+    """(index, uint8 image, text, label, paired) rows of one split."""
+
+    def __init__(self, split: SplitData):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str, int, bool]:
+        split = self.split
+        return (
+            index,
+            split.images[index],
+            split.texts[index],
+            int(split.labels[index]),
+            bool(split.paired[index]),
+        )
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch: a permutation that depends only on (seed, epoch).
+
+    `start` skips the first samples of the epoch without reading them, which is how a
+    run resumed mid-epoch continues at the exact next batch. With `world_size` > 1 each
+    rank takes every world_size-th index of the same permutation (padded to divide evenly).
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(size / world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the permutation of `epoch` and begin at its `start`-th sample (per rank)."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[: self.per_rank * self.world_size - self.size]
+        return iter(order[self.rank :: self.world_size][self.start :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class Collate:
+    """Stack images and labels; tokenize texts padded to the batch's longest, rounded up to
+    a multiple of 8 (tensor-core friendly) when the backbone's length allows."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        # Rounding up must never pass the backbone's last text position.
+        self.multiple = 8 if max_length % 8 == 0 else None
+
+    def __call__(
+        self, rows: list[tuple[int, torch.Tensor, str, int, bool]]
+    ) -> dict[str, torch.Tensor]:
+        indices, images, texts, labels, paired = zip(*rows, strict=True)
+        tokens = self.tokenizer(
+            list(texts),
+            padding="longest",
+            pad_to_multiple_of=self.multiple,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "index": torch.tensor(indices),
+            "images": torch.stack(images),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "labels": torch.tensor(labels),
+            "paired": torch.tensor(paired),
+        }
+
+
+def make_loader(
+    split: SplitData,
+    collate: Collate,
+    *,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool,
+    seed: int,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over `split` whose order is set by an EpochSampler (see `loader.sampler`)."""
+    sampler = EpochSampler(len(split), shuffle=shuffle, seed=seed)
+    return DataLoader(
+        PairDataset(split),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        # Its own generator: creating an iterator then never draws from the global RNG,
+        # which would shift dropout noise between a resumed run and an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )

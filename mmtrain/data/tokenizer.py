@@ -1,0 +1,54 @@
+"""Tokenizers: the pretrained backbone's own, or a word-level one built from training texts.
+
+CLIP's text tower pools the hidden state at the end-of-text token (the first position whose
+id equals `eos_token_id`). A tokenizer built here therefore wraps every text as
+`<|startoftext|> words <|endoftext|>`, and the backbone config is given the same ids.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"
+
+
+def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTrainedTokenizerFast:
+    """A lower-cased word-level tokenizer over the words of `texts`, with CLIP's special tokens.
+
+    The special tokens take ids 0-3 (pad, unk, bos, eos): the end-of-text id is 3, never 2,
+    which CLIP's text tower reserves for its legacy arg-max pooling.
+    """
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        counts.update(word for word, _ in words)
+    vocab = {token: index for index, token in enumerate((PAD, UNK, BOS, EOS))}
+    for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if count >= min_frequency:
+            vocab[word] = len(vocab)
+
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.normalizer = normalizer
+    core.pre_tokenizer = pre_tokenizer
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}",
+        pair=f"{BOS} $A {EOS} $B {EOS}",
+        special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS
+    )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, run_dir: Path) -> Path:
+    """Save to `run_dir/tokenizer`, where eval, predict and export look for it."""
+    path = Path(run_dir) / "tokenizer"
+    tokenizer.save_pretrained(path)
+    return path

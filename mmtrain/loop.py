@@ -1,0 +1,354 @@
+"""The training loop: one function, read top to bottom.
+
+Each optimizer step: forward `accumulate_grad_batches` micro-batches under autocast,
+backward, unscale, clip, check the gradients are finite, step the optimizer and schedule.
+Then, as plain `if` blocks: log, validate, checkpoint, stop early, honour SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mmtrain import checkpoint as ckpt
+from mmtrain import registry
+from mmtrain.config import plain
+from mmtrain.errors import UserError
+from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, write_json
+from mmtrain.setup import build_parts, loader, resolve_device, seed_everything, total_steps
+
+log = logging.getLogger("mmtrain")
+AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then saving a checkpoint", self.received)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(
+    model: torch.nn.Module, batches: Any, device: torch.device, autocast: Any
+) -> dict[str, float]:
+    """Validation metrics (`val/...`) of `model` over every batch of `batches`."""
+    model.eval()
+    metrics = model.metrics(device)
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast():
+                metrics.update(model(**batch), batch)
+    model.train()
+    return {f"val/{name}": value for name, value in metrics.compute().items()}
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> float:
+    """Train as `cfg` says, writing everything into `run_dir`; return the best monitored value."""
+    started = time.perf_counter()
+    t = cfg.trainer
+    run_dir = Path(run_dir)
+    resume_from = _resume_path(t.resume, run_dir)
+    seed_everything(t.seed)
+    device = resolve_device(t.device)
+    log.info("run directory: %s (device %s, precision %s)", run_dir, device, t.precision)
+
+    parts = build_parts(cfg, run_dir)
+    model = parts.model.to(device)
+    train_loader = loader(parts, cfg, "train", train=True, pin_memory=device.type == "cuda")
+    val_loader = loader(parts, cfg, "val", train=False, pin_memory=device.type == "cuda")
+    steps_per_epoch, max_steps = total_steps(cfg, len(train_loader))
+    optimizer = registry.build("optimizer", plain(cfg.optimizer), model=model)
+    scheduler = registry.build(
+        "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=max_steps
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16")
+    step_model = torch.compile(model) if t.compile else model
+    dtype = AUTOCAST.get(str(t.precision))
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    monitor, mode = t.checkpoint.monitor or model.monitor[0], t.checkpoint.mode
+    mode = model.monitor[1] if mode == "auto" else mode
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+
+    # Everything a resumed run needs to continue exactly where this one stopped.
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "best": None,
+        "best_step": None,
+        "stale": 0,
+        "skipped": 0,
+        "loss_sum": 0.0,
+        "loss_n": 0,
+    }
+    metrics_log = MetricsLog(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if resume_from is not None:
+        saved = ckpt.load(resume_from)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = saved["data"]
+        ckpt.set_rng_state(saved["rng"])
+        metrics_log.truncate_after(state["step"])
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            resume_from,
+            state["step"],
+            state["epoch"],
+            state["batch"],
+        )
+
+    def save(path: Path) -> None:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "data": dict(state),
+            "rng": ckpt.rng_state(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        ckpt.save_atomic(payload, path)
+
+    def validate_and_checkpoint() -> None:
+        metrics = evaluate(step_model, val_loader, device, autocast)
+        metrics_log.log(state["step"], state["epoch"], metrics)
+        log.info(
+            "step %d validation: %s",
+            state["step"],
+            "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+        )
+        if monitor not in metrics:
+            raise UserError(
+                f"trainer.checkpoint.monitor={monitor!r} is not a validation metric; choose one of {', '.join(metrics)}."
+            )
+        value = metrics[monitor]
+        if state["best"] is None or better(value, state["best"]):
+            state.update(best=value, best_step=state["step"], stale=0)
+            save(checkpoints / "best.pt")
+        else:
+            state["stale"] += 1
+        save(checkpoints / "last.pt")
+
+    accumulate, batch_size = t.accumulate_grad_batches, cfg.data.batch_size
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    status, samples, train_time = "completed", 0, 0.0
+    log.info(
+        "training %d steps (%d per epoch), monitoring %s (%s)",
+        max_steps,
+        steps_per_epoch,
+        monitor,
+        mode,
+    )
+    model.train()
+    with StopSignal() as stop, progress_bar(enabled=log.isEnabledFor(logging.INFO)) as bar:
+        task = bar.add_task(
+            "train",
+            total=max_steps,
+            completed=state["step"],
+            loss=math.nan,
+            lr=scheduler.get_last_lr()[0],
+            speed=0.0,
+        )
+        interval_samples, interval_start = 0, time.perf_counter()
+        while state["step"] < max_steps and status == "completed" and not stop.received:
+            train_loader.sampler.set_epoch(state["epoch"], start=state["batch"] * batch_size)
+            batches_left = len(train_loader)
+            step_start, step_loss = time.perf_counter(), 0.0
+            for micro, batch in enumerate(train_loader, start=1):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast():
+                    loss = step_model(**batch)["loss"]
+                scaler.scale(loss / accumulate).backward()
+                step_loss += loss.detach()
+                state["batch"] += 1
+                samples += len(batch["labels"])
+                interval_samples += len(batch["labels"])
+                end_of_epoch = micro == batches_left
+                if micro % accumulate and not end_of_epoch:
+                    continue
+
+                # One optimizer step over the accumulated micro-batches.
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or math.inf)
+                step_loss = float(step_loss) / (
+                    accumulate if micro % accumulate == 0 else micro % accumulate
+                )
+                if not scaler.is_enabled() and not (
+                    math.isfinite(step_loss) and torch.isfinite(grad_norm)
+                ):
+                    if t.on_nonfinite == "stop":
+                        status = "failed"
+                        log.error(
+                            "Non-finite loss or gradients at step %d (batch indices %s). Last good checkpoint: %s. "
+                            "Lower optimizer.lr, set trainer.grad_clip, or set trainer.on_nonfinite=skip.",
+                            state["step"] + 1,
+                            batch["index"].tolist(),
+                            ckpt.newest(checkpoints) or "none yet",
+                        )
+                        break
+                    state["skipped"] += 1
+                    log.warning(
+                        "skipped step %d: non-finite loss or gradients (%d so far)",
+                        state["step"] + 1,
+                        state["skipped"],
+                    )
+                else:
+                    scaler.step(optimizer)
+                    state["loss_sum"] += step_loss
+                    state["loss_n"] += 1
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["step"] += 1
+                train_time += time.perf_counter() - step_start
+
+                if state["step"] % t.log_every_n_steps == 0 or state["step"] == max_steps:
+                    now = time.perf_counter()
+                    speed, lr = (
+                        interval_samples / max(now - interval_start, 1e-9),
+                        scheduler.get_last_lr()[0],
+                    )
+                    train_loss = state["loss_sum"] / max(state["loss_n"], 1)
+                    metrics_log.log(
+                        state["step"],
+                        state["epoch"],
+                        {"train/loss": train_loss, "train/lr": lr, "train/samples_per_s": speed},
+                    )
+                    log.info(
+                        "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s",
+                        state["step"],
+                        max_steps,
+                        train_loss,
+                        lr,
+                        speed,
+                    )
+                    bar.update(task, completed=state["step"], loss=train_loss, lr=lr, speed=speed)
+                    state.update(loss_sum=0.0, loss_n=0)
+                    interval_samples, interval_start = 0, now
+                if end_of_epoch:
+                    state.update(epoch=state["epoch"] + 1, batch=0)
+                if (
+                    end_of_epoch
+                    or state["step"] == max_steps
+                    or (t.val_every_n_steps and state["step"] % t.val_every_n_steps == 0)
+                ):
+                    validate_and_checkpoint()
+                    interval_start = time.perf_counter()  # validation time is not training speed
+                if t.checkpoint.every_n_steps and state["step"] % t.checkpoint.every_n_steps == 0:
+                    save(checkpoints / f"step_{state['step']}.pt")
+                    save(checkpoints / "last.pt")
+                    ckpt.prune(checkpoints, t.checkpoint.keep_last)
+                if t.early_stopping.patience and state["stale"] >= t.early_stopping.patience:
+                    status = "stopped_early"
+                    log.info(
+                        "early stopping: %s has not improved for %d evaluations",
+                        monitor,
+                        state["stale"],
+                    )
+                if stop.received or state["step"] >= max_steps or status != "completed":
+                    break
+                step_start, step_loss = time.perf_counter(), 0.0
+        if stop.received and status == "completed":
+            status = "interrupted"
+            save(checkpoints / "last.pt")
+
+    return _finish(
+        run_dir, metrics_log, state, status, monitor, samples, train_time, started, stop.received
+    )
+
+
+def _resume_path(resume: Any, run_dir: Path) -> Path | None:
+    if resume in (None, False, ""):
+        return None
+    if resume == "auto":
+        found = ckpt.newest(run_dir / "checkpoints")
+        if found is None:
+            log.info(
+                "trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints"
+            )
+        return found
+    path = Path(str(resume))
+    if not path.is_file():
+        raise UserError(
+            f"trainer.resume={resume}: no such checkpoint file. Give a .pt path, or auto with hydra.run.dir=THE_RUN_DIR."
+        )
+    return path
+
+
+def _finish(
+    run_dir: Path,
+    metrics_log: MetricsLog,
+    state: dict,
+    status: str,
+    monitor: str,
+    samples: int,
+    train_time: float,
+    started: float,
+    signal_name: str | None,
+) -> float:
+    final: dict[str, float] = {}
+    for event in metrics_log.events:
+        if any(key.startswith("val/") for key in event):
+            final = {k: v for k, v in event.items() if k not in ("step", "epoch")}
+    summary = {
+        "status": status,
+        "best": {"metric": monitor, "value": state["best"], "step": state["best_step"]},
+        "final": final,
+        "steps": state["step"],
+        "epochs": state["epoch"],
+        "samples_per_s": round(samples / train_time, 1) if train_time else None,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "bad_samples": {"skipped": 0, "by_reason": {}},
+        "nonfinite_steps_skipped": state["skipped"],
+    }
+    write_json(run_dir / "summary.json", summary)
+    if metrics_log.events:
+        plot_curves(metrics_log.events, run_dir / "curves.png")
+    if status == "interrupted":
+        raise UserError(
+            f"Interrupted by {signal_name} at step {state['step']}; the checkpoint {run_dir / 'checkpoints' / 'last.pt'} is saved. "
+            f"Resume with: mmtrain train trainer.resume=auto hydra.run.dir={run_dir} (and the same overrides)."
+        )
+    if status == "failed":
+        raise UserError(
+            f"Training stopped at step {state['step']} on non-finite numbers; see {run_dir / 'train.log'}."
+        )
+    log.info(
+        "%s: best %s %.4f at step %s; summary in %s",
+        status,
+        monitor,
+        state["best"] or math.nan,
+        state["best_step"],
+        run_dir / "summary.json",
+    )
+    return state["best"]

@@ -1,0 +1,166 @@
+"""`clip_fusion`: CLIP towers, a registered fusion and a classifier head, with its loss.
+
+Model and loss live in one module (its forward returns a dict with `loss`), so the
+training loop, DDP and torch.compile wrap both at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmtrain import registry
+from mmtrain.errors import UserError
+from mmtrain.metrics import ClassificationMetrics
+from mmtrain.models.backbone import BackboneSpec, build_clip
+from mmtrain.models.fusion import Features
+from mmtrain.models.objectives import contrastive_loss
+
+FREEZE_CHOICES = ("none", "vision", "text", "both")
+
+
+class ImageTextClassifier(nn.Module):
+    """Classify (image, text) pairs from fused CLIP features with cross-entropy.
+
+    With `contrastive_weight` > 0 the pooled image and text embeddings are also aligned
+    with CLIP's contrastive loss over the batch's genuine pairs ("align before fuse", as in
+    ALBEF): a from-scratch model then learns which words go with which pixels long before
+    the fused classifier alone would find it.
+    """
+
+    monitor = ("val/accuracy", "max")
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        fusion: nn.Module,
+        num_classes: int,
+        head_hidden: int,
+        dropout: float,
+        contrastive_weight: float,
+        spec: BackboneSpec,
+    ):
+        super().__init__()
+        self.clip = clip
+        self.fusion = fusion
+        self.num_classes = num_classes
+        self.contrastive_weight = contrastive_weight
+        self.head = nn.Sequential(
+            nn.LayerNorm(fusion.out_dim),
+            nn.Linear(fusion.out_dim, head_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(head_hidden, num_classes),
+        )
+        # Images arrive as uint8 and are normalised here, on the training device.
+        self.register_buffer(
+            "mean", torch.tensor(spec.image_mean).view(1, 3, 1, 1) * 255, persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(spec.image_std).view(1, 3, 1, 1) * 255, persistent=False
+        )
+
+    def features(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Features:
+        """Run both towers once, keeping token states and projected pooled embeddings."""
+        pixels = (images.float() - self.mean) / self.std
+        vision = self.clip.vision_model(pixel_values=pixels)
+        text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return Features(
+            image_tokens=vision.last_hidden_state,
+            image_embed=self.clip.visual_projection(vision.pooler_output),
+            text_tokens=text.last_hidden_state,
+            text_embed=self.clip.text_projection(text.pooler_output),
+            text_mask=attention_mask,
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        paired: torch.Tensor | None = None,
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Logits, and with `labels` the loss; `paired` marks rows whose text truly
+        describes the image (the rows the contrastive term aligns)."""
+        features = self.features(images, input_ids, attention_mask)
+        logits = self.head(self.fusion(features))
+        output = {"logits": logits}
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels)
+            if self.contrastive_weight and self.training:
+                keep = paired.bool() if paired is not None else slice(None)
+                aligned = contrastive_loss(
+                    features.image_embed[keep], features.text_embed[keep], self.clip.logit_scale
+                )
+                loss = loss + self.contrastive_weight * aligned
+            output["loss"] = loss
+        return output
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The CLIP towers' parameters (scaled by optimizer.backbone_lr_scale)."""
+        return list(self.clip.parameters())
+
+    def metrics(self, device: torch.device) -> ClassificationMetrics:
+        """A fresh set of streaming validation metrics."""
+        return ClassificationMetrics(self.num_classes, device)
+
+
+def freeze_towers(clip: nn.Module, freeze: str) -> None:
+    """Stop gradients through the vision tower, the text tower, both, or neither."""
+    if freeze not in FREEZE_CHOICES:
+        raise UserError(f"model.freeze={freeze!r} is not one of {', '.join(FREEZE_CHOICES)}.")
+    towers = {
+        "vision": [clip.vision_model, clip.visual_projection],
+        "text": [clip.text_model, clip.text_projection],
+    }
+    for side in ("vision", "text"):
+        if freeze in (side, "both"):
+            for module in towers[side]:
+                module.requires_grad_(False)
+
+
+@registry.register("model", "clip_fusion")
+def clip_fusion(
+    *,
+    tokenizer: Any,
+    spec: BackboneSpec,
+    backbone: str | None = None,
+    backbone_config: dict[str, Any] | None = None,
+    fusion: str = "cross_attention",
+    fusion_layers: int = 1,
+    fusion_heads: int = 4,
+    num_classes: int = 2,
+    head_hidden: int = 256,
+    dropout: float = 0.1,
+    contrastive_weight: float = 0.5,
+    position_init: str = "sincos",
+    freeze: str = "none",
+) -> ImageTextClassifier:
+    """A CLIP classifier on `fusion` of image and text features; the head's input size is
+    the fusion's `out_dim`."""
+    if num_classes < 2:
+        raise UserError(f"model.num_classes must be at least 2 (got {num_classes}).")
+    if contrastive_weight < 0:
+        raise UserError(f"model.contrastive_weight must be >= 0 (got {contrastive_weight}).")
+    clip = build_clip(backbone, backbone_config, tokenizer, position_init)
+    freeze_towers(clip, freeze)
+    fuse = registry.build(
+        "fusion",
+        fusion,
+        image_dim=clip.config.vision_config.hidden_size,
+        text_dim=clip.config.text_config.hidden_size,
+        embed_dim=clip.config.projection_dim,
+        layers=fusion_layers,
+        heads=fusion_heads,
+        dropout=dropout,
+    )
+    return ImageTextClassifier(
+        clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec
+    )

@@ -1,0 +1,92 @@
+"""Fusions: how image and text features become one vector for the classifier head.
+
+A fusion is a registered factory taking the feature sizes and the attention settings
+(`model.fusion_layers`, `model.fusion_heads`, `model.dropout`; fusions without attention
+ignore the last three) and returning a module with an `out_dim` attribute whose forward
+takes the `Features` of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmtrain.errors import UserError
+from mmtrain.registry import register
+
+
+@dataclass
+class Features:
+    """A batch through the CLIP towers: token states, and the projected pooled embeddings."""
+
+    image_tokens: torch.Tensor  # [B, patches + 1, vision width]
+    image_embed: torch.Tensor  # [B, projection_dim]
+    text_tokens: torch.Tensor  # [B, T, text width]
+    text_embed: torch.Tensor  # [B, projection_dim]
+    text_mask: torch.Tensor  # [B, T], 1 for real tokens
+
+
+class Concat(nn.Module):
+    """The pooled, projected image and text embeddings side by side."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.out_dim = 2 * embed_dim
+
+    def forward(self, features: Features) -> torch.Tensor:
+        return torch.cat([features.image_embed, features.text_embed], dim=-1)
+
+
+class CrossAttention(nn.Module):
+    """Text tokens attend to each other and to the image patches; masked mean over text.
+
+    Pooled features cannot tell "a red circle in the top left" from a red square there
+    as well as token-level attention can: each word looks at the patches it describes.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.image_in = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, text_dim))
+        layer = nn.TransformerDecoderLayer(
+            d_model=text_dim,
+            nhead=heads,
+            dim_feedforward=4 * text_dim,
+            dropout=dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.decoder = nn.TransformerDecoder(layer, num_layers=layers, norm=nn.LayerNorm(text_dim))
+        self.out_dim = text_dim
+
+    def forward(self, features: Features) -> torch.Tensor:
+        padding = features.text_mask == 0
+        fused = self.decoder(
+            tgt=features.text_tokens,
+            memory=self.image_in(features.image_tokens),
+            tgt_key_padding_mask=padding,
+        )
+        weights = features.text_mask.unsqueeze(-1).to(fused.dtype)
+        return (fused * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+@register("fusion", "concat")
+def concat(
+    image_dim: int, text_dim: int, embed_dim: int, layers: int, heads: int, dropout: float
+) -> nn.Module:
+    """Pooled projected features concatenated; out_dim = 2 * projection_dim."""
+    return Concat(embed_dim)
+
+
+@register("fusion", "cross_attention")
+def cross_attention(
+    image_dim: int, text_dim: int, embed_dim: int, layers: int, heads: int, dropout: float
+) -> nn.Module:
+    """`layers` decoder layers of text-to-image attention with `heads` heads."""
+    if text_dim % heads:
+        raise UserError(
+            f"model.fusion_heads={heads} must divide the text width {text_dim} "
+            "(model.backbone_config.text.hidden_size)."
+        )
+    return CrossAttention(image_dim, text_dim, layers, heads, dropout)

@@ -1,0 +1,115 @@
+"""Optimizer and learning-rate schedule factories (the `optimizer` and `scheduler` groups)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
+
+from mmtrain.errors import UserError
+from mmtrain.registry import register
+
+log = logging.getLogger("mmtrain")
+NO_DECAY_TYPES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float
+) -> list[dict]:
+    """Trainable parameters in up to four groups: backbone or head, with or without decay.
+
+    Biases, norm and embedding weights and scalars (CLIP's temperature) get no weight decay;
+    the backbone's learning rate is `lr * backbone_lr_scale`.
+    """
+    no_decay: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, NO_DECAY_TYPES) or name.endswith("bias") or param.ndim < 2:
+                no_decay.add(id(param))
+    backbone_fn = getattr(model, "backbone_parameters", None)
+    backbone = {id(p) for p in backbone_fn()} if backbone_fn else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault((id(param) in backbone, id(param) in no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if undecayed else weight_decay,
+            "lr": lr * (backbone_lr_scale if in_backbone else 1.0),
+        }
+        for (in_backbone, undecayed), params in sorted(groups.items())
+    ]
+
+
+@register("optimizer", "adamw")
+def adamw(
+    *,
+    model: nn.Module,
+    lr: float = 3e-4,
+    weight_decay: float = 0.05,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    backbone_lr_scale: float = 1.0,
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA."""
+    if lr <= 0:
+        raise UserError(f"optimizer.lr must be positive (got {lr}).")
+    if len(betas) != 2:
+        raise UserError(
+            f"optimizer.betas must be two numbers, e.g. [0.9,0.999] (got {list(betas)})."
+        )
+    groups = param_groups(model, weight_decay, lr, backbone_lr_scale)
+    if not groups:
+        raise UserError(
+            "No trainable parameters: model.freeze froze everything the optimizer could train."
+        )
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=on_cuda or None)
+
+
+def _checked_warmup(warmup_steps: int, total_steps: int) -> int:
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise UserError(
+            f"scheduler.warmup_steps must be a non-negative integer (got {warmup_steps!r})."
+        )
+    if warmup_steps >= total_steps:
+        capped = total_steps // 10
+        log.warning(
+            "scheduler.warmup_steps=%d is not below the run's %d steps; warming up for %d instead.",
+            warmup_steps,
+            total_steps,
+            capped,
+        )
+        return capped
+    return warmup_steps
+
+
+@register("scheduler", "cosine")
+def cosine(
+    *,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for `warmup_steps`, then cosine decay to `min_lr_ratio * lr`."""
+    warmup_steps = _checked_warmup(warmup_steps, total_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio
+    )
+
+
+@register("scheduler", "constant")
+def constant(
+    *, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for `warmup_steps`, then the optimizer's learning rate."""
+    warmup_steps = _checked_warmup(warmup_steps, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup_steps)

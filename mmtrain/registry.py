@@ -1,0 +1,116 @@
+"""A small registry: named factory functions per kind, built from config mappings.
+
+    @register("fusion", "concat")
+    def concat(image_dim: int, text_dim: int) -> nn.Module: ...
+
+    fusion = build("fusion", {"name": "concat"}, image_dim=64, text_dim=64)
+
+Config keys become keyword arguments; runtime objects (a model, an optimizer) are passed
+as keyword arguments to `build`. Both are checked against the function's signature before
+it is called, so a typo fails with the accepted names instead of deep inside a constructor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from mmtrain.errors import UserError
+
+_REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
+
+
+def register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering `fn` as component `name` of `kind`; duplicates are an error."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        entries = _REGISTRY.setdefault(kind, {})
+        if name in entries:
+            raise ValueError(f"{kind} {name!r} is already registered by {entries[name].__module__}")
+        entries[name] = fn
+        return fn
+
+    return wrap
+
+
+def names(kind: str) -> list[str]:
+    """Sorted names registered under `kind`."""
+    return sorted(_REGISTRY.get(kind, {}))
+
+
+def kinds() -> list[str]:
+    """Every kind that has at least one registered component."""
+    return sorted(_REGISTRY)
+
+
+def get(kind: str, name: str) -> Callable[..., Any]:
+    """The factory registered as `name`; an unknown name lists the registered ones."""
+    entries = _REGISTRY.get(kind, {})
+    if name not in entries:
+        close = difflib.get_close_matches(str(name), entries, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(
+            f"Unknown {kind} {name!r}.{hint} Registered {kind} names: {', '.join(names(kind)) or '(none)'}."
+        )
+    return entries[name]
+
+
+def _split(kind: str, cfg: Mapping[str, Any] | str) -> tuple[str, dict[str, Any]]:
+    if isinstance(cfg, str):
+        return cfg, {}
+    options = dict(cfg)
+    if "name" not in options:
+        raise UserError(
+            f"The {kind} config has no 'name' key; set one of: {', '.join(names(kind))}."
+        )
+    return str(options.pop("name")), options
+
+
+def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) -> None:
+    """Check that `cfg` (plus runtime keyword names) would bind to its factory, building nothing."""
+    name, options = _split(kind, cfg)
+    fn = get(kind, name)
+    runtime = list(runtime)
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [p for p in params if params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    config_keys = [p for p in accepted if p not in runtime]
+    where = f"{kind} {name!r}"
+    unknown = [key for key in options if key not in params and not takes_any]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, config_keys, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(
+            f"Unknown key {key!r} for {where}.{hint} Accepted keys: {', '.join(config_keys)}."
+        )
+    clash = [key for key in options if key in runtime]
+    if clash:
+        raise UserError(
+            f"Key {clash[0]!r} of {where} is supplied by mmtrain at run time; remove it from the config."
+        )
+    try:
+        signature.bind(**options, **dict.fromkeys(runtime))
+    except TypeError:
+        missing = [
+            p
+            for p, param in params.items()
+            if param.default is inspect.Parameter.empty
+            and param.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+            and p not in options
+            and p not in runtime
+        ]
+        raise UserError(
+            f"Missing key {missing[0]!r} for {where}; set it in the config "
+            f"(e.g. {kind}.{missing[0]}=...). Accepted keys: {', '.join(config_keys)}."
+        ) from None
+
+
+def build(kind: str, cfg: Mapping[str, Any] | str, **runtime: Any) -> Any:
+    """Call the factory named by `cfg["name"]` with the other keys plus `runtime`."""
+    check(kind, cfg, runtime)
+    name, options = _split(kind, cfg)
+    return get(kind, name)(**options, **runtime)

@@ -1,0 +1,96 @@
+"""What a run writes besides checkpoints: metrics.jsonl, summary.json, curves.png, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsLog:
+    """Appends one JSON object per event to metrics.jsonl and keeps them for the plot."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.events: list[dict[str, Any]] = []
+        if enabled and self.path.exists():  # a resumed run continues its own history
+            self.events = [
+                json.loads(line) for line in self.path.read_text().splitlines() if line.strip()
+            ]
+
+    def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        """Record `metrics` (names like `train/loss`) at `step` of `epoch`."""
+        event = {"step": step, "epoch": epoch, **{k: _plain(v) for k, v in metrics.items()}}
+        self.events.append(event)
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(event) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Forget events after `step` (a resumed run logs them again)."""
+        self.events = [event for event in self.events if event["step"] <= step]
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(event) + "\n" for event in self.events))
+
+
+def _plain(value: Any) -> Any:
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half of it."""
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_curves(events: list[dict[str, Any]], path: Path) -> None:
+    """curves.png: losses in the first panel, every other validation metric in the second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for event in events:
+        for name, value in event.items():
+            if "/" in name and value is not None and not name.endswith(("lr", "samples_per_s")):
+                steps, values = series.setdefault(name, ([], []))
+                steps.append(event["step"])
+                values.append(value)
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (steps, values) in sorted(series.items()):
+        axis = losses if name.endswith("loss") else scores
+        axis.plot(
+            steps, values, label=name, marker="" if name.startswith("train") else "o", markersize=3
+        )
+    for axis, title in ((losses, "loss"), (scores, "validation metrics")):
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """A rich bar showing step, loss, lr, samples/s and time remaining."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.0f} samples/s"
+        ),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )

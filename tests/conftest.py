@@ -1,0 +1,56 @@
+"""Shared helpers: run the real CLI on tiny configs into a tmp_path run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A model and data small enough for a CPU run of a few seconds.
+TINY = [
+    "data.train_size=256",
+    "data.val_size=64",
+    "data.test_size=64",
+    "data.batch_size=32",
+    "model.backbone_config.vision.image_size=32",
+    "model.backbone_config.vision.hidden_size=32",
+    "model.backbone_config.vision.intermediate_size=64",
+    "model.backbone_config.vision.num_hidden_layers=1",
+    "model.backbone_config.text.hidden_size=32",
+    "model.backbone_config.text.intermediate_size=64",
+    "model.backbone_config.text.num_hidden_layers=1",
+    "model.backbone_config.projection_dim=32",
+    "model.head_hidden=32",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=2",
+    "scheduler.warmup_steps=2",
+]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m mmtrain ARGS` in a subprocess, offline, from the repository root."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "mmtrain", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

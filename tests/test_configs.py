@@ -1,0 +1,73 @@
+"""Every YAML option in conf/ composes with the others and builds into working objects."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, TINY
+from hydra import compose, initialize_config_dir
+
+from mmtrain import registry
+from mmtrain.config import plain, validate
+from mmtrain.setup import build_parts, loader, total_steps
+
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "experiment"]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def test_every_group_has_options():
+    assert {group for group, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
+    cfg = _compose([f"{group}={option}", *TINY])
+    validate(cfg)
+    parts = build_parts(cfg, tmp_path)
+    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    out = parts.model(**batch)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    optimizer = registry.build("optimizer", plain(cfg.optimizer), model=parts.model)
+    _, steps = total_steps(cfg, 8)
+    scheduler = registry.build(
+        "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=steps
+    )
+    out["loss"].backward()
+    optimizer.step()
+    scheduler.step()
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_head_input_size_follows_the_fusion():
+    for fusion, width in (("concat", 2 * 32), ("cross_attention", 32)):
+        cfg = _compose([f"model.fusion={fusion}", *TINY])
+        parts = build_parts(cfg, None)
+        assert parts.model.fusion.out_dim == width
+        assert parts.model.head[1].in_features == width
+
+
+def test_image_size_and_text_length_come_from_the_backbone(tmp_path):
+    cfg = _compose(
+        [
+            *TINY,
+            "model.backbone_config.vision.image_size=48",
+            "model.backbone_config.text.max_position_embeddings=12",
+        ]
+    )
+    parts = build_parts(cfg, tmp_path)
+    assert parts.splits["train"].images.shape[-2:] == (48, 48)
+    assert parts.collate.max_length == 12
+    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    assert batch["input_ids"].shape[1] <= 12
+    # padded to the batch's longest caption (12 is no multiple of 8: no rounding up)
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
+    cfg = _compose([*TINY, "model.backbone_config.text.max_position_embeddings=16"])
+    parts = build_parts(cfg, None)
+    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    longest = int(batch["attention_mask"].sum(1).max())
+    assert longest < 16 and batch["input_ids"].shape[1] == -(-longest // 8) * 8

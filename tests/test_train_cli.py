@@ -1,0 +1,131 @@
+"""The real `mmtrain train` command, through a subprocess, on a tiny model."""
+
+import json
+
+import torch
+from conftest import TINY, read_jsonl, run_cli
+
+
+def test_train_writes_a_complete_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *TINY, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr + result.stdout
+
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.max_epochs=3" in overrides
+    log = (run_dir / "train.log").read_text()
+    assert "building model clip_fusion" in log and "validation" in log
+
+    events = read_jsonl(run_dir / "metrics.jsonl")
+    assert all("step" in e and "epoch" in e for e in events)
+    train = [e for e in events if "train/loss" in e]
+    val = [e for e in events if "val/accuracy" in e]
+    assert [e["step"] for e in val] == [8, 16, 24]  # one evaluation per epoch of 8 steps
+    assert {"val/loss", "val/accuracy", "val/f1", "val/auroc"} <= set(val[-1])
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 24 and summary["epochs"] == 3
+    best = max(val, key=lambda e: e["val/accuracy"])
+    assert summary["best"] == {
+        "metric": "val/accuracy",
+        "value": best["val/accuracy"],
+        "step": best["step"],
+    }
+    assert summary["final"]["val/accuracy"] == val[-1]["val/accuracy"]
+    assert summary["samples_per_s"] > 0 and summary["wall_s"] > 0
+
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "step",
+        "epoch",
+        "data",
+        "rng",
+        "config",
+    } <= set(last)
+    assert last["step"] == 24 and last["config"]["trainer"]["max_epochs"] == 3
+    best_ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    assert best_ckpt["step"] == best["step"]
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_concat_fusion_runs(tmp_path):
+    result = run_cli(
+        "train", *TINY, "model.fusion=concat", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_same_seed_gives_the_same_numbers(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        result = run_cli("train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr
+        runs.append(read_jsonl(tmp_path / name / "metrics.jsonl"))
+
+    def without_speed(events):
+        return [{k: v for k, v in e.items() if k != "train/samples_per_s"} for e in events]
+
+    assert without_speed(runs[0]) == without_speed(runs[1])
+
+
+def test_unknown_key_fails_before_anything_is_built(tmp_path):
+    result = run_cli("train", *TINY, "+model.fusion_layer=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert (
+        "Unknown key 'fusion_layer' for model 'clip_fusion'. Did you mean 'fusion_layers'?"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_fusion_lists_the_registered_ones(tmp_path):
+    result = run_cli("train", *TINY, "model.fusion=gated", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "Unknown fusion 'gated'" in result.stderr and "concat, cross_attention" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_option_and_bad_value_are_clear(tmp_path):
+    result = run_cli("train", "model=clip_fusin", f"hydra.run.dir={tmp_path}")
+    assert (
+        result.returncode == 2
+        and "clip_fusion" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+    result = run_cli("train", "trainer.precision=64", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "trainer.precision=64 is not valid; choose one of: 32, bf16, 16" in result.stderr
+
+
+def test_cfg_job_and_help_work():
+    result = run_cli("train", "--cfg", "job", "optimizer.lr=3e-4")
+    assert (
+        result.returncode == 0
+        and "lr: 0.0003" in result.stdout
+        and "fusion: cross_attention" in result.stdout
+    )
+    result = run_cli("train", "--help")
+    assert (
+        result.returncode == 0
+        and "model: clip_fusion" in result.stdout
+        and "mmtrain train -m" in result.stdout
+    )
+
+
+def test_list_shows_groups_and_components():
+    result = run_cli("list")
+    assert result.returncode == 0
+    for word in ("data", "shapes", "clip_fusion", "cross_attention", "adamw", "cosine", "constant"):
+        assert word in result.stdout
+    result = run_cli("list", "nonsense")
+    assert result.returncode == 2 and "one of: data, model" in result.stderr
