@@ -186,6 +186,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
             step_start, step_loss = time.perf_counter(), 0.0
             for micro, batch in enumerate(train_loader, start=1):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = parts.augment(batch, state["step"])
                 with autocast():
                     loss = step_model(**batch)["loss"]
                 scaler.scale(loss / accumulate).backward()
@@ -282,8 +283,17 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
             status = "interrupted"
             save(checkpoints / "last.pt")
 
+    speed = samples / train_time if train_time else None
     return _finish(
-        run_dir, metrics_log, state, status, monitor, samples, train_time, started, stop.received
+        run_dir,
+        metrics_log,
+        state,
+        status,
+        monitor,
+        speed,
+        started,
+        stop.received,
+        parts.bad_samples,
     )
 
 
@@ -311,10 +321,10 @@ def _finish(
     state: dict,
     status: str,
     monitor: str,
-    samples: int,
-    train_time: float,
+    speed: float | None,
     started: float,
     signal_name: str | None,
+    bad_samples: dict[str, Any],
 ) -> float:
     final: dict[str, float] = {}
     for event in metrics_log.events:
@@ -326,9 +336,9 @@ def _finish(
         "final": final,
         "steps": state["step"],
         "epochs": state["epoch"],
-        "samples_per_s": round(samples / train_time, 1) if train_time else None,
+        "samples_per_s": round(speed, 1) if speed else None,
         "wall_s": round(time.perf_counter() - started, 1),
-        "bad_samples": {"skipped": 0, "by_reason": {}},
+        "bad_samples": bad_samples,
         "nonfinite_steps_skipped": state["skipped"],
     }
     write_json(run_dir / "summary.json", summary)

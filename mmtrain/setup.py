@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,13 @@ class Parts:
     tokenizer: Any
     model: nn.Module
     collate: Collate
+    # Applied on the training device to each training batch: (batch, step) -> batch.
+    # Deterministic in (seed, step), so a resumed run augments exactly as before.
+    augment: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] = (
+        lambda batch, step: batch
+    )
+    # Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason: N}}.
+    bad_samples: dict[str, Any] = field(default_factory=lambda: {"skipped": 0, "by_reason": {}})
 
 
 def build_data(cfg: DictConfig, spec: BackboneSpec) -> dict[str, SplitData]:
