@@ -14,6 +14,64 @@ import torch
 
 from mmtrain.errors import UserError
 
+# Keys whose change makes a checkpoint's weights or data position meaningless.
+SHAPE_SECTIONS = ("model", "data")
+FREE_KEYS = ("data.num_workers",)  # may change between a run and its resume
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume when the model or data config differs from the checkpoint's."""
+    old = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(saved.get(s, {}), f"{s}.").items()}
+    new = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(current.get(s, {}), f"{s}.").items()}
+    differing = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in FREE_KEYS
+    )
+    if differing:
+        details = "; ".join(
+            f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in differing
+        )
+        raise UserError(
+            f"Cannot resume from {path}: the model or data config differs ({details}). "
+            "Resume with the run's original overrides (see .hydra/overrides.yaml in its run directory), "
+            "or start a new run in another directory."
+        )
+
+
+def snapshot(
+    model, optimizer, scheduler, scaler, state: dict[str, Any], config: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything a resumed run needs: weights, optimizer, schedule, scaler, loop state, RNGs, config."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "data": dict(state),  # epoch, batches read this epoch, best value, loss accumulators
+        "rng": rng_state(),
+        "config": config,
+    }
+
+
+def restore(saved: dict[str, Any], model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """Load a `snapshot` into the given objects; return the loop state."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+    return dict(saved["data"])
+
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the loop draws from: python, numpy, torch CPU and (if present) CUDA."""
@@ -96,8 +154,10 @@ def newest(folder: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def prune(folder: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step_N.pt files (last.pt and best.pt are kept)."""
-    if keep_last > 0:
-        for path in step_checkpoints(folder)[:-keep_last]:
+def prune(folder: Path, keep_last: int | None) -> None:
+    """Delete all but the newest `keep_last` step_N.pt files (None keeps all); last.pt and
+    best.pt are never deleted."""
+    if keep_last is not None:
+        steps = step_checkpoints(folder)
+        for path in steps[: max(len(steps) - keep_last, 0)]:
             path.unlink(missing_ok=True)

@@ -20,14 +20,18 @@ Usage:
   mmtrain train [KEY=VALUE ...]        train one run into outputs/DATE/TIME/
   mmtrain train -m KEY=a,b ...         sweep: one run per combination, in multirun/DATE/TIME/N/
   mmtrain train --help                 config groups, the composed config, examples
+  mmtrain validate [KEY=VALUE ...]     check the config and every data row; trains nothing
   mmtrain list [GROUP]                 registered components and config options
 
 Examples:
   mmtrain train                                     the built-in default (synthetic shapes, CPU)
   mmtrain train model.fusion=concat optimizer.lr=3e-4
   mmtrain train --cfg job                           print the composed config and exit
+  mmtrain validate data=manifest data.train=train.csv data.val=val.csv
 """
-COMMANDS = ("train", "list")
+COMMANDS = ("train", "validate", "list")
+# `validate` writes nothing: no run directory, no log file, console logging only.
+VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=console")
 log = logging.getLogger("mmtrain")
 
 
@@ -43,6 +47,15 @@ def _train_task(cfg: Any) -> float:
     except UserError as error:
         _log_to_files(f"error: {error}")  # main() prints it to the console
         raise
+
+
+def _validate_task(cfg: Any) -> None:
+    from mmtrain.data.validate import validate_data
+
+    _results["bad_rows"] = len(validate_data(cfg))
+
+
+_results: dict[str, int] = {}
 
 
 def _log_to_files(message: str) -> None:
@@ -83,15 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "train":
             _run_hydra(_train_task, args)
+        elif command == "validate":
+            _results.clear()
+            _run_hydra(_validate_task, [*VALIDATE_HYDRA, *args])
+            if _results.get("bad_rows"):
+                return 1  # the data has bad rows (2 is kept for usage errors)
         elif command == "list":
             from mmtrain.listing import print_listing
 
             print_listing(CONFIG_DIR, args)
     except UserError as error:
-        console.print(f"[red]error:[/] {error}", highlight=False)
+        console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
     except (HydraException, OmegaConfBaseException) as error:
-        console.print(f"[red]error:[/] {error}", highlight=False)
+        console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as error:  # e.g. Hydra creating a run directory where it cannot
+        where = f" {error.filename}" if error.filename else ""
+        console.print(
+            f"[red]error:[/] cannot write{where}: {error.strerror or error}. "
+            "Check the path and free space, or choose another place with hydra.run.dir=DIR (hydra.sweep.dir=DIR for -m).",
+            highlight=False,
+            soft_wrap=True,
+        )
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")

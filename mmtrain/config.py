@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from mmtrain import registry
+from mmtrain.data import augment
 from mmtrain.errors import UserError
 
 PRECISIONS = ("32", "bf16", "16")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_LOADER_KEYS = ("batch_size", "num_workers", "max_text_length", "on_bad_sample", "augment")
+# Passed to a data source at run time, when its factory has a parameter of that name
+# (`image_size` always): on_bad_sample from the data group, class_names from a run's
+# labels.json, num_classes from model.num_classes.
+SOURCE_RUNTIME = ("on_bad_sample", "class_names", "num_classes")
 
 
 def plain(cfg: Any) -> Any:
@@ -24,6 +30,12 @@ def plain(cfg: Any) -> Any:
 def source_options(data_cfg: DictConfig) -> dict[str, Any]:
     """The data group's keys that go to the source factory (loader keys removed)."""
     return {k: v for k, v in plain(data_cfg).items() if k not in DATA_LOADER_KEYS}
+
+
+def source_runtime(name: str) -> tuple[str, ...]:
+    """The run-time keyword arguments the data source `name` takes."""
+    params = inspect.signature(registry.get("data", name)).parameters
+    return ("image_size", *(key for key in SOURCE_RUNTIME if key in params))
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -59,7 +71,9 @@ def validate(cfg: DictConfig) -> None:
     _positive("trainer.log_every_n_steps", t.log_every_n_steps)
     _positive("trainer.val_every_n_steps", t.val_every_n_steps, allow_none=True)
     _positive("trainer.checkpoint.every_n_steps", t.checkpoint.every_n_steps, allow_none=True)
-    _positive("trainer.checkpoint.keep_last", t.checkpoint.keep_last, allow_zero=True)
+    _positive(
+        "trainer.checkpoint.keep_last", t.checkpoint.keep_last, allow_none=True, allow_zero=True
+    )
     _positive("trainer.early_stopping.patience", t.early_stopping.patience, allow_none=True)
     _positive("data.batch_size", cfg.data.batch_size)
     _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
@@ -70,7 +84,10 @@ def validate(cfg: DictConfig) -> None:
         )
 
     model = plain(cfg.model)
-    registry.check("data", source_options(cfg.data), runtime=("image_size",))
+    data = source_options(cfg.data)
+    runtime = source_runtime(data["name"]) if "name" in data else ("image_size",)
+    registry.check("data", data, runtime=runtime)
+    augment.parse(plain(cfg.data.get("augment")))
     registry.check("model", model, runtime=("tokenizer", "spec"))
     registry.check("optimizer", plain(cfg.optimizer), runtime=("model",))
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))

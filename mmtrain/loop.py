@@ -70,17 +70,22 @@ def evaluate(
 def fit(cfg: DictConfig, run_dir: Path) -> float:
     """Train as `cfg` says, writing everything into `run_dir`; return the best monitored value."""
     started = time.perf_counter()
-    t = cfg.trainer
-    run_dir = Path(run_dir)
+    t, run_dir = cfg.trainer, Path(run_dir)
+    checkpoints = _writable(run_dir / "checkpoints")
+    config = OmegaConf.to_container(cfg, resolve=True)
     resume_from = _resume_path(t.resume, run_dir)
+    saved = ckpt.load(resume_from) if resume_from else None
+    if saved is not None:
+        ckpt.check_compatible(saved["config"], config, resume_from)
     seed_everything(t.seed)
     device = resolve_device(t.device)
     log.info("run directory: %s (device %s, precision %s)", run_dir, device, t.precision)
 
     parts = build_parts(cfg, run_dir)
     model = parts.model.to(device)
-    train_loader = loader(parts, cfg, "train", train=True, pin_memory=device.type == "cuda")
-    val_loader = loader(parts, cfg, "val", train=False, pin_memory=device.type == "cuda")
+    pin = device.type == "cuda"
+    train_loader = loader(parts, cfg, "train", train=True, pin_memory=pin)
+    val_loader = loader(parts, cfg, "val", train=False, pin_memory=pin)
     steps_per_epoch, max_steps = total_steps(cfg, len(train_loader))
     optimizer = registry.build("optimizer", plain(cfg.optimizer), model=model)
     scheduler = registry.build(
@@ -90,11 +95,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     step_model = torch.compile(model) if t.compile else model
     dtype = AUTOCAST.get(str(t.precision))
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    monitor, mode = t.checkpoint.monitor or model.monitor[0], t.checkpoint.mode
-    mode = model.monitor[1] if mode == "auto" else mode
+    monitor = t.checkpoint.monitor or model.monitor[0]
+    mode = model.monitor[1] if t.checkpoint.mode == "auto" else t.checkpoint.mode
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
 
-    # Everything a resumed run needs to continue exactly where this one stopped.
+    # The loop's own state; saved in every checkpoint so a resumed run continues exactly.
     state = {
         "step": 0,
         "epoch": 0,
@@ -107,15 +112,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         "loss_n": 0,
     }
     metrics_log = MetricsLog(run_dir)
-    checkpoints = run_dir / "checkpoints"
-    if resume_from is not None:
-        saved = ckpt.load(resume_from)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["data"]
-        ckpt.set_rng_state(saved["rng"])
+    if saved is not None:
+        state = ckpt.restore(saved, model, optimizer, scheduler, scaler)
         metrics_log.truncate_after(state["step"])
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
@@ -124,22 +122,14 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
             state["epoch"],
             state["batch"],
         )
+        del saved
 
-    def save(path: Path) -> None:
-        payload = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": state["step"],
-            "epoch": state["epoch"],
-            "data": dict(state),
-            "rng": ckpt.rng_state(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-        ckpt.save_atomic(payload, path)
+    def save(name: str) -> None:
+        ckpt.save_atomic(
+            ckpt.snapshot(model, optimizer, scheduler, scaler, state, config), checkpoints / name
+        )
 
-    def validate_and_checkpoint() -> None:
+    def validate() -> None:
         metrics = evaluate(step_model, val_loader, device, autocast)
         metrics_log.log(state["step"], state["epoch"], metrics)
         log.info(
@@ -149,15 +139,14 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         )
         if monitor not in metrics:
             raise UserError(
-                f"trainer.checkpoint.monitor={monitor!r} is not a validation metric; choose one of {', '.join(metrics)}."
+                f"trainer.checkpoint.monitor={monitor!r} is not a validation metric; choose one of: {', '.join(metrics)}."
             )
-        value = metrics[monitor]
-        if state["best"] is None or better(value, state["best"]):
-            state.update(best=value, best_step=state["step"], stale=0)
-            save(checkpoints / "best.pt")
+        if state["best"] is None or better(metrics[monitor], state["best"]):
+            state.update(best=metrics[monitor], best_step=state["step"], stale=0)
+            save("best.pt")
         else:
             state["stale"] += 1
-        save(checkpoints / "last.pt")
+        save("last.pt")
 
     accumulate, batch_size = t.accumulate_grad_batches, cfg.data.batch_size
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -170,63 +159,58 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         mode,
     )
     model.train()
-    with StopSignal() as stop, progress_bar(enabled=log.isEnabledFor(logging.INFO)) as bar:
-        task = bar.add_task(
-            "train",
-            total=max_steps,
-            completed=state["step"],
-            loss=math.nan,
-            lr=scheduler.get_last_lr()[0],
-            speed=0.0,
-        )
+    with (
+        StopSignal() as stop,
+        progress_bar(log.isEnabledFor(logging.INFO), max_steps, state["step"]) as bar,
+    ):
         interval_samples, interval_start = 0, time.perf_counter()
         while state["step"] < max_steps and status == "completed" and not stop.received:
+            # The epoch's order depends on (seed, epoch) alone; skip what was already read.
             train_loader.sampler.set_epoch(state["epoch"], start=state["batch"] * batch_size)
-            batches_left = len(train_loader)
-            step_start, step_loss = time.perf_counter(), 0.0
-            for micro, batch in enumerate(train_loader, start=1):
+            batches_in_epoch = state["batch"] + len(train_loader)
+            step_start, step_loss, micro_batches = time.perf_counter(), 0.0, 0
+            for batch in train_loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch = parts.augment(batch, state["step"])
                 with autocast():
                     loss = step_model(**batch)["loss"]
                 scaler.scale(loss / accumulate).backward()
-                step_loss += loss.detach()
+                step_loss, micro_batches = step_loss + loss.detach(), micro_batches + 1
                 state["batch"] += 1
-                samples += len(batch["labels"])
-                interval_samples += len(batch["labels"])
-                end_of_epoch = micro == batches_left
-                if micro % accumulate and not end_of_epoch:
+                samples, interval_samples = (
+                    samples + len(batch["labels"]),
+                    interval_samples + len(batch["labels"]),
+                )
+                end_of_epoch = state["batch"] == batches_in_epoch
+                if micro_batches < accumulate and not end_of_epoch:
                     continue
 
                 # One optimizer step over the accumulated micro-batches.
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or math.inf)
-                step_loss = float(step_loss) / (
-                    accumulate if micro % accumulate == 0 else micro % accumulate
-                )
-                if not scaler.is_enabled() and not (
-                    math.isfinite(step_loss) and torch.isfinite(grad_norm)
-                ):
-                    if t.on_nonfinite == "stop":
-                        status = "failed"
-                        log.error(
-                            "Non-finite loss or gradients at step %d (batch indices %s). Last good checkpoint: %s. "
-                            "Lower optimizer.lr, set trainer.grad_clip, or set trainer.on_nonfinite=skip.",
-                            state["step"] + 1,
-                            batch["index"].tolist(),
-                            ckpt.newest(checkpoints) or "none yet",
-                        )
-                        break
+                step_loss = float(step_loss) / micro_batches
+                finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+                if finite or scaler.is_enabled():  # the fp16 scaler skips inf steps itself
+                    scaler.step(optimizer)
+                    state["loss_sum"], state["loss_n"] = (
+                        state["loss_sum"] + step_loss,
+                        state["loss_n"] + 1,
+                    )
+                elif t.on_nonfinite == "stop":
+                    status = "failed"
+                    log.error(
+                        "Non-finite loss or gradients at step %d (batch indices %s); the last good checkpoint is %s. "
+                        "Lower optimizer.lr, set trainer.grad_clip, or set trainer.on_nonfinite=skip.",
+                        state["step"] + 1, batch["index"].tolist(), ckpt.newest(checkpoints) or "none (none was written yet)",
+                    )  # fmt: skip
+                    break
+                else:
                     state["skipped"] += 1
                     log.warning(
-                        "skipped step %d: non-finite loss or gradients (%d so far)",
+                        "skipped step %d: non-finite loss or gradients (%d skipped so far)",
                         state["step"] + 1,
                         state["skipped"],
                     )
-                else:
-                    scaler.step(optimizer)
-                    state["loss_sum"] += step_loss
-                    state["loss_n"] += 1
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -239,21 +223,23 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                         interval_samples / max(now - interval_start, 1e-9),
                         scheduler.get_last_lr()[0],
                     )
-                    train_loss = state["loss_sum"] / max(state["loss_n"], 1)
+                    loss_mean = state["loss_sum"] / state["loss_n"] if state["loss_n"] else math.nan
                     metrics_log.log(
                         state["step"],
                         state["epoch"],
-                        {"train/loss": train_loss, "train/lr": lr, "train/samples_per_s": speed},
+                        {"train/loss": loss_mean, "train/lr": lr, "train/samples_per_s": speed},
                     )
                     log.info(
                         "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s",
                         state["step"],
                         max_steps,
-                        train_loss,
+                        loss_mean,
                         lr,
                         speed,
                     )
-                    bar.update(task, completed=state["step"], loss=train_loss, lr=lr, speed=speed)
+                    bar.update(
+                        bar.task_ids[0], completed=state["step"], loss=loss_mean, lr=lr, speed=speed
+                    )
                     state.update(loss_sum=0.0, loss_n=0)
                     interval_samples, interval_start = 0, now
                 if end_of_epoch:
@@ -263,25 +249,25 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                     or state["step"] == max_steps
                     or (t.val_every_n_steps and state["step"] % t.val_every_n_steps == 0)
                 ):
-                    validate_and_checkpoint()
+                    validate()
                     interval_start = time.perf_counter()  # validation time is not training speed
                 if t.checkpoint.every_n_steps and state["step"] % t.checkpoint.every_n_steps == 0:
-                    save(checkpoints / f"step_{state['step']}.pt")
-                    save(checkpoints / "last.pt")
+                    save(f"step_{state['step']}.pt")
+                    save("last.pt")
                     ckpt.prune(checkpoints, t.checkpoint.keep_last)
                 if t.early_stopping.patience and state["stale"] >= t.early_stopping.patience:
                     status = "stopped_early"
                     log.info(
-                        "early stopping: %s has not improved for %d evaluations",
+                        "early stopping: %s did not improve in %d evaluations",
                         monitor,
                         state["stale"],
                     )
                 if stop.received or state["step"] >= max_steps or status != "completed":
                     break
-                step_start, step_loss = time.perf_counter(), 0.0
+                step_start, step_loss, micro_batches = time.perf_counter(), 0.0, 0
         if stop.received and status == "completed":
             status = "interrupted"
-            save(checkpoints / "last.pt")
+            save("last.pt")
 
     speed = samples / train_time if train_time else None
     return _finish(
@@ -295,6 +281,21 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         stop.received,
         parts.bad_samples,
     )
+
+
+def _writable(folder: Path) -> Path:
+    """Create `folder` and prove it takes files, before any training time is spent."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(
+            f"Cannot write to the run directory {folder.parent} ({error.strerror or error}). "
+            "Choose a writable place with hydra.run.dir=DIR (or hydra.sweep.dir=DIR for -m)."
+        ) from None
+    return folder
 
 
 def _resume_path(resume: Any, run_dir: Path) -> Path | None:
@@ -330,9 +331,10 @@ def _finish(
     for event in metrics_log.events:
         if any(key.startswith("val/") for key in event):
             final = {k: v for k, v in event.items() if k not in ("step", "epoch")}
+    best = state["best"] if state["best"] is not None and math.isfinite(state["best"]) else None
     summary = {
         "status": status,
-        "best": {"metric": monitor, "value": state["best"], "step": state["best_step"]},
+        "best": {"metric": monitor, "value": best, "step": state["best_step"]},
         "final": final,
         "steps": state["step"],
         "epochs": state["epoch"],
@@ -353,12 +355,13 @@ def _finish(
         raise UserError(
             f"Training stopped at step {state['step']} on non-finite numbers; see {run_dir / 'train.log'}."
         )
+    shown = f"{best:.4f}" if best is not None else "none"
     log.info(
-        "%s: best %s %.4f at step %s; summary in %s",
+        "%s: best %s %s at step %s; summary in %s",
         status,
         monitor,
-        state["best"] or math.nan,
+        shown,
         state["best_step"],
         run_dir / "summary.json",
     )
-    return state["best"]
+    return best if best is not None else math.nan

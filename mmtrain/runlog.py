@@ -81,9 +81,9 @@ def plot_curves(events: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """A rich bar showing step, loss, lr, samples/s and time remaining."""
-    return Progress(
+def progress_bar(enabled: bool, total: int, completed: int) -> Progress:
+    """A rich bar (one task) showing step, loss, lr, samples/s and time remaining."""
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -94,3 +94,5 @@ def progress_bar(enabled: bool) -> Progress:
         disable=not enabled,
         transient=False,
     )
+    bar.add_task("train", total=total, completed=completed, loss=math.nan, lr=0.0, speed=0.0)
+    return bar

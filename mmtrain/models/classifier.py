@@ -94,7 +94,7 @@ class ImageTextClassifier(nn.Module):
         output = {"logits": logits}
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels)
-            if self.contrastive_weight and self.training:
+            if self.contrastive_weight:
                 keep = paired.bool() if paired is not None else slice(None)
                 aligned = contrastive_loss(
                     features.image_embed[keep], features.text_embed[keep], self.clip.logit_scale

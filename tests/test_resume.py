@@ -1,0 +1,229 @@
+"""Training state that survives: exact resume, interruption, bad numbers, early stopping."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TINY, read_jsonl, run_cli
+
+from mmtrain import checkpoint as ckpt
+
+# Shuffled, 2 loader workers, 8 steps per epoch, dropout on: everything that could drift.
+RESUMABLE = [*TINY, "data.num_workers=2", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def _train_losses(run_dir, after=0):
+    return [
+        (e["step"], e["train/loss"])
+        for e in read_jsonl(run_dir / "metrics.jsonl")
+        if "train/loss" in e and e["step"] > after
+    ]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """A run that is never stopped, keeping a checkpoint after every step."""
+    run_dir = tmp_path_factory.mktemp("full")
+    result = run_cli(
+        "train",
+        *RESUMABLE,
+        "trainer.checkpoint.every_n_steps=1",
+        "trainer.checkpoint.keep_last=null",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("stop_step", [5, 8], ids=["mid-epoch", "epoch-boundary"])
+def test_resumed_run_matches_the_uninterrupted_one_bit_for_bit(full_run, tmp_path, stop_step):
+    # The state a run stopped at `stop_step` leaves behind is exactly its step checkpoint.
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copy(
+        full_run / "checkpoints" / f"step_{stop_step}.pt", stopped / "checkpoints" / "last.pt"
+    )
+    result = run_cli("train", *RESUMABLE, "trainer.resume=auto", f"hydra.run.dir={stopped}")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"resumed from {stopped / 'checkpoints' / 'last.pt'} at step {stop_step}"
+        in (stopped / "train.log").read_text()
+    )
+
+    expected, resumed = (
+        _weights(full_run / "checkpoints" / "last.pt"),
+        _weights(stopped / "checkpoints" / "last.pt"),
+    )
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    assert _train_losses(stopped) == _train_losses(full_run, after=stop_step)
+    assert json.loads((stopped / "summary.json").read_text())["steps"] == 16
+
+
+def test_checkpoint_holds_the_full_training_state(full_run):
+    state = torch.load(full_run / "checkpoints" / "step_5.pt", weights_only=False)
+    assert state["step"] == 5 and state["epoch"] == 0 and state["data"]["batch"] == 5
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 5
+    assert state["config"]["data"]["num_workers"] == 2
+    # keep_last=null kept every step checkpoint; best.pt and last.pt are there too
+    assert [p.name for p in ckpt.step_checkpoints(full_run / "checkpoints")] == [
+        f"step_{i}.pt" for i in range(1, 17)
+    ]
+    assert (full_run / "checkpoints" / "best.pt").is_file()
+
+
+def test_retention_keeps_the_newest_and_never_best(tmp_path):
+    result = run_cli(
+        "train",
+        *TINY,
+        "trainer.checkpoint.every_n_steps=3",
+        "trainer.checkpoint.keep_last=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    assert names == ["best.pt", "last.pt", "step_12.pt", "step_15.pt"]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "mmtrain",
+        "train",
+        *TINY,
+        "trainer.max_epochs=40",
+        "trainer.log_every_n_steps=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (
+        not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+        and time.time() < deadline
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert (
+        "Interrupted by SIGTERM" in stderr
+        and f"mmtrain train trainer.resume=auto hydra.run.dir={run_dir}" in stderr
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 320
+    saved = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert saved["step"] == summary["steps"]
+
+    result = run_cli(
+        "train",
+        *TINY,
+        "trainer.max_epochs=40",
+        "trainer.log_every_n_steps=1",
+        "trainer.resume=auto",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 320
+    steps = [e["step"] for e in read_jsonl(metrics) if "train/loss" in e]
+    assert steps == list(range(1, 321))  # every step logged once: nothing lost, nothing twice
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_atomic({"step": 1, "weights": torch.ones(3)}, path)
+
+    def broken_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_atomic({"step": 2, "weights": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_nonfinite_loss_stops_with_the_step_and_batch(tmp_path):
+    result = run_cli(
+        "train", *TINY, "optimizer.lr=1e30", "scheduler=constant", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 2
+    log = (tmp_path / "train.log").read_text()
+    assert "Non-finite loss or gradients at step" in log and "batch indices [" in log
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+    assert "Traceback" not in result.stderr
+
+
+def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):
+    result = run_cli(
+        "train",
+        *TINY,
+        "optimizer.lr=1e30",
+        "scheduler=constant",
+        "trainer.on_nonfinite=skip",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["nonfinite_steps_skipped"] > 0
+    assert (
+        f"({summary['nonfinite_steps_skipped']} skipped so far)"
+        in (tmp_path / "train.log").read_text()
+    )
+
+
+def test_early_stopping_on_the_monitored_metric(tmp_path):
+    result = run_cli(
+        "train", *TINY, "optimizer.lr=1e-12", "scheduler=constant", "trainer.max_epochs=6",
+        "trainer.early_stopping.patience=1", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "stopped_early" and summary["steps"] == 16  # 2 of 6 epochs
+
+
+def test_resume_with_a_changed_model_names_the_keys(tmp_path):
+    assert (
+        run_cli("train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}").returncode == 0
+    )
+    result = run_cli(
+        "train",
+        *TINY,
+        "model.fusion=concat",
+        "data.train_size=128",
+        "trainer.resume=auto",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 2
+    assert "model.fusion: 'cross_attention' in the checkpoint, 'concat' now" in result.stderr
+    assert "data.train_size: 256 in the checkpoint, 128 now" in result.stderr
+
+
+def test_unwritable_output_directory_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_cli("train", *TINY, f"hydra.run.dir={blocker / 'run'}")
+    assert result.returncode == 2
+    assert (
+        "Choose a writable place with hydra.run.dir" in result.stderr
+        or "hydra.run.dir" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
