@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +18,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 # Importing the modules registers their components.
+import mmtrain.data.manifest  # noqa: F401
 import mmtrain.data.shapes  # noqa: F401
 import mmtrain.models.classifier  # noqa: F401
 import mmtrain.models.fusion  # noqa: F401
 import mmtrain.optim  # noqa: F401
 from mmtrain import registry
-from mmtrain.config import plain, source_options
+from mmtrain.config import plain, source_options, source_runtime
+from mmtrain.data import augment as aug
 from mmtrain.data.loader import Collate, make_loader
-from mmtrain.data.source import SplitData
+from mmtrain.data.source import SplitData, load_class_names, save_class_names
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
@@ -66,15 +69,51 @@ class Parts:
     )
     # Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason: N}}.
     bad_samples: dict[str, Any] = field(default_factory=lambda: {"skipped": 0, "by_reason": {}})
+    # The training split's collate (text augmentation); `collate` serves the other splits.
+    train_collate: Collate | None = None
 
 
-def build_data(cfg: DictConfig, spec: BackboneSpec) -> dict[str, SplitData]:
-    """The data source's splits, at the backbone's image size."""
+def build_data(
+    cfg: DictConfig,
+    spec: BackboneSpec,
+    class_names: list[str] | None = None,
+    on_bad_sample: str | None = None,
+) -> dict[str, SplitData]:
+    """The data source's splits, at the backbone's image size.
+
+    `class_names` (a run's labels.json) fixes the label mapping; `on_bad_sample` overrides
+    `data.on_bad_sample` (`mmtrain validate` collects bad rows with "skip").
+    """
     log.info("building data %s at %d px", cfg.data.name, spec.image_size)
-    splits = registry.build("data", source_options(cfg.data), image_size=spec.image_size)
+    available = {
+        "image_size": spec.image_size,
+        "on_bad_sample": on_bad_sample or cfg.data.on_bad_sample,
+        "class_names": class_names,
+        "num_classes": cfg.model.get("num_classes"),
+    }
+    runtime = {key: available[key] for key in source_runtime(cfg.data.name)}
+    splits = registry.build("data", source_options(cfg.data), **runtime)
     for name, split in splits.items():
         log.info("  %s: %d pairs", name, len(split))
     return splits
+
+
+def bad_sample_counts(splits: dict[str, SplitData]) -> dict[str, Any]:
+    """summary.json's `bad_samples`: rows dropped, in all, and per reason."""
+    reasons = Counter(row.reason for split in splits.values() for row in split.bad_rows)
+    return {"skipped": sum(reasons.values()), "by_reason": dict(reasons.most_common())}
+
+
+def check_num_classes(model_cfg: dict[str, Any], class_names: list[str]) -> int:
+    """The number of classes: inferred from the data, or model.num_classes if it agrees."""
+    num_classes = len(class_names)
+    if model_cfg.get("num_classes", num_classes) not in (None, num_classes):
+        shown = ", ".join(class_names[:20]) + (" ..." if num_classes > 20 else "")
+        raise UserError(
+            f"model.num_classes={model_cfg['num_classes']} but the data has {num_classes} classes "
+            f"({shown}); set model.num_classes={num_classes} or null to infer it."
+        )
+    return num_classes
 
 
 def text_length(cfg: DictConfig, spec: BackboneSpec) -> int:
@@ -93,29 +132,41 @@ def text_length(cfg: DictConfig, spec: BackboneSpec) -> int:
     return wanted
 
 
-def build_parts(cfg: DictConfig, run_dir: Path | None) -> Parts:
-    """Data aligned to the backbone, the tokenizer (saved to `run_dir`), and the model."""
+def build_parts(
+    cfg: DictConfig, run_dir: Path | None, class_names: list[str] | None = None
+) -> Parts:
+    """Data aligned to the backbone, the tokenizer and label names (saved to `run_dir`), the
+    model, and the training split's augmentation.
+
+    `class_names` fixes the label mapping (eval and predict pass the run's labels.json); a
+    resumed run reuses the labels.json of its run directory.
+    """
     model_cfg = plain(cfg.model)
     spec = backbone_spec(model_cfg.get("backbone"), model_cfg.get("backbone_config"))
-    splits = build_data(cfg, spec)
-    if "train" not in splits or "val" not in splits:
-        raise UserError(f"The data source {cfg.data.name!r} must provide train and val splits.")
+    if class_names is None and run_dir is not None and cfg.trainer.get("resume"):
+        class_names = load_class_names(run_dir)
+    splits = build_data(cfg, spec, class_names)
+    for name in ("train", "val"):
+        if name not in splits:
+            raise UserError(f"The data source {cfg.data.name!r} must provide train and val splits.")
+        if len(splits[name]) == 0:
+            raise UserError(
+                f"The {name} split has no usable rows"
+                f"{' (every row is bad)' if splits[name].bad_rows else ''}; "
+                "run `mmtrain validate` with the same overrides to see why."
+            )
     if model_cfg.get("backbone") is None:
         tokenizer = build_word_tokenizer(splits["train"].texts)
         log.info("built a word-level tokenizer from the training texts: %d tokens", len(tokenizer))
     else:
         tokenizer = load_tokenizer(model_cfg["backbone"])
+    class_names = splits["train"].class_names
+    num_classes = check_num_classes(model_cfg, class_names)
+    if "num_classes" in model_cfg:
+        model_cfg["num_classes"] = num_classes
     if run_dir is not None:
         save_tokenizer(tokenizer, run_dir)
-
-    num_classes = len(splits["train"].class_names)
-    if "num_classes" in model_cfg and model_cfg["num_classes"] is None:
-        model_cfg["num_classes"] = num_classes
-    elif model_cfg.get("num_classes", num_classes) != num_classes:
-        raise UserError(
-            f"model.num_classes={model_cfg['num_classes']} but the data has {num_classes} classes "
-            f"({', '.join(splits['train'].class_names)}); set model.num_classes={num_classes} or null to infer it."
-        )
+        save_class_names(class_names, run_dir)
     log.info("building model %s", model_cfg["name"])
     model = registry.build("model", model_cfg, tokenizer=tokenizer, spec=spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -126,16 +177,34 @@ def build_parts(cfg: DictConfig, run_dir: Path | None) -> Parts:
         f"{trainable:,}",
         f"{frozen:,}",
     )
-    return Parts(spec, splits, tokenizer, model, Collate(tokenizer, text_length(cfg, spec)))
+    length = text_length(cfg, spec)
+    augment = aug.parse(plain(cfg.data.get("augment")))
+    for kind, entries in augment.items():
+        if entries:
+            log.info("training %s: %s", kind.replace("_", " "), ", ".join(e[0] for e in entries))
+    text_augment = (
+        aug.TextAugment(augment[aug.TEXT], cfg.trainer.seed) if augment[aug.TEXT] else None
+    )
+    return Parts(
+        spec,
+        splits,
+        tokenizer,
+        model,
+        Collate(tokenizer, length),
+        augment=aug.ImageAugment(augment[aug.IMAGE], cfg.trainer.seed),
+        bad_samples=bad_sample_counts(splits),
+        train_collate=Collate(tokenizer, length, text_augment),
+    )
 
 
 def loader(
     parts: Parts, cfg: DictConfig, split: str, *, train: bool, pin_memory: bool
 ) -> DataLoader:
     """The DataLoader of `split`: shuffled by (seed, epoch) for training, in order otherwise."""
+    collate = parts.train_collate if train and parts.train_collate else parts.collate
     return make_loader(
         parts.splits[split],
-        parts.collate,
+        collate,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         shuffle=train,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
+from manifest_files import MODEL_TINY, write_learnable
 
 from mmtrain import registry
 from mmtrain.config import plain, validate
@@ -26,7 +27,11 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
-    cfg = _compose([f"{group}={option}", *TINY])
+    overrides = [f"{group}={option}", *TINY]
+    if (group, option) == ("data", "manifest"):  # TINY's data keys are shapes' own
+        train, val = write_learnable(tmp_path / "data", train=12, val=6)
+        overrides = [f"{group}={option}", f"data.train={train}", f"data.val={val}", *MODEL_TINY]
+    cfg = _compose(overrides)
     validate(cfg)
     parts = build_parts(cfg, tmp_path)
     batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))

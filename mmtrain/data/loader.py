@@ -9,11 +9,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmtrain.data.augment import TextAugment
 from mmtrain.data.source import SplitData
+
+Row = tuple[int, torch.Tensor, str, int, bool, int | None]
 
 
 class PairDataset(Dataset):
-    """(index, uint8 image, text, label, paired) rows of one split."""
+    """(index, uint8 image, text, label, paired, epoch) rows of one split.
+
+    A key is a row index, or (epoch, index) from a sampler with `tag_epoch`: the epoch is
+    passed on so that text augmentation can depend on (seed, epoch, index) alone.
+    """
 
     def __init__(self, split: SplitData):
         self.split = split
@@ -21,14 +28,16 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str, int, bool]:
+    def __getitem__(self, key: int | tuple[int, int]) -> Row:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         split = self.split
         return (
             index,
-            split.images[index],
+            split.image(index),
             split.texts[index],
             int(split.labels[index]),
             bool(split.paired[index]),
+            epoch,
         )
 
 
@@ -38,10 +47,20 @@ class EpochSampler(Sampler[int]):
     `start` skips the first samples of the epoch without reading them, which is how a
     run resumed mid-epoch continues at the exact next batch. With `world_size` > 1 each
     rank takes every world_size-th index of the same permutation (padded to divide evenly).
+    With `tag_epoch` it yields (epoch, index) pairs instead of indices.
     """
 
-    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.shuffle, self.seed = size, shuffle, seed
+    def __init__(
+        self,
+        size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        tag_epoch: bool = False,
+    ):
+        self.size, self.shuffle, self.seed, self.tag_epoch = size, shuffle, seed, tag_epoch
         self.rank, self.world_size = rank, world_size
         self.per_rank = math.ceil(size / world_size)
         self.epoch, self.start = 0, 0
@@ -50,14 +69,15 @@ class EpochSampler(Sampler[int]):
         """Select the permutation of `epoch` and begin at its `start`-th sample (per rank)."""
         self.epoch, self.start = epoch, start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
         order += order[: self.per_rank * self.world_size - self.size]
-        return iter(order[self.rank :: self.world_size][self.start :])
+        mine = order[self.rank :: self.world_size][self.start :]
+        return iter([(self.epoch, index) for index in mine] if self.tag_epoch else mine)
 
     def __len__(self) -> int:
         return self.per_rank - self.start
@@ -65,17 +85,22 @@ class EpochSampler(Sampler[int]):
 
 class Collate:
     """Stack images and labels; tokenize texts padded to the batch's longest, rounded up to
-    a multiple of 8 (tensor-core friendly) when the backbone's length allows."""
+    a multiple of 8 (tensor-core friendly) when the backbone's length allows. With
+    `text_augment`, each text is augmented first (keyed by its row's epoch and index)."""
 
-    def __init__(self, tokenizer: Any, max_length: int):
+    def __init__(self, tokenizer: Any, max_length: int, text_augment: TextAugment | None = None):
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.text_augment = text_augment
         # Rounding up must never pass the backbone's last text position.
         self.multiple = 8 if max_length % 8 == 0 else None
 
-    def __call__(
-        self, rows: list[tuple[int, torch.Tensor, str, int, bool]]
-    ) -> dict[str, torch.Tensor]:
-        indices, images, texts, labels, paired = zip(*rows, strict=True)
+    def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        indices, images, texts, labels, paired, epochs = zip(*rows, strict=True)
+        if self.text_augment is not None:
+            texts = [
+                self.text_augment(text, epoch or 0, index)
+                for text, epoch, index in zip(texts, epochs, indices, strict=True)
+            ]
         tokens = self.tokenizer(
             list(texts),
             padding="longest",
@@ -106,7 +131,9 @@ def make_loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader over `split` whose order is set by an EpochSampler (see `loader.sampler`)."""
-    sampler = EpochSampler(len(split), shuffle=shuffle, seed=seed)
+    sampler = EpochSampler(
+        len(split), shuffle=shuffle, seed=seed, tag_epoch=collate.text_augment is not None
+    )
     return DataLoader(
         PairDataset(split),
         batch_size=batch_size,

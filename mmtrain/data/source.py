@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+LABELS_FILE = "labels.json"
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A manifest row that cannot be used: where it is and why."""
+
+    split: str
+    file: str
+    line: int
+    reason: str  # a short kind, the key of summary.json's bad_samples.by_reason
+    detail: str  # what exactly is wrong with this row
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}: {self.detail}"
 
 
 @dataclass
 class SplitData:
-    """One split, decoded: `images` is uint8 [N, 3, H, W] at the model's resolution.
+    """One split, decoded: `images` is uint8 [M, 3, H, W] at the model's resolution.
 
     `paired[i]` is True when text i genuinely describes image i (every row of a manifest of
-    real pairs; only the matching rows of `shapes`).
+    real pairs; only the matching rows of `shapes`). `index[i]`, when set, is the position
+    of row i's image in `images` (a cache that also holds the images of dropped rows);
+    otherwise row i's image is `images[i]`. `bad_rows` are the rows that were dropped.
     """
 
     images: torch.Tensor
@@ -20,6 +40,8 @@ class SplitData:
     labels: torch.Tensor
     class_names: list[str]
     paired: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    bad_rows: list[BadRow] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.paired is None:
@@ -27,3 +49,23 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def image(self, row: int) -> torch.Tensor:
+        """The uint8 [3, H, W] image of row `row`."""
+        return self.images[row if self.index is None else int(self.index[row])]
+
+
+def save_class_names(class_names: list[str], run_dir: Path) -> Path:
+    """Write `run_dir/labels.json`: the class names in id order, for every later command."""
+    path = Path(run_dir) / LABELS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(class_names, indent=1) + "\n")
+    return path
+
+
+def load_class_names(run_dir: Path) -> list[str] | None:
+    """The class names a run trained with (id order), or None when it saved none."""
+    path = Path(run_dir) / LABELS_FILE
+    if not path.is_file():
+        return None
+    return [str(name) for name in json.loads(path.read_text())]
