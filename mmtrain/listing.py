@@ -10,16 +10,26 @@ from rich.table import Table
 
 import mmtrain.setup  # noqa: F401  (registers every component)
 from mmtrain import registry
+from mmtrain.config import SOURCE_RUNTIME
+from mmtrain.data.augment import IMAGE, TEXT
+from mmtrain.data.augment import RUNTIME as RUNTIME_ARGS
 from mmtrain.errors import UserError
 
-# Config group -> the registry kinds it selects from (fusions are picked by model.fusion).
+# Config group -> the registry kinds it selects from (fusions are picked by model.fusion,
+# augmentations by the entries of data.augment).
 GROUPS = {
-    "data": ["data"],
+    "data": ["data", "image_augment", "text_augment"],
     "model": ["model", "fusion"],
     "optimizer": ["optimizer"],
     "scheduler": ["scheduler"],
     "trainer": [],
     "experiment": [],
+}
+# Keyword arguments mmtrain supplies at run time, not config keys: left out of the tables.
+RUNTIME = {
+    "data": ("image_size", *SOURCE_RUNTIME),
+    "image_augment": RUNTIME_ARGS[IMAGE],
+    "text_augment": RUNTIME_ARGS[TEXT],
 }
 
 
@@ -64,6 +74,12 @@ def print_listing(config_dir: Path, args: list[str]) -> None:
             keys = [
                 f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
                 for p in inspect.signature(fn).parameters.values()
+                if p.name not in RUNTIME.get(kind, ())
             ]
             table.add_row(name, ", ".join(keys), _summary(fn))
         console.print(table)
+    if group == "data":
+        console.print(
+            "Augmentations (training split only) are switched on by probability: "
+            "data.augment.flip.p=0.5 data.augment.word_dropout.p=0.1"
+        )

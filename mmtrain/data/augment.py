@@ -154,8 +154,8 @@ def word_swap(text: str, rng: random.Random, p: float = 0.1) -> str:
 
 @register(TEXT, "char_noise")
 def char_noise(text: str, rng: random.Random, p: float = 0.05) -> str:
-    """Typos: each character is, with probability `p`, deleted, replaced, doubled with a
-    random letter inserted, or swapped with the next one."""
+    """Typos: each character is, with probability `p`, deleted, replaced by a random letter,
+    followed by an inserted random letter, or swapped with the next one."""
     chars, out, i = list(text), [], 0
     while i < len(chars):
         char = chars[i]
