@@ -313,3 +313,41 @@ def test_validate_prints_a_table_and_fails_on_bad_rows(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Every row is usable." in result.stdout
     assert "3 classes (id order): blue, green, red" in result.stdout
+
+
+def test_a_pretrained_backbone_sets_size_normalisation_and_tokenizer(tmp_path, caplog):
+    from transformers import CLIPImageProcessor
+
+    from mmtrain.data.tokenizer import build_word_tokenizer
+    from mmtrain.models.backbone import build_clip
+
+    folder = tmp_path / "pretrained"
+    tokenizer = build_word_tokenizer(["a picture that is mostly red green blue"])
+    config = {
+        "projection_dim": 16,
+        "vision": {"image_size": 40, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                   "num_hidden_layers": 1, "num_attention_heads": 2},
+        "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "max_position_embeddings": 12},
+    }  # fmt: skip
+    build_clip(None, config, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 40},
+        crop_size={"height": 40, "width": 40},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+    ).save_pretrained(folder)
+
+    train, val = write_learnable(tmp_path / "data", train=6, val=3)
+    cfg = _compose(
+        ["data=manifest", f"data.train={train}", f"data.val={val}", "data.max_text_length=64"]
+        + [f"model.backbone={folder}", "model.head_hidden=16"]
+    )
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        parts = build_parts(cfg, None)
+    assert parts.splits["train"].images.shape[-2:] == (40, 40)  # the processor's crop size
+    assert parts.spec.image_mean == (0.5, 0.5, 0.5) and parts.spec.image_std == (0.25,) * 3
+    assert torch.allclose(parts.model.mean.flatten(), torch.full((3,), 127.5))
+    assert parts.tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not rebuilt
+    assert "exceeds the backbone's 12 text positions; using 12" in caplog.text
