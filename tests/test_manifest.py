@@ -351,3 +351,16 @@ def test_a_pretrained_backbone_sets_size_normalisation_and_tokenizer(tmp_path, c
     assert torch.allclose(parts.model.mean.flatten(), torch.full((3,), 127.5))
     assert parts.tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not rebuilt
     assert "exceeds the backbone's 12 text positions; using 12" in caplog.text
+
+
+def test_unlabelled_pairs_and_empty_manifests(tmp_path):
+    rows = [{"image": r["image"], "text": r["text"]} for r in learnable_rows(tmp_path, "t", 3)]
+    pairs = write_csv(tmp_path / "pairs.csv", rows, columns=("image", "text"))
+    splits = manifest(image_size=8, train=str(pairs), val=str(pairs), label_column=None)
+    assert splits["train"].class_names == ["0"] and splits["train"].labels.tolist() == [0, 0, 0]
+    empty = write_csv(tmp_path / "empty.csv", [])
+    with pytest.raises(UserError, match=r"The training manifest .*empty.csv has no rows"):
+        manifest(image_size=8, train=str(empty), val=str(pairs), label_column=None)
+    assert (
+        len(manifest(image_size=8, train=str(pairs), val=str(empty), label_column=None)["val"]) == 0
+    )

@@ -316,6 +316,8 @@ def manifest(
     else:
         keys = [_label_key(row.label) for row in read["train"][2]]
         names, integer = class_names_of([k for k in keys if k is not None], num_classes)
+    if not read["train"][2]:
+        raise UserError(f"The training manifest {read['train'][0]} has no rows.")
     if not names:
         raise UserError(
             f"The training manifest {read['train'][0]} has no usable label in column "
