@@ -20,8 +20,12 @@ Usage:
   mmtrain train [KEY=VALUE ...]        train one run into outputs/DATE/TIME/
   mmtrain train -m KEY=a,b ...         sweep: one run per combination, in multirun/DATE/TIME/N/
   mmtrain train --help                 config groups, the composed config, examples
+  mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH]   metrics of a run's best checkpoint
+  mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.jsonl|.csv   one prediction per input row
+  mmtrain export run=RUN_DIR out=DIR   a folder transformers loads (CLIPModel, AutoTokenizer)
   mmtrain validate [KEY=VALUE ...]     check the config and every data row; trains nothing
   mmtrain list [GROUP]                 registered components and config options
+  mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric
 
 Examples:
   mmtrain train                                     the built-in default (synthetic shapes, CPU)
@@ -29,7 +33,7 @@ Examples:
   mmtrain train --cfg job                           print the composed config and exit
   mmtrain validate data=manifest data.train=train.csv data.val=val.csv
 """
-COMMANDS = ("train", "validate", "list")
+COMMANDS = ("train", "eval", "predict", "export", "validate", "list", "report")
 # `validate` writes nothing: no run directory, no log file, console logging only.
 VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=console")
 log = logging.getLogger("mmtrain")
@@ -66,6 +70,15 @@ def _log_to_files(message: str) -> None:
             handler.handle(record)
 
 
+def _console_logging() -> None:
+    """Log to the console through rich, for the commands that are not Hydra apps."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)]
+    )
+
+
 def _run_hydra(task: Any, args: list[str]) -> None:
     import hydra
 
@@ -95,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if command == "train":
-            _run_hydra(_train_task, args)
+            from mmtrain.distributed import shared_run_dir
+
+            _run_hydra(_train_task, [*args, *shared_run_dir(args)])
         elif command == "validate":
             _results.clear()
             _run_hydra(_validate_task, [*VALIDATE_HYDRA, *args])
@@ -105,6 +120,19 @@ def main(argv: list[str] | None = None) -> int:
             from mmtrain.listing import print_listing
 
             print_listing(CONFIG_DIR, args)
+        elif command == "report":
+            from mmtrain.report import report
+
+            report(args)
+        else:  # eval, predict, export: they read a finished run directory
+            from mmtrain import commands
+
+            _console_logging()
+            {
+                "eval": commands.evaluate_run,
+                "predict": commands.predict_run,
+                "export": commands.export_run,
+            }[command](args)
     except UserError as error:
         console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2

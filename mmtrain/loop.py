@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -17,9 +18,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from mmtrain import checkpoint as ckpt
-from mmtrain import registry
+from mmtrain import distributed, registry
 from mmtrain.config import plain
 from mmtrain.errors import UserError
 from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, write_json
@@ -53,11 +55,11 @@ class StopSignal:
 
 
 def evaluate(
-    model: torch.nn.Module, batches: Any, device: torch.device, autocast: Any
+    model: torch.nn.Module, metrics: Any, batches: Any, device: torch.device, autocast: Any
 ) -> dict[str, float]:
-    """Validation metrics (`val/...`) of `model` over every batch of `batches`."""
+    """Validation metrics (`val/...`) of `model` over every batch of `batches` (synced over
+    ranks by the metrics object)."""
     model.eval()
-    metrics = model.metrics(device)
     with torch.no_grad():
         for batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -68,20 +70,38 @@ def evaluate(
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> float:
-    """Train as `cfg` says, writing everything into `run_dir`; return the best monitored value."""
+    """Train as `cfg` says, writing everything into `run_dir`; return the best monitored value.
+
+    Under torchrun (or trainer.nproc_per_node) every rank runs this; only rank 0 writes.
+    """
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.nproc_per_node > 1 and not distributed.launched():
+        return distributed.launch(cfg, Path(run_dir), cfg.trainer.nproc_per_node)
+    with distributed.process_group(device):
+        return _fit(cfg, Path(run_dir), device)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
     started = time.perf_counter()
-    t, run_dir = cfg.trainer, Path(run_dir)
+    t, main = cfg.trainer, distributed.is_main()
     checkpoints = _writable(run_dir / "checkpoints")
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from = _resume_path(t.resume, run_dir)
     saved = ckpt.load(resume_from) if resume_from else None
     if saved is not None:
         ckpt.check_compatible(saved["config"], config, resume_from)
-    seed_everything(t.seed)
-    device = resolve_device(t.device)
-    log.info("run directory: %s (device %s, precision %s)", run_dir, device, t.precision)
+    seed_everything(t.seed)  # the same on every rank: dropout noise stays in step across ranks
+    world = distributed.world_size()
+    log.info(
+        "run directory: %s (device %s, precision %s, %d process%s)",
+        run_dir,
+        device,
+        t.precision,
+        world,
+        "es" if world > 1 else "",
+    )
 
-    parts = build_parts(cfg, run_dir)
+    parts = build_parts(cfg, run_dir if main else None)
     model = parts.model.to(device)
     pin = device.type == "cuda"
     train_loader = loader(parts, cfg, "train", train=True, pin_memory=pin)
@@ -92,7 +112,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=max_steps
     )
     scaler = torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16")
-    step_model = torch.compile(model) if t.compile else model
+    step_model = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        unused = getattr(model, "has_unused_parameters", True)
+        step_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+    step_model = torch.compile(step_model) if t.compile else step_model
     dtype = AUTOCAST.get(str(t.precision))
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     monitor = t.checkpoint.monitor or model.monitor[0]
@@ -111,7 +136,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         "loss_sum": 0.0,
         "loss_n": 0,
     }
-    metrics_log = MetricsLog(run_dir)
+    metrics_log = MetricsLog(run_dir, enabled=main)
     if saved is not None:
         state = ckpt.restore(saved, model, optimizer, scheduler, scaler)
         metrics_log.truncate_after(state["step"])
@@ -125,12 +150,13 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         del saved
 
     def save(name: str) -> None:
-        ckpt.save_atomic(
-            ckpt.snapshot(model, optimizer, scheduler, scaler, state, config), checkpoints / name
-        )
+        if main:
+            snapshot = ckpt.snapshot(model, optimizer, scheduler, scaler, state, config)
+            ckpt.save_atomic(snapshot, checkpoints / name)
 
     def validate() -> None:
-        metrics = evaluate(step_model, val_loader, device, autocast)
+        # The unwrapped model: evaluation needs no gradient sync between ranks.
+        metrics = evaluate(model, model.metrics(device), val_loader, device, autocast)
         metrics_log.log(state["step"], state["epoch"], metrics)
         log.info(
             "step %d validation: %s",
@@ -172,24 +198,28 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
             for batch in train_loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch = parts.augment(batch, state["step"])
-                with autocast():
-                    loss = step_model(**batch)["loss"]
-                scaler.scale(loss / accumulate).backward()
-                step_loss, micro_batches = step_loss + loss.detach(), micro_batches + 1
-                state["batch"] += 1
-                samples, interval_samples = (
-                    samples + len(batch["labels"]),
-                    interval_samples + len(batch["labels"]),
-                )
+                micro_batches, state["batch"] = micro_batches + 1, state["batch"] + 1
                 end_of_epoch = state["batch"] == batches_in_epoch
-                if micro_batches < accumulate and not end_of_epoch:
+                stepping = micro_batches == accumulate or end_of_epoch
+                # Under DDP, gradients are all-reduced only on the micro-batch that steps.
+                with autocast(), nullcontext() if stepping or world == 1 else step_model.no_sync():
+                    loss = step_model(**batch)["loss"]
+                    scaler.scale(loss / accumulate).backward()
+                step_loss = step_loss + loss.detach()
+                samples, interval_samples = (
+                    samples + len(batch["images"]) * world,
+                    interval_samples + len(batch["images"]) * world,
+                )
+                if not stepping:
                     continue
 
                 # One optimizer step over the accumulated micro-batches.
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or math.inf)
                 step_loss = float(step_loss) / micro_batches
-                finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+                # Gradients are the same on every rank after the all-reduce, so deciding on
+                # them keeps the ranks in step; a lone rank's loss is not.
+                finite = bool(torch.isfinite(grad_norm)) and (world > 1 or math.isfinite(step_loss))
                 if finite or scaler.is_enabled():  # the fp16 scaler skips inf steps itself
                     scaler.step(optimizer)
                     state["loss_sum"], state["loss_n"] = (
@@ -224,6 +254,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                         scheduler.get_last_lr()[0],
                     )
                     loss_mean = state["loss_sum"] / state["loss_n"] if state["loss_n"] else math.nan
+                    loss_mean = distributed.mean(loss_mean, device)
                     metrics_log.log(
                         state["step"],
                         state["epoch"],
@@ -262,6 +293,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                         monitor,
                         state["stale"],
                     )
+                if world > 1 and distributed.any_rank(bool(stop.received), device):
+                    stop.received = stop.received or "SIGTERM"  # it reached another rank
                 if stop.received or state["step"] >= max_steps or status != "completed":
                     break
                 step_start, step_loss, micro_batches = time.perf_counter(), 0.0, 0
@@ -287,7 +320,7 @@ def _writable(folder: Path) -> Path:
     """Create `folder` and prove it takes files, before any training time is spent."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -343,9 +376,10 @@ def _finish(
         "bad_samples": bad_samples,
         "nonfinite_steps_skipped": state["skipped"],
     }
-    write_json(run_dir / "summary.json", summary)
-    if metrics_log.events:
-        plot_curves(metrics_log.events, run_dir / "curves.png")
+    if distributed.is_main():
+        write_json(run_dir / "summary.json", summary)
+        if metrics_log.events:
+            plot_curves(metrics_log.events, run_dir / "curves.png")
     if status == "interrupted":
         raise UserError(
             f"Interrupted by {signal_name} at step {state['step']}; the checkpoint {run_dir / 'checkpoints' / 'last.pt'} is saved. "

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 import mmtrain.data.manifest  # noqa: F401
 import mmtrain.data.shapes  # noqa: F401
 import mmtrain.models.classifier  # noqa: F401
+import mmtrain.models.contrastive  # noqa: F401
 import mmtrain.models.fusion  # noqa: F401
 import mmtrain.optim  # noqa: F401
-from mmtrain import registry
+from mmtrain import distributed, registry
 from mmtrain.config import plain, source_options, source_runtime
 from mmtrain.data import augment as aug
 from mmtrain.data.loader import Collate, make_loader
@@ -31,6 +32,7 @@ from mmtrain.data.source import SplitData, load_class_names, save_class_names
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
+from mmtrain.models.negatives import NegativeSampler
 
 log = logging.getLogger("mmtrain")
 
@@ -193,7 +195,21 @@ def build_parts(
         Collate(tokenizer, length),
         augment=aug.ImageAugment(augment[aug.IMAGE], cfg.trainer.seed),
         bad_samples=bad_sample_counts(splits),
-        train_collate=Collate(tokenizer, length, text_augment),
+        train_collate=Collate(tokenizer, length, text_augment, negative_sampler(model_cfg, cfg)),
+    )
+
+
+def negative_sampler(model_cfg: dict[str, Any], cfg: DictConfig) -> NegativeSampler | None:
+    """The hard-negative texts of `model.hard_negatives` (clip_contrastive), if any."""
+    if not model_cfg.get("hard_negatives"):
+        return None
+    log.info(
+        "hard negatives: %d per image from %s",
+        model_cfg["hard_negatives"],
+        model_cfg["negative_sampler"],
+    )
+    return NegativeSampler(
+        model_cfg["negative_sampler"], model_cfg["hard_negatives"], cfg.trainer.seed
     )
 
 
@@ -210,6 +226,8 @@ def loader(
         shuffle=train,
         seed=cfg.trainer.seed,
         pin_memory=pin_memory,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
     )
 
 

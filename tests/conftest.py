@@ -27,7 +27,6 @@ TINY = [
     "model.backbone_config.text.intermediate_size=64",
     "model.backbone_config.text.num_hidden_layers=1",
     "model.backbone_config.projection_dim=32",
-    "model.head_hidden=32",
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=2",
     "scheduler.warmup_steps=2",

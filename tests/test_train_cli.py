@@ -117,7 +117,7 @@ def test_cfg_job_and_help_work():
     result = run_cli("train", "--help")
     assert (
         result.returncode == 0
-        and "model: clip_fusion" in result.stdout
+        and "model: clip_contrastive, clip_fusion" in result.stdout
         and "mmtrain train -m" in result.stdout
     )
 

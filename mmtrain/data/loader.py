@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -59,10 +59,13 @@ class EpochSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         tag_epoch: bool = False,
+        pad: bool = True,
     ):
         self.size, self.shuffle, self.seed, self.tag_epoch = size, shuffle, seed, tag_epoch
-        self.rank, self.world_size = rank, world_size
-        self.per_rank = math.ceil(size / world_size)
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        # Training pads so every rank takes the same number of steps; evaluation does not,
+        # so no row is counted twice.
+        self.per_rank = math.ceil(size / world_size) if pad else len(range(rank, size, world_size))
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -75,7 +78,8 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        order += order[: self.per_rank * self.world_size - self.size]
+        if self.pad:
+            order += order[: self.per_rank * self.world_size - self.size]
         mine = order[self.rank :: self.world_size][self.start :]
         return iter([(self.epoch, index) for index in mine] if self.tag_epoch else mine)
 
@@ -88,9 +92,17 @@ class Collate:
     a multiple of 8 (tensor-core friendly) when the backbone's length allows. With
     `text_augment`, each text is augmented first (keyed by its row's epoch and index)."""
 
-    def __init__(self, tokenizer: Any, max_length: int, text_augment: TextAugment | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        text_augment: TextAugment | None = None,
+        negatives: Callable[[str, int, int], list[str]] | None = None,
+    ):
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.text_augment = text_augment
+        self.text_augment, self.negatives = text_augment, negatives
+        # Both depend on (seed, epoch, index): the sampler must pass the epoch along.
+        self.needs_epoch = text_augment is not None or negatives is not None
         # Rounding up must never pass the backbone's last text position.
         self.multiple = 8 if max_length % 8 == 0 else None
 
@@ -101,15 +113,8 @@ class Collate:
                 self.text_augment(text, epoch or 0, index)
                 for text, epoch, index in zip(texts, epochs, indices, strict=True)
             ]
-        tokens = self.tokenizer(
-            list(texts),
-            padding="longest",
-            pad_to_multiple_of=self.multiple,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {
+        tokens = self._tokenize(list(texts))
+        batch = {
             "index": torch.tensor(indices),
             "images": torch.stack(images),
             "input_ids": tokens["input_ids"],
@@ -117,6 +122,26 @@ class Collate:
             "labels": torch.tensor(labels),
             "paired": torch.tensor(paired),
         }
+        if self.negatives is not None:  # K hard-negative texts per row, row after row
+            negatives = [
+                negative
+                for text, epoch, index in zip(texts, epochs, indices, strict=True)
+                for negative in self.negatives(text, epoch or 0, index)
+            ]
+            tokens = self._tokenize(negatives)
+            batch["negative_input_ids"] = tokens["input_ids"]
+            batch["negative_attention_mask"] = tokens["attention_mask"]
+        return batch
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            texts,
+            padding="longest",
+            pad_to_multiple_of=self.multiple,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
 
 
 def make_loader(
@@ -129,10 +154,19 @@ def make_loader(
     seed: int,
     pin_memory: bool = False,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader over `split` whose order is set by an EpochSampler (see `loader.sampler`)."""
+    """A DataLoader over `split` whose order is set by an EpochSampler (see `loader.sampler`);
+    with `world_size` > 1, this rank's share of it."""
     sampler = EpochSampler(
-        len(split), shuffle=shuffle, seed=seed, tag_epoch=collate.text_augment is not None
+        len(split),
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        tag_epoch=collate.needs_epoch,
+        pad=shuffle,
     )
     return DataLoader(
         PairDataset(split),

@@ -48,6 +48,9 @@ class ImageTextClassifier(nn.Module):
         self.fusion = fusion
         self.num_classes = num_classes
         self.contrastive_weight = contrastive_weight
+        # Without the contrastive term, the temperature (and, for token-level fusions, the
+        # projections) get no gradient: DDP must then look for unused parameters.
+        self.has_unused_parameters = contrastive_weight == 0
         self.head = nn.Sequential(
             nn.LayerNorm(fusion.out_dim),
             nn.Linear(fusion.out_dim, head_hidden),

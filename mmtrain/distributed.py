@@ -1,0 +1,195 @@
+"""Data-parallel training: process groups, rank-0-only writing, and in-job launching.
+
+Two ways in, one code path:
+- `torchrun --nproc_per_node=N -m mmtrain train ...` starts N processes that each run the
+  Hydra app; `cli` agrees on one run directory before Hydra starts (rank 0 picks it).
+- `mmtrain train trainer.nproc_per_node=N` (also per multirun job) starts N workers for
+  the job through torch's elastic launcher, all writing into the job's one directory.
+Either way `fit` runs once per rank, inside `process_group`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mmtrain.errors import UserError
+
+log = logging.getLogger("mmtrain")
+
+
+def world_size() -> int:
+    """Processes in this job (1 without torchrun or nproc_per_node)."""
+    return (
+        dist.get_world_size()
+        if dist.is_available() and dist.is_initialized()
+        else int(os.environ.get("WORLD_SIZE", 1))
+    )
+
+
+def rank() -> int:
+    """This process's global rank (0 without torchrun)."""
+    return (
+        dist.get_rank()
+        if dist.is_available() and dist.is_initialized()
+        else int(os.environ.get("RANK", 0))
+    )
+
+
+def is_main() -> bool:
+    """Whether this process writes the run directory, logs and checkpoints."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun or the elastic launcher."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Join the job's process group (gloo on CPU, nccl on CUDA) for the duration, if launched."""
+    if not launched() or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def mean(value: float, device: torch.device) -> float:
+    """The mean of `value` over all ranks."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / world_size()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any rank (e.g. a signal reached one)."""
+    if world_size() == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor)
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, keeping gradients to each rank's
+    own part (what a contrastive loss needs for negatives from the whole global batch)."""
+    if world_size() == 1:
+        return tensor
+    if not tensor.requires_grad:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+    import torch.distributed.nn.functional as dist_nn
+
+    return torch.cat(dist_nn.all_gather(tensor), dim=0)
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Every rank's `items`, concatenated in rank order (for metrics kept as Python lists)."""
+    if world_size() == 1:
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def shared_run_dir(args: list[str]) -> list[str]:
+    """Hydra overrides that give every torchrun rank the same run directory.
+
+    Hydra names a run directory by the time it starts, which differs between ranks; rank 0
+    picks the name and the others receive it through a TCP store on torchrun's master
+    address. Ranks other than 0 write no .hydra folder and no train.log.
+    """
+    if not launched() or any(a.startswith(("-m", "--multirun")) for a in args):
+        return []
+    overrides = []
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        store = dist.TCPStore(
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ.get("MASTER_PORT", 29500)) + 1,
+            int(os.environ["WORLD_SIZE"]),
+            is_master=rank() == 0,
+            timeout=timedelta(seconds=120),
+        )
+        if rank() == 0:
+            store.set("run_dir", datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S"))
+        overrides.append(f"hydra.run.dir={store.get('run_dir').decode()}")
+    if rank() != 0:
+        overrides += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return overrides
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for the elastic launcher's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
+    """One elastic-launcher worker: rank 0 logs into the job's train.log; all ranks train."""
+    from omegaconf import OmegaConf
+
+    from mmtrain.loop import fit
+
+    if rank() == 0:
+        handler = logging.FileHandler(Path(run_dir) / "train.log")
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+        )
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+    else:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return fit(OmegaConf.create(config), Path(run_dir))
+    except UserError as error:  # reported by the parent, without the launcher's traceback
+        return {"error": str(error)}
+
+
+def launch(cfg: Any, run_dir: Path, nproc: int) -> float:
+    """Run `fit` in `nproc` worker processes on this machine; return rank 0's result."""
+    from omegaconf import OmegaConf
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"mmtrain-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
+    log.info("starting %d workers for this job (trainer.nproc_per_node=%d)", nproc, nproc)
+    try:
+        results = elastic_launch(config, _worker)(
+            OmegaConf.to_container(cfg, resolve=True), str(run_dir)
+        )
+    except Exception as error:  # ChildFailedError carries each worker's error
+        raise UserError(
+            f"A training worker failed ({type(error).__name__}); see {run_dir / 'train.log'} and the output above."
+        ) from None
+    for result in results.values():
+        if isinstance(result, dict) and "error" in result:
+            raise UserError(result["error"])
+    return results[0]

@@ -1,0 +1,67 @@
+"""DDP through torchrun and through trainer.nproc_per_node, on CPU with gloo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow  # each test starts several Python processes (~30-60 s here)
+
+
+def _train_losses(run_dir):
+    return [e["train/loss"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e]
+
+
+def test_torchrun_writes_one_run_directory_and_learns(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+        "-m", "mmtrain", "train", "trainer.device=cpu", *TINY, "trainer.max_epochs=3",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    run_dir = tmp_path / "run"
+    log = (run_dir / "train.log").read_text()
+    assert "2 processes" in log
+    assert log.count("building model clip_fusion") == 1  # rank 1 writes nothing
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # 256 pairs over 2 ranks of 32: 4 steps per epoch instead of 8
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    losses = _train_losses(run_dir)
+    assert losses[-1] < losses[0]
+
+
+def test_torchrun_without_run_dir_agrees_on_one_directory(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29741",
+        "-m", "mmtrain", "train", "trainer.device=cpu", *TINY, "trainer.max_epochs=1",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs
+    assert (runs[0] / "summary.json").is_file() and (runs[0] / ".hydra" / "config.yaml").is_file()
+
+
+def test_multirun_jobs_each_train_with_two_workers(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train", "-m", "optimizer.lr=1e-3,3e-4", "trainer.nproc_per_node=2", *TINY,
+        "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, lr in zip(jobs, ("0.001", "0.0003"), strict=True):
+        assert f"optimizer.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert json.loads((job / "summary.json").read_text())["status"] == "completed"
+        assert "starting 2 workers" in (job / "train.log").read_text()
+        assert (job / "checkpoints" / "last.pt").is_file() and (job / "tokenizer").is_dir()
