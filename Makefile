@@ -9,7 +9,7 @@ ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(VENV)/bin/python -m pip install -q -e '.[dev,sweep]'
 	touch $(STAMP)
 
 train: $(STAMP)  ## run `mmtrain train` (pass overrides with ARGS="optimizer.lr=3e-4 ...")

@@ -1,0 +1,239 @@
+"""Using a finished run: eval, predict and export; pretrained backbones and fine-tuning."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import TINY, read_jsonl, run_cli
+from manifest_files import MODEL_TINY, write_jsonl, write_learnable
+
+from mmtrain.commands import load_run
+from mmtrain.data.tokenizer import build_word_tokenizer
+from mmtrain.models.backbone import build_clip
+from mmtrain.optim import param_groups
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small colour-classification run on a manifest with string labels."""
+    folder = tmp_path_factory.mktemp("commands")
+    train, val = write_learnable(folder / "data", train=96, val=48)
+    run_dir = folder / "run"
+    result = run_cli(
+        "train", "data=manifest", f"data.train={train}", f"data.val={val}", "data.batch_size=16",
+        *MODEL_TINY, "trainer.max_epochs=3", "model.contrastive_weight=0", "optimizer.lr=3e-3",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_eval_reproduces_the_runs_own_validation(run):
+    result = run_cli("eval", f"run={run}", "split=val")
+    assert result.returncode == 0, result.stderr
+    assert "val/accuracy" in result.stdout
+    written = json.loads((run / "eval_val.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert written["step"] == summary["best"]["step"] and written["checkpoint"].endswith("best.pt")
+    logged = next(
+        e
+        for e in read_jsonl(run / "metrics.jsonl")
+        if e["step"] == written["step"] and "val/loss" in e
+    )
+    for name in ("loss", "accuracy", "f1", "auroc"):
+        assert written["metrics"][f"val/{name}"] == pytest.approx(logged[f"val/{name}"], abs=1e-5)
+
+
+def test_eval_of_a_missing_split_or_run_is_a_clear_error(run, tmp_path):
+    result = run_cli("eval", f"run={run}", "split=test")
+    assert (
+        result.returncode == 2
+        and "data.test=PATH" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+    result = run_cli("eval", f"run={tmp_path}")
+    assert result.returncode == 2 and ".hydra/config.yaml not found" in result.stderr
+
+
+def test_predict_writes_one_row_per_input_row_in_order(run, tmp_path):
+    rows = [
+        json.loads(line) for line in (run.parent / "data" / "val.jsonl").read_text().splitlines()
+    ]
+    rows.insert(3, {"image": "images/nowhere.png", "text": "a picture", "label": "red"})
+    source = write_jsonl(run.parent / "data" / "predict.jsonl", rows)
+    out = tmp_path / "predictions.jsonl"
+    result = run_cli(
+        "predict", f"run={run}", f"input={source}", f"output={out}", "data.on_bad_sample=skip"
+    )
+    assert result.returncode == 0, result.stderr
+    predictions = read_jsonl(out)
+    assert [p["row"] for p in predictions] == list(range(len(rows)))
+    assert predictions[3]["status"] == "skipped" and predictions[3]["reason"] == "missing file"
+    good = [(p, r) for p, r in zip(predictions, rows, strict=True) if p["status"] == "ok"]
+    assert all(
+        abs(sum(v for k, v in p.items() if k.startswith("prob_")) - 1) < 1e-4 for p, _ in good
+    )
+    accuracy = sum(p["label"] == r["label"] for p, r in good) / len(good)
+    assert accuracy > 0.6  # three classes: chance is 1/3
+
+    out_csv = tmp_path / "predictions.csv"
+    assert (
+        run_cli(
+            "predict",
+            f"run={run}",
+            f"input={source}",
+            f"output={out_csv}",
+            "data.on_bad_sample=skip",
+        ).returncode
+        == 0
+    )
+    with open(out_csv) as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows) and table[0]["label"] == predictions[0]["label"]
+
+    result = run_cli("predict", f"run={run}", f"input={source}", f"output={out}")  # policy: error
+    assert result.returncode == 2 and "predict.jsonl:4" in result.stderr
+
+
+def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+
+    result = run_cli("export", f"run={run}", f"out={tmp_path / 'export'}")
+    assert result.returncode == 0, result.stderr
+    exported = CLIPModel.from_pretrained(tmp_path / "export").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    trained = load_run(str(run)).model
+    texts = tokenizer(
+        ["a picture that is mostly red", "mostly blue"], padding=True, return_tensors="pt"
+    )
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for ours, theirs in (
+            (
+                trained.clip.text_model(**texts).pooler_output,
+                exported.text_model(**texts).pooler_output,
+            ),
+            (
+                trained.clip.vision_model(pixel_values=pixels).pooler_output,
+                exported.vision_model(pixel_values=pixels).pooler_output,
+            ),
+        ):
+            assert torch.allclose(ours, theirs, atol=1e-6)
+    description = json.loads((tmp_path / "export" / "mmtrain_head.json").read_text())
+    assert description["class_names"] == ["blue", "green", "red"]
+    from safetensors.torch import load_file
+
+    head = load_file(tmp_path / "export" / "head.safetensors")
+    assert torch.equal(head["head.4.weight"], trained.state_dict()["head.4.weight"])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny CLIP saved as a pretrained model would be: model, tokenizer, image processor."""
+    from transformers import CLIPImageProcessor
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    from mmtrain.data.shapes import shapes
+
+    tokenizer = build_word_tokenizer(
+        shapes(image_size=32, train_size=200, val_size=1, test_size=0)["train"].texts
+    )
+    config = {
+        "projection_dim": 32,
+        "vision": {
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+        },
+    }
+    torch.manual_seed(0)
+    build_clip(None, config, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_pretrained_backbone_trains_with_its_own_tokenizer_and_vision_frozen(pretrained, tmp_path):
+    shapes_data = [o for o in TINY if o.startswith(("data.", "trainer.", "scheduler."))]
+    result = run_cli(
+        "train", f"model.backbone={pretrained}", "model.freeze=vision", "model.contrastive_weight=0.5",
+        *shapes_data, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert " frozen" in log and "built a word-level tokenizer" not in log
+    assert json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text()) == json.loads(
+        (pretrained / "tokenizer.json").read_text()
+    )
+    from safetensors.torch import load_file
+
+    original = load_file(pretrained / "model.safetensors")
+    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]
+    vision = [k for k in original if k.startswith("vision_model.")]
+    text = [k for k in original if k.startswith("text_model.encoder")]
+    assert vision and all(torch.equal(original[k], trained[f"clip.{k}"]) for k in vision)
+    assert any(not torch.equal(original[k], trained[f"clip.{k}"]) for k in text)
+
+
+def test_unreachable_backbone_name_suggests_a_local_directory(tmp_path):
+    result = run_cli(
+        "train", "model.backbone=openai/clip-vit-base-patch32", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.backbone=DIR" in result.stderr and "save_pretrained" in result.stderr
+
+
+def test_param_groups_scale_the_backbone_and_spare_biases_norms_and_temperature():
+    tokenizer = build_word_tokenizer(["a red circle"])
+    from mmtrain.models.contrastive import ContrastiveCLIP
+
+    clip = build_clip(
+        None,
+        {
+            "projection_dim": 8,
+            "vision": {
+                "image_size": 16,
+                "patch_size": 8,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+            "text": {
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+        },
+        tokenizer,
+    )
+    from mmtrain.models.backbone import BackboneSpec
+
+    model = ContrastiveCLIP(clip, BackboneSpec(16, (0.5,) * 3, (0.5,) * 3, 77), hard_negatives=0)
+    groups = param_groups(model, weight_decay=0.1, lr=1e-3, backbone_lr_scale=0.1)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert (
+        by_id[id(clip.logit_scale)]["weight_decay"] == 0.0
+        and by_id[id(clip.logit_scale)]["lr"] == 1e-3
+    )
+    assert by_id[id(clip.text_model.final_layer_norm.weight)]["weight_decay"] == 0.0
+    assert by_id[id(clip.visual_projection.weight)] == {
+        **by_id[id(clip.visual_projection.weight)],
+        "weight_decay": 0.1,
+        "lr": pytest.approx(1e-4),
+    }
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
