@@ -102,3 +102,38 @@ def test_contrastive_training_through_the_cli(tmp_path):
     assert losses[-1] < losses[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best"]["metric"] == "val/recall@1_i2t"
+
+
+def test_manifest_negatives_come_from_their_column(tmp_path):
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+    from manifest_files import MODEL_TINY, learnable_rows, write_csv, write_jsonl
+
+    from mmtrain.setup import build_parts, loader
+
+    folder = tmp_path / "data"
+    train = learnable_rows(folder, "train", 12)
+    for row in train:
+        row["negatives"] = "|".join(
+            f"a picture that is mostly {c}" for c in ("red", "green", "blue") if c != row["label"]
+        )
+    write_csv(folder / "train.csv", train, columns=("image", "text", "label", "negatives"))
+    write_jsonl(folder / "val.jsonl", learnable_rows(folder, "val", 6))
+    overrides = [
+        "data=manifest", f"data.train={folder / 'train.csv'}", f"data.val={folder / 'val.jsonl'}",
+        "data.negative_column=negatives", "data.batch_size=4", "model=clip_contrastive",
+        "model.hard_negatives=2", "model.negative_sampler=manifest",
+        *[o for o in MODEL_TINY if not o.startswith("model.head")],
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    parts = build_parts(cfg, None)
+    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    negatives = parts.tokenizer.batch_decode(batch["negative_input_ids"], skip_special_tokens=True)
+    for row, index in enumerate(batch["index"].tolist()):
+        own = {
+            f"a picture that is mostly {c}"
+            for c in ("red", "green", "blue")
+            if c != train[index]["label"]
+        }
+        assert set(negatives[2 * row : 2 * row + 2]) == own

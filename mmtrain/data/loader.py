@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mmtrain.data.augment import TextAugment
 from mmtrain.data.source import SplitData
 
-Row = tuple[int, torch.Tensor, str, int, bool, int | None]
+Row = tuple[int, torch.Tensor, str, int, bool, int | None, list[str] | None]
 
 
 class PairDataset(Dataset):
@@ -38,6 +38,7 @@ class PairDataset(Dataset):
             int(split.labels[index]),
             bool(split.paired[index]),
             epoch,
+            split.negatives[index] if split.negatives is not None else None,
         )
 
 
@@ -107,7 +108,8 @@ class Collate:
         self.multiple = 8 if max_length % 8 == 0 else None
 
     def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
-        indices, images, texts, labels, paired, epochs = zip(*rows, strict=True)
+        indices, images, texts, labels, paired, epochs, row_negatives = zip(*rows, strict=True)
+        captions = texts  # negatives are drawn from the caption before augmentation
         if self.text_augment is not None:
             texts = [
                 self.text_augment(text, epoch or 0, index)
@@ -125,8 +127,10 @@ class Collate:
         if self.negatives is not None:  # K hard-negative texts per row, row after row
             negatives = [
                 negative
-                for text, epoch, index in zip(texts, epochs, indices, strict=True)
-                for negative in self.negatives(text, epoch or 0, index)
+                for text, epoch, index, own in zip(
+                    captions, epochs, indices, row_negatives, strict=True
+                )
+                for negative in self.negatives(text, epoch or 0, index, own)
             ]
             tokens = self._tokenize(negatives)
             batch["negative_input_ids"] = tokens["input_ids"]

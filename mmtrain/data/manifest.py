@@ -41,6 +41,7 @@ class Row:
     image: Any
     text: Any
     label: Any
+    negatives: Any = None
 
 
 def _read_error(path: Path, what: str) -> UserError:
@@ -99,6 +100,8 @@ def read_manifest(path: Path, columns: dict[str, str | None]) -> tuple[bytes, li
                     header.append(key)
             rows.append(Row(number, *(record.get(wanted.get(k)) for k in columns)))
     for kind, name in wanted.items():
+        if kind == "negative":  # only the training split needs negatives
+            continue
         if name not in found and (suffix == ".csv" or rows):
             raise UserError(
                 f"The manifest {path} has no {kind} column {name!r}; its columns are: "
@@ -106,6 +109,15 @@ def read_manifest(path: Path, columns: dict[str, str | None]) -> tuple[bytes, li
                 f"data.{kind}_column=COLUMN."
             )
     return data, rows
+
+
+def _negatives(value: Any) -> list[str]:
+    """A row's negative texts: a JSON list, or one CSV cell with texts separated by '|'."""
+    if isinstance(value, list):
+        return [str(text) for text in value if str(text).strip()]
+    if isinstance(value, str):
+        return [text.strip() for text in value.split("|") if text.strip()]
+    return []
 
 
 class _NotJson:
@@ -217,6 +229,7 @@ def _load_split(
     image_size: int,
     cache_dir: Path,
     max_image_pixels: int,
+    with_negatives: bool = False,
 ) -> SplitData:
     paths, problems, labels = [], [], []
     for row in rows:
@@ -252,6 +265,7 @@ def _load_split(
     index = None if len(good) == len(rows) else torch.tensor(good, dtype=torch.long)
     return SplitData(
         images=cache.images,
+        negatives=[_negatives(rows[i].negatives) for i in good] if with_negatives else None,
         texts=[rows[i].text for i in good],
         labels=torch.tensor([labels[i] for i in good], dtype=torch.long),
         class_names=checker.class_names,
@@ -271,6 +285,7 @@ def manifest(
     image_column: str = "image",
     text_column: str = "text",
     label_column: str = "label",
+    negative_column: str | None = None,
     cache_dir: str | None = None,
     max_image_pixels: int = 100_000_000,
     on_bad_sample: str = "error",
@@ -294,6 +309,8 @@ def manifest(
             f"data.max_image_pixels must be a positive integer (got {max_image_pixels!r})."
         )
     columns = {"image": image_column, "text": text_column, "label": label_column}
+    if negative_column:
+        columns["negative"] = negative_column
     given = {"train": train, "val": val, "test": test}
     read: dict[str, tuple[Path, bytes, list[Row]]] = {}
     for split, name in given.items():
@@ -332,7 +349,15 @@ def manifest(
             folder = folder / ".mmtrain_cache"
         checker = Checker(str(path), root, names, integer)
         splits[split] = _load_split(
-            split, path, rows, data, checker, image_size, folder, max_image_pixels
+            split,
+            path,
+            rows,
+            data,
+            checker,
+            image_size,
+            folder,
+            max_image_pixels,
+            bool(negative_column),
         )
         if splits[split].bad_rows:
             log.info(

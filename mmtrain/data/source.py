@@ -42,6 +42,7 @@ class SplitData:
     paired: torch.Tensor | None = None
     index: torch.Tensor | None = None
     bad_rows: list[BadRow] = field(default_factory=list)
+    negatives: list[list[str]] | None = None  # per row, from a manifest's negative column
 
     def __post_init__(self) -> None:
         if self.paired is None:
