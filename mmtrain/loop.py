@@ -112,30 +112,23 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
         "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=max_steps
     )
     scaler = torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16")
-    step_model = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        unused = getattr(model, "has_unused_parameters", True)
-        step_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
-    step_model = torch.compile(step_model) if t.compile else step_model
-    dtype = AUTOCAST.get(str(t.precision))
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    step_model, autocast = _wrap(model, t, device, world)
     monitor = t.checkpoint.monitor or model.monitor[0]
     mode = model.monitor[1] if t.checkpoint.mode == "auto" else t.checkpoint.mode
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
 
     # The loop's own state; saved in every checkpoint so a resumed run continues exactly.
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best": None,
-        "best_step": None,
-        "stale": 0,
-        "skipped": 0,
-        "loss_sum": 0.0,
-        "loss_n": 0,
-    }
+    state = dict(
+        step=0,
+        epoch=0,
+        batch=0,
+        best=None,
+        best_step=None,
+        stale=0,
+        skipped=0,
+        loss_sum=0.0,
+        loss_n=0,
+    )
     metrics_log = MetricsLog(run_dir, enabled=main)
     if saved is not None:
         state = ckpt.restore(saved, model, optimizer, scheduler, scaler)
@@ -206,26 +199,21 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
                     loss = step_model(**batch)["loss"]
                     scaler.scale(loss / accumulate).backward()
                 step_loss = step_loss + loss.detach()
-                samples, interval_samples = (
-                    samples + len(batch["images"]) * world,
-                    interval_samples + len(batch["images"]) * world,
-                )
+                samples += len(batch["images"]) * world  # global samples, for samples/s
+                interval_samples += len(batch["images"]) * world
                 if not stepping:
                     continue
 
                 # One optimizer step over the accumulated micro-batches.
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or math.inf)
+                grad_norm = _grad_norm(trainable, t.grad_clip)
                 step_loss = float(step_loss) / micro_batches
                 # Gradients are the same on every rank after the all-reduce, so deciding on
                 # them keeps the ranks in step; a lone rank's loss is not.
                 finite = bool(torch.isfinite(grad_norm)) and (world > 1 or math.isfinite(step_loss))
                 if finite or scaler.is_enabled():  # the fp16 scaler skips inf steps itself
                     scaler.step(optimizer)
-                    state["loss_sum"], state["loss_n"] = (
-                        state["loss_sum"] + step_loss,
-                        state["loss_n"] + 1,
-                    )
+                    state.update(loss_sum=state["loss_sum"] + step_loss, loss_n=state["loss_n"] + 1)
                 elif t.on_nonfinite == "stop":
                     status = "failed"
                     log.error(
@@ -248,31 +236,17 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
                 train_time += time.perf_counter() - step_start
 
                 if state["step"] % t.log_every_n_steps == 0 or state["step"] == max_steps:
-                    now = time.perf_counter()
-                    speed, lr = (
-                        interval_samples / max(now - interval_start, 1e-9),
-                        scheduler.get_last_lr()[0],
-                    )
-                    loss_mean = state["loss_sum"] / state["loss_n"] if state["loss_n"] else math.nan
-                    loss_mean = distributed.mean(loss_mean, device)
-                    metrics_log.log(
-                        state["step"],
-                        state["epoch"],
-                        {"train/loss": loss_mean, "train/lr": lr, "train/samples_per_s": speed},
-                    )
-                    log.info(
-                        "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s",
-                        state["step"],
+                    speed = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
+                    _log_train(
+                        state,
                         max_steps,
-                        loss_mean,
-                        lr,
+                        scheduler.get_last_lr()[0],
                         speed,
+                        metrics_log,
+                        bar,
+                        device,
                     )
-                    bar.update(
-                        bar.task_ids[0], completed=state["step"], loss=loss_mean, lr=lr, speed=speed
-                    )
-                    state.update(loss_sum=0.0, loss_n=0)
-                    interval_samples, interval_start = 0, now
+                    interval_samples, interval_start = 0, time.perf_counter()
                 if end_of_epoch:
                     state.update(epoch=state["epoch"] + 1, batch=0)
                 if (
@@ -314,6 +288,52 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
         stop.received,
         parts.bad_samples,
     )
+
+
+def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    """The gradients' total norm (for the finite check), clipping them to `clip` if set."""
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    # Without clipping, measuring alone skips a multiply of every gradient by 1.0.
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _wrap(
+    model: torch.nn.Module, t: DictConfig, device: torch.device, world: int
+) -> tuple[torch.nn.Module, Any]:
+    """The module the loop calls (DDP across ranks, compiled if asked) and its autocast."""
+    step_model = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        unused = getattr(model, "has_unused_parameters", True)
+        step_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+    step_model = torch.compile(step_model) if t.compile else step_model
+    dtype = AUTOCAST.get(str(t.precision))
+    return step_model, (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+
+def _log_train(
+    state: dict,
+    max_steps: int,
+    lr: float,
+    speed: float,
+    metrics_log: MetricsLog,
+    bar: Any,
+    device: torch.device,
+) -> None:
+    """Log the mean training loss since the last log (over all ranks), lr and speed."""
+    loss = state["loss_sum"] / state["loss_n"] if state["loss_n"] else math.nan
+    loss = distributed.mean(loss, device)
+    metrics_log.log(
+        state["step"],
+        state["epoch"],
+        {"train/loss": loss, "train/lr": lr, "train/samples_per_s": speed},
+    )
+    log.info(
+        "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s", state["step"], max_steps, loss, lr, speed
+    )
+    bar.update(bar.task_ids[0], completed=state["step"], loss=loss, lr=lr, speed=speed)
+    state.update(loss_sum=0.0, loss_n=0)
 
 
 def _writable(folder: Path) -> Path:

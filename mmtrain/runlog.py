@@ -93,6 +93,7 @@ def progress_bar(enabled: bool, total: int, completed: int) -> Progress:
         TimeRemainingColumn(),
         disable=not enabled,
         transient=False,
+        refresh_per_second=1,  # its fields change only at log intervals
     )
     bar.add_task("train", total=total, completed=completed, loss=math.nan, lr=0.0, speed=0.0)
     return bar

@@ -1,0 +1,27 @@
+"""The embedded default, exactly as a new user runs it: `mmtrain train`, no overrides."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_shapes_task(tmp_path):
+    result = run_cli("train", f"hydra.run.dir={tmp_path}", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 10
+    assert summary["best"]["metric"] == "val/accuracy"
+    assert summary["best"]["value"] >= 0.90  # chance is 0.5
+    assert summary["final"]["val/auroc"] >= 0.95
+
+
+@pytest.mark.slow
+def test_default_contrastive_run_retrieves_far_above_chance(tmp_path):
+    result = run_cli("train", "model=clip_contrastive", f"hydra.run.dir={tmp_path}", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # ~500 genuine validation pairs: chance recall@1 is well under 0.01
+    assert summary["best"]["value"] >= 0.10
+    assert summary["final"]["val/recall@5_t2i"] >= 0.30
