@@ -65,3 +65,31 @@ def test_multirun_jobs_each_train_with_two_workers(tmp_path):
         assert json.loads((job / "summary.json").read_text())["status"] == "completed"
         assert "starting 2 workers" in (job / "train.log").read_text()
         assert (job / "checkpoints" / "last.pt").is_file() and (job / "tokenizer").is_dir()
+
+
+def test_contrastive_under_torchrun_gathers_negatives_and_resumes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+
+    def torchrun(*extra, port):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            "-m", "mmtrain", "train", "trainer.device=cpu", "model=clip_contrastive", "model.hard_negatives=2",
+            *TINY, *extra, f"hydra.run.dir={run_dir}",
+        ]  # fmt: skip
+        return subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    result = torchrun("trainer.max_epochs=1", port=29751)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    result = torchrun("trainer.max_epochs=2", "trainer.resume=auto", port=29761)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step 4" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    assert [
+        e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if "val/recall@1_i2t" in e
+    ] == [4, 8]
