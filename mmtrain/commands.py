@@ -30,7 +30,7 @@ from mmtrain.data.source import SplitData, load_class_names
 from mmtrain.errors import UserError
 from mmtrain.models.backbone import BackboneSpec, backbone_spec
 from mmtrain.runlog import write_json
-from mmtrain.setup import build_data, resolve_device, text_length
+from mmtrain.setup import build_data, resolve_device, resolve_precision, text_length
 
 log = logging.getLogger("mmtrain")
 PREDICT_FORMATS = (".jsonl", ".csv")
@@ -124,7 +124,8 @@ def _batches(run: Run, split: SplitData) -> Any:
 
 
 def _autocast(run: Run, device: torch.device) -> Any:
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(run.cfg.trainer.precision))
+    precision = resolve_precision(run.cfg.trainer.precision, device)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 

@@ -11,7 +11,7 @@ from mmtrain import registry
 from mmtrain.data import augment
 from mmtrain.errors import UserError
 
-PRECISIONS = ("32", "bf16", "16")
+PRECISIONS = ("auto", "32", "bf16", "16")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_LOADER_KEYS = ("batch_size", "num_workers", "max_text_length", "on_bad_sample", "augment")
 # Passed to a data source at run time, when its factory has a parameter of that name

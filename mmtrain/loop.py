@@ -25,7 +25,14 @@ from mmtrain import distributed, registry
 from mmtrain.config import plain
 from mmtrain.errors import UserError
 from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, write_json
-from mmtrain.setup import build_parts, loader, resolve_device, seed_everything, total_steps
+from mmtrain.setup import (
+    build_parts,
+    loader,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    total_steps,
+)
 
 log = logging.getLogger("mmtrain")
 AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -84,6 +91,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
 def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
     started = time.perf_counter()
     t, main = cfg.trainer, distributed.is_main()
+    precision = resolve_precision(t.precision, device)
     checkpoints = _writable(run_dir / "checkpoints")
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from = _resume_path(t.resume, run_dir)
@@ -96,7 +104,7 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
         "run directory: %s (device %s, precision %s, %d process%s)",
         run_dir,
         device,
-        t.precision,
+        precision,
         world,
         "es" if world > 1 else "",
     )
@@ -111,8 +119,8 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
     scheduler = registry.build(
         "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=max_steps
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16")
-    step_model, autocast = _wrap(model, t, device, world)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
+    step_model, autocast = _wrap(model, t.compile, precision, device, world)
     monitor = t.checkpoint.monitor or model.monitor[0]
     mode = model.monitor[1] if t.checkpoint.mode == "auto" else t.checkpoint.mode
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
@@ -299,7 +307,7 @@ def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Te
 
 
 def _wrap(
-    model: torch.nn.Module, t: DictConfig, device: torch.device, world: int
+    model: torch.nn.Module, compile: bool, precision: str, device: torch.device, world: int
 ) -> tuple[torch.nn.Module, Any]:
     """The module the loop calls (DDP across ranks, compiled if asked) and its autocast."""
     step_model = model
@@ -307,8 +315,8 @@ def _wrap(
         ids = [device.index] if device.type == "cuda" else None
         unused = getattr(model, "has_unused_parameters", True)
         step_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
-    step_model = torch.compile(step_model) if t.compile else step_model
-    dtype = AUTOCAST.get(str(t.precision))
+    step_model = torch.compile(step_model) if compile else step_model
+    dtype = AUTOCAST.get(precision)
     return step_model, (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 

@@ -44,6 +44,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is bf16 autocast on a CUDA GPU that supports it (no scaler needed), else 32."""
+    if str(name) != "auto":
+        return str(name)
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32"
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; `cuda` without a GPU is an error."""
     if name == "auto":
