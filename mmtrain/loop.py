@@ -393,6 +393,7 @@ def _finish(
         if any(key.startswith("val/") for key in event):
             final = {k: v for k, v in event.items() if k not in ("step", "epoch")}
     best = state["best"] if state["best"] is not None and math.isfinite(state["best"]) else None
+    best = round(best, 6) if best is not None else None
     summary = {
         "status": status,
         "best": {"metric": monitor, "value": best, "step": state["best_step"]},
