@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         console.print(
-            f"[red]error:[/] unknown command {command!r}; choose one of: {', '.join(COMMANDS)}.\n"
+            f"[red]error:[/] unknown command {command!r}; choose one of: {', '.join(COMMANDS)}.\n",
+            soft_wrap=True,
         )
         print(USAGE, end="", file=sys.stderr)
         return 2

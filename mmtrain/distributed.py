@@ -150,6 +150,10 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
 
     from mmtrain.loop import fit
 
+    # Share the cores between the workers, as torchrun does: oversubscribed OpenMP threads
+    # spin and slow every process down many times over.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if rank() == 0:
         handler = logging.FileHandler(Path(run_dir) / "train.log")
         handler.setFormatter(
