@@ -99,7 +99,7 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
     if saved is not None:
         ckpt.check_compatible(saved["config"], config, resume_from)
     seed_everything(t.seed)  # the same on every rank: dropout noise stays in step across ranks
-    world = distributed.world_size()
+    world, rank = distributed.world_size(), distributed.rank()
     log.info(
         "run directory: %s (device %s, precision %s, %d process%s)",
         run_dir,
@@ -198,7 +198,9 @@ def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
             step_start, step_loss, micro_batches = time.perf_counter(), 0.0, 0
             for batch in train_loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                batch = parts.augment(batch, state["step"])
+                # Keyed by the batch's place in the run: its step, its micro-batch within the
+                # step, and the rank, so no two batches draw the same augmentation noise.
+                batch = parts.augment(batch, (state["step"], micro_batches, rank))
                 micro_batches, state["batch"] = micro_batches + 1, state["batch"] + 1
                 end_of_epoch = state["batch"] == batches_in_epoch
                 stepping = micro_batches == accumulate or end_of_epoch

@@ -71,9 +71,10 @@ class Parts:
     tokenizer: Any
     model: nn.Module
     collate: Collate
-    # Applied on the training device to each training batch: (batch, step) -> batch.
-    # Deterministic in (seed, step), so a resumed run augments exactly as before.
-    augment: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] = (
+    # Applied on the training device to each training batch: (batch, key) -> batch, with
+    # key = (step, micro-batch, rank). Deterministic in (seed, key): a resumed run augments
+    # exactly as before.
+    augment: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] = (
         lambda batch, step: batch
     )
     # Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason: N}}.

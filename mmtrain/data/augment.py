@@ -209,12 +209,13 @@ def parse(augment: Mapping[str, Any] | None) -> dict[str, list[Entry]]:
 
 
 class ImageAugment:
-    """`(batch, step) -> batch` on the training device; deterministic in (seed, step)."""
+    """`(batch, key) -> batch` on the training device; deterministic in (seed, key). The loop's
+    key is (step, micro-batch, rank)."""
 
     def __init__(self, entries: list[Entry], seed: int):
         self.entries, self.seed = entries, seed
 
-    def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, torch.Tensor], step: Any) -> dict[str, torch.Tensor]:
         if not self.entries:
             return batch
         images = batch["images"].float()
