@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
@@ -33,6 +34,24 @@ class BackboneSpec:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     max_text_length: int
+
+
+class PixelNormalize(nn.Module):
+    """uint8 images to the backbone's normalised floats, on whatever device the model is:
+    the data pipeline hands over uint8 and never normalises on the CPU."""
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__()
+        scale = 255.0
+        self.register_buffer(
+            "mean", torch.tensor(spec.image_mean).view(1, 3, 1, 1) * scale, persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(spec.image_std).view(1, 3, 1, 1) * scale, persistent=False
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
 
 def _load_error(backbone: str, error: Exception) -> UserError:

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from mmtrain import registry
 from mmtrain.errors import UserError
 from mmtrain.metrics import ClassificationMetrics
-from mmtrain.models.backbone import BackboneSpec, build_clip
+from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip
 from mmtrain.models.fusion import Features
 from mmtrain.models.objectives import contrastive_loss
 
@@ -58,20 +58,13 @@ class ImageTextClassifier(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(head_hidden, num_classes),
         )
-        # Images arrive as uint8 and are normalised here, on the training device.
-        self.register_buffer(
-            "mean", torch.tensor(spec.image_mean).view(1, 3, 1, 1) * 255, persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(spec.image_std).view(1, 3, 1, 1) * 255, persistent=False
-        )
+        self.normalize = PixelNormalize(spec)
 
     def features(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> Features:
         """Run both towers once, keeping token states and projected pooled embeddings."""
-        pixels = (images.float() - self.mean) / self.std
-        vision = self.clip.vision_model(pixel_values=pixels)
+        vision = self.clip.vision_model(pixel_values=self.normalize(images))
         text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return Features(
             image_tokens=vision.last_hidden_state,

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from mmtrain import distributed, registry
 from mmtrain.errors import UserError
 from mmtrain.metrics import RetrievalMetrics
-from mmtrain.models.backbone import BackboneSpec, build_clip
+from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip
 from mmtrain.models.classifier import freeze_towers
 from mmtrain.models.objectives import MAX_LOGIT_SCALE
 
@@ -27,17 +27,11 @@ class ContrastiveCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.hard_negatives = hard_negatives
-        self.register_buffer(
-            "mean", torch.tensor(spec.image_mean).view(1, 3, 1, 1) * 255, persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(spec.image_std).view(1, 3, 1, 1) * 255, persistent=False
-        )
+        self.normalize = PixelNormalize(spec)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of uint8 images."""
-        pixels = (images.float() - self.mean) / self.std
-        pooled = self.clip.vision_model(pixel_values=pixels).pooler_output
+        pooled = self.clip.vision_model(pixel_values=self.normalize(images)).pooler_output
         return F.normalize(self.clip.visual_projection(pooled).float(), dim=-1)
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
