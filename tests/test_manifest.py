@@ -348,7 +348,7 @@ def test_a_pretrained_backbone_sets_size_normalisation_and_tokenizer(tmp_path, c
         parts = build_parts(cfg, None)
     assert parts.splits["train"].images.shape[-2:] == (40, 40)  # the processor's crop size
     assert parts.spec.image_mean == (0.5, 0.5, 0.5) and parts.spec.image_std == (0.25,) * 3
-    assert torch.allclose(parts.model.mean.flatten(), torch.full((3,), 127.5))
+    assert torch.allclose(parts.model.normalize.mean.flatten(), torch.full((3,), 127.5))
     assert parts.tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not rebuilt
     assert "exceeds the backbone's 12 text positions; using 12" in caplog.text
 
