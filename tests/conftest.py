@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -44,6 +46,25 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def resume_from_step(
+    full_run: Path, step: int, run_dir: Path, *overrides: str
+) -> subprocess.CompletedProcess:
+    """Resume into `run_dir` from `full_run`'s step_N.pt: exactly the state that a run
+    stopped after step N leaves behind as its last.pt."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(full_run / "checkpoints" / f"step_{step}.pt", run_dir / "checkpoints" / "last.pt")
+    return run_cli("train", *overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Every tensor of the two checkpoints' models is equal (torch.equal), key by key."""
+    first = torch.load(a, map_location="cpu", weights_only=False)["model"]
+    second = torch.load(b, map_location="cpu", weights_only=False)["model"]
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 def read_jsonl(path: Path) -> list[dict]:

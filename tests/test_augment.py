@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 import torch
-from conftest import CONF, TINY, run_cli
+from conftest import CONF, TINY, assert_same_weights, resume_from_step, run_cli
 from hydra import compose, initialize_config_dir
 
 from mmtrain import registry
@@ -164,14 +163,9 @@ def test_resume_with_augmentation_matches_the_uninterrupted_run_bit_for_bit(tmp_
     assert "training image augment: random_resized_crop, flip, color_jitter, gaussian_noise" in log
     assert "training text augment: word_dropout, word_swap, char_noise" in log
     stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copy(full / "checkpoints" / "step_5.pt", stopped / "checkpoints" / "last.pt")
-    result = run_cli("train", *overrides, "trainer.resume=auto", f"hydra.run.dir={stopped}")
+    result = resume_from_step(full, 5, stopped, *overrides)
     assert result.returncode == 0, result.stderr
-    expected = torch.load(full / "checkpoints" / "last.pt", weights_only=False)["model"]
-    resumed = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)["model"]
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
+    assert_same_weights(full / "checkpoints" / "last.pt", stopped / "checkpoints" / "last.pt")
 
 
 def test_list_data_shows_the_augmentations():

@@ -1,7 +1,6 @@
 """Training state that survives: exact resume, interruption, bad numbers, early stopping."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -9,16 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY, read_jsonl, run_cli
+from conftest import ROOT, TINY, assert_same_weights, read_jsonl, resume_from_step, run_cli
 
 from mmtrain import checkpoint as ckpt
 
 # Shuffled, 2 loader workers, 8 steps per epoch, dropout on: everything that could drift.
 RESUMABLE = [*TINY, "data.num_workers=2", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
-
-
-def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
 def _train_losses(run_dir, after=0):
@@ -46,26 +41,15 @@ def full_run(tmp_path_factory):
 
 @pytest.mark.parametrize("stop_step", [5, 8], ids=["mid-epoch", "epoch-boundary"])
 def test_resumed_run_matches_the_uninterrupted_one_bit_for_bit(full_run, tmp_path, stop_step):
-    # The state a run stopped at `stop_step` leaves behind is exactly its step checkpoint.
     stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copy(
-        full_run / "checkpoints" / f"step_{stop_step}.pt", stopped / "checkpoints" / "last.pt"
-    )
-    result = run_cli("train", *RESUMABLE, "trainer.resume=auto", f"hydra.run.dir={stopped}")
+    result = resume_from_step(full_run, stop_step, stopped, *RESUMABLE)
     assert result.returncode == 0, result.stderr
     assert (
         f"resumed from {stopped / 'checkpoints' / 'last.pt'} at step {stop_step}"
         in (stopped / "train.log").read_text()
     )
 
-    expected, resumed = (
-        _weights(full_run / "checkpoints" / "last.pt"),
-        _weights(stopped / "checkpoints" / "last.pt"),
-    )
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
+    assert_same_weights(full_run / "checkpoints" / "last.pt", stopped / "checkpoints" / "last.pt")
     assert _train_losses(stopped) == _train_losses(full_run, after=stop_step)
     assert json.loads((stopped / "summary.json").read_text())["steps"] == 16
 
