@@ -42,7 +42,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
         raise UserError(
             f"Cannot resume from {path}: the model or data config differs ({details}). "
             "Resume with the run's original overrides (see .hydra/overrides.yaml in its run directory), "
-            "or start a new run in another directory."
+            "or start a new run in another directory. A key set on one side only can also mean that "
+            "another release of mmtrain wrote the checkpoint; resume with that release."
         )
 
 
@@ -57,20 +58,20 @@ def snapshot(
         "scaler": scaler.state_dict(),
         "step": state["step"],
         "epoch": state["epoch"],
-        "data": dict(state),  # epoch, batches read this epoch, best value, loss accumulators
+        "data": dict(state),  # the loop's TrainState: position in the data, best value, ...
         "rng": rng_state(),
         "config": config,
     }
 
 
-def restore(saved: dict[str, Any], model, optimizer, scheduler, scaler) -> dict[str, Any]:
-    """Load a `snapshot` into the given objects; return the loop state."""
+def restore(saved: dict[str, Any], model, optimizer, scheduler, scaler) -> None:
+    """Load a `snapshot` into the given objects and restore the RNG states (the loop reads
+    its own state from `saved["data"]`)."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"])
-    return dict(saved["data"])
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,6 @@ from rich.console import Console
 
 from mmtrain.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 USAGE = """\
 mmtrain: a config-driven trainer for image-text models.
 
@@ -32,6 +34,7 @@ Examples:
   mmtrain train model.fusion=concat optimizer.lr=3e-4
   mmtrain train --cfg job                           print the composed config and exit
   mmtrain validate data=manifest data.train=train.csv data.val=val.csv
+  mmtrain train --config-dir ./conf experiment=mine   your own config groups beside mmtrain's
 """
 COMMANDS = ("train", "eval", "predict", "export", "validate", "list", "report")
 # `validate` writes nothing: no run directory, no log file, console logging only.
@@ -39,22 +42,38 @@ VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logg
 log = logging.getLogger("mmtrain")
 
 
+def config_source() -> tuple[str, Traversable]:
+    """Hydra's primary config path and the folder behind it: the config groups installed
+    with the package (`mmtrain.conf`, built from the repository's top-level conf/), or, when
+    mmtrain runs from a source tree that was never installed, that tree's conf/."""
+    if importlib.util.find_spec("mmtrain.conf") is not None:
+        return "pkg://mmtrain.conf", files("mmtrain.conf")
+    source_tree = Path(__file__).resolve().parent.parent / "conf"
+    return str(source_tree), source_tree
+
+
 def _train_task(cfg: Any) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    from mmtrain.config import validate
-    from mmtrain.loop import fit
+    from mmtrain.build import check
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        validate(cfg)
-        return fit(cfg, Path(HydraConfig.get().runtime.output_dir))
+        trainer, _ = check(cfg)
+        from mmtrain.launch import launch, launched
+
+        if trainer.nproc_per_node > 1 and not launched():
+            return launch(cfg, run_dir, trainer.nproc_per_node)
+        from mmtrain.loop import fit
+
+        return fit(cfg, run_dir)
     except UserError as error:
         _log_to_files(f"error: {error}")  # main() prints it to the console
         raise
 
 
 def _validate_task(cfg: Any) -> None:
-    from mmtrain.data.validate import validate_data
+    from mmtrain.commands.validate import validate_data
 
     _results["bad_rows"] = len(validate_data(cfg))
 
@@ -83,7 +102,8 @@ def _run_hydra(task: Any, args: list[str]) -> None:
     import hydra
 
     sys.argv = ["mmtrain", *args]
-    hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(task)()
+    config_path, _ = config_source()
+    hydra.main(version_base=None, config_path=config_path, config_name="train")(task)()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if command == "train":
-            from mmtrain.distributed import shared_run_dir
+            from mmtrain.launch import shared_run_dir
 
             _run_hydra(_train_task, [*args, *shared_run_dir(args)])
         elif command == "validate":
@@ -118,22 +138,28 @@ def main(argv: list[str] | None = None) -> int:
             if _results.get("bad_rows"):
                 return 1  # the data has bad rows (2 is kept for usage errors)
         elif command == "list":
-            from mmtrain.listing import print_listing
+            from mmtrain.commands.listing import print_listing
 
-            print_listing(CONFIG_DIR, args)
+            print_listing(config_source()[1], args)
         elif command == "report":
-            from mmtrain.report import report
+            from mmtrain.commands.report import report
 
             report(args)
-        else:  # eval, predict, export: they read a finished run directory
-            from mmtrain import commands
+        elif command == "eval":
+            from mmtrain.commands.evaluate import evaluate_run
 
             _console_logging()
-            {
-                "eval": commands.evaluate_run,
-                "predict": commands.predict_run,
-                "export": commands.export_run,
-            }[command](args)
+            evaluate_run(args)
+        elif command == "predict":
+            from mmtrain.commands.predict import predict_run
+
+            _console_logging()
+            predict_run(args)
+        else:  # export
+            from mmtrain.commands.export import export_run
+
+            _console_logging()
+            export_run(args)
     except UserError as error:
         console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2

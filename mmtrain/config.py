@@ -1,23 +1,128 @@
-"""Checks on the composed config that Hydra's own struct checks do not cover."""
+"""The typed part of the config: the trainer group and the data group's loader keys.
+
+Both are OmegaConf structured configs: the composed YAML is merged into the dataclass, so a
+key the schema does not have, also one added with `+`, and a value of the wrong type fail
+before anything is built, naming the key and the keys that exist. Ranges and choices are
+checked in `__post_init__`, which OmegaConf runs when it creates the object.
+
+The other groups (model, optimizer, scheduler and the data source's own keys) are checked
+against the signature of the factory that consumes them (`mmtrain.registry.check`).
+"""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from mmtrain import registry
-from mmtrain.data import augment
 from mmtrain.errors import UserError
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_LOADER_KEYS = ("batch_size", "num_workers", "max_text_length", "on_bad_sample", "augment")
-# Passed to a data source at run time, when its factory has a parameter of that name
-# (`image_size` always): on_bad_sample from the data group, class_names from a run's
-# labels.json, num_classes from model.num_classes.
-SOURCE_RUNTIME = ("on_bad_sample", "class_names", "num_classes")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value} is not valid; choose one of: {', '.join(choices)}.")
+
+
+def _at_least(key: str, value: int | None, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < low:
+        wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise UserError(f"{key} must be {wanted}{' or null' if allow_none else ''} (got {value}).")
+
+
+@dataclass
+class CheckpointConfig:
+    """`trainer.checkpoint`: which checkpoints are written and which one is best."""
+
+    every_n_steps: int | None = None
+    keep_last: int | None = 2
+    monitor: str | None = None
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        _at_least("trainer.checkpoint.every_n_steps", self.every_n_steps, 1, allow_none=True)
+        _at_least("trainer.checkpoint.keep_last", self.keep_last, 0, allow_none=True)
+        _choice("trainer.checkpoint.mode", self.mode, ("max", "min", "auto"))
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """`trainer.early_stopping`."""
+
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("trainer.early_stopping.patience", self.patience, 1, allow_none=True)
+
+
+@dataclass
+class TrainerConfig:
+    """The `trainer` group: how long, where and how a run trains, and what it keeps."""
+
+    max_epochs: int | None = 10
+    max_steps: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    accumulate_grad_batches: int = 1
+    grad_clip: float | None = 1.0
+    compile: bool = False
+    nproc_per_node: int = 1
+    seed: int = 42
+    val_every_n_steps: int | None = None
+    log_every_n_steps: int = 20
+    on_nonfinite: str = "stop"
+    resume: str | None = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def __post_init__(self) -> None:
+        _choice("trainer.device", self.device, DEVICES)
+        _choice("trainer.precision", self.precision, PRECISIONS)
+        _choice("trainer.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _at_least("trainer.max_epochs", self.max_epochs, 1, allow_none=True)
+        _at_least("trainer.max_steps", self.max_steps, 1, allow_none=True)
+        if self.max_epochs is None and self.max_steps is None:
+            raise UserError("Set trainer.max_epochs or trainer.max_steps (both are null).")
+        _at_least("trainer.accumulate_grad_batches", self.accumulate_grad_batches, 1)
+        _at_least("trainer.nproc_per_node", self.nproc_per_node, 1)
+        _at_least("trainer.log_every_n_steps", self.log_every_n_steps, 1)
+        _at_least("trainer.val_every_n_steps", self.val_every_n_steps, 1, allow_none=True)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(
+                f"trainer.grad_clip must be a positive number or null (got {self.grad_clip})."
+            )
+
+
+@dataclass
+class LoaderConfig:
+    """The data group's keys that shape batches rather than choose rows: every data source
+    has them; the source's own keys go to its factory."""
+
+    batch_size: int = 32
+    num_workers: int = 0
+    max_text_length: int | None = None
+    # {name: {p: ..., options}}: checked against the registered augmentations.
+    augment: dict[str, Any] = field(default_factory=dict)
+    hard_negatives: int = 0
+    negative_sampler: str = "perturb"
+
+    def __post_init__(self) -> None:
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.max_text_length", self.max_text_length, 1, allow_none=True)
+        _at_least("data.hard_negatives", self.hard_negatives, 0)
+
+
+LOADER_KEYS = tuple(f.name for f in dataclasses.fields(LoaderConfig))
 
 
 def plain(cfg: Any) -> Any:
@@ -27,69 +132,55 @@ def plain(cfg: Any) -> Any:
     return cfg
 
 
-def source_options(data_cfg: DictConfig) -> dict[str, Any]:
-    """The data group's keys that go to the source factory (loader keys removed)."""
-    return {k: v for k, v in plain(data_cfg).items() if k not in DATA_LOADER_KEYS}
+def _schema_at(schema: type, path: list[str]) -> tuple[type, Any]:
+    """The dataclass holding the last key of `path`, and that key's type (None if unknown)."""
+    node = schema
+    for name in path[:-1]:
+        node = typing.get_type_hints(node).get(name, node)
+    return node, typing.get_type_hints(node).get(path[-1]) if path else None
 
 
-def source_runtime(name: str) -> tuple[str, ...]:
-    """The run-time keyword arguments the data source `name` takes."""
-    params = inspect.signature(registry.get("data", name)).parameters
-    return ("image_size", *(key for key in SOURCE_RUNTIME if key in params))
+def _type_words(hint: Any) -> str:
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint)
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    text = words.get(base, "a mapping")
+    return f"{text} or null" if type(None) in args else text
 
 
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    text = str(value)
-    if text not in choices:
-        raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}.")
-    return text
+def typed(schema: type, node: Any, prefix: str) -> Any:
+    """`node` (a config section) as an instance of the dataclass `schema`; a UserError
+    naming the key, and the keys that exist, when it does not fit."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        path = [p for p in str(getattr(error, "full_key", "") or "").split(".") if p]
+        node, hint = _schema_at(schema, path)
+        keys = ", ".join(f.name for f in dataclasses.fields(node))
+        where, parent = ".".join([prefix, *path]), ".".join([prefix, *path[:-1]])
+        if isinstance(error, ConfigKeyError) and path:
+            close = difflib.get_close_matches(path[-1], keys.split(", "), n=1)
+            did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"Unknown key {where!r}.{did_you_mean} Accepted keys of {parent}: {keys}."
+            ) from None
+        reason = str(getattr(error, "msg", error)).splitlines()[0]
+        takes = f"; {where} takes {_type_words(hint)}" if hint is not None else ""
+        raise UserError(f"{where}: {reason}{takes}. Accepted keys of {parent}: {keys}.") from None
 
 
-def _positive(key: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        wanted = "a non-negative integer" if allow_zero else "a positive integer"
-        raise UserError(
-            f"{key} must be {wanted}{' or null' if allow_none else ''} (got {value!r})."
-        )
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    """The `trainer` group, checked and typed."""
+    return typed(TrainerConfig, cfg.trainer, "trainer")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail fast, before any data or model is built, on values no component can use."""
-    t = cfg.trainer
-    _choice("trainer.precision", t.precision, PRECISIONS)
-    _choice("trainer.device", t.device, DEVICES)
-    _choice("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
-    _choice("trainer.checkpoint.mode", t.checkpoint.mode, ("max", "min", "auto"))
-    _choice("data.on_bad_sample", cfg.data.on_bad_sample, ("error", "skip"))
-    _positive("trainer.max_epochs", t.max_epochs, allow_none=True)
-    _positive("trainer.max_steps", t.max_steps, allow_none=True)
-    if t.max_epochs is None and t.max_steps is None:
-        raise UserError("Set trainer.max_epochs or trainer.max_steps (both are null).")
-    _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
-    _positive("trainer.log_every_n_steps", t.log_every_n_steps)
-    _positive("trainer.val_every_n_steps", t.val_every_n_steps, allow_none=True)
-    _positive("trainer.checkpoint.every_n_steps", t.checkpoint.every_n_steps, allow_none=True)
-    _positive(
-        "trainer.checkpoint.keep_last", t.checkpoint.keep_last, allow_none=True, allow_zero=True
-    )
-    _positive("trainer.early_stopping.patience", t.early_stopping.patience, allow_none=True)
-    _positive("data.batch_size", cfg.data.batch_size)
-    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    _positive("data.max_text_length", cfg.data.max_text_length, allow_none=True)
-    if t.grad_clip is not None and not (isinstance(t.grad_clip, int | float) and t.grad_clip > 0):
-        raise UserError(
-            f"trainer.grad_clip must be a positive number or null (got {t.grad_clip!r})."
-        )
+def loader_config(cfg: DictConfig) -> LoaderConfig:
+    """The data group's loader keys, checked and typed."""
+    data = cfg.data
+    return typed(LoaderConfig, {k: data[k] for k in LOADER_KEYS if k in data}, "data")
 
-    model = plain(cfg.model)
-    data = source_options(cfg.data)
-    runtime = source_runtime(data["name"]) if "name" in data else ("image_size",)
-    registry.check("data", data, runtime=runtime)
-    augment.parse(plain(cfg.data.get("augment")))
-    registry.check("model", model, runtime=("tokenizer", "spec"))
-    registry.check("optimizer", plain(cfg.optimizer), runtime=("model",))
-    registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
-    if "fusion" in model:
-        registry.get("fusion", model["fusion"])
+
+def source_options(cfg: DictConfig) -> dict[str, Any]:
+    """The data group's keys that belong to the data source's factory (`data.name` too)."""
+    return {k: v for k, v in plain(cfg.data).items() if k not in LOADER_KEYS}

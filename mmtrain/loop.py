@@ -1,41 +1,89 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop, read top to bottom, and the state it keeps.
 
-Each optimizer step: forward `accumulate_grad_batches` micro-batches under autocast,
-backward, unscale, clip, check the gradients are finite, step the optimizer and schedule.
-Then, as plain `if` blocks: log, validate, checkpoint, stop early, honour SIGTERM/SIGINT.
+`fit` builds a run (`mmtrain.build.build_run`), restores a checkpoint if asked, runs
+`train_loop` and writes the summary. One optimizer step of `train_loop`: forward
+`accumulate_grad_batches` micro-batches under autocast, backward, unscale, clip, check the
+gradients are finite, step the optimizer and the schedule. Then, as plain `if` blocks: log,
+validate, checkpoint, stop early, honour SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 
 from mmtrain import checkpoint as ckpt
-from mmtrain import distributed, registry
-from mmtrain.config import plain
+from mmtrain import distributed
+from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
+from mmtrain.config import trainer_config
 from mmtrain.errors import UserError
 from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, write_json
-from mmtrain.setup import (
-    build_parts,
-    loader,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-    total_steps,
-)
 
 log = logging.getLogger("mmtrain")
-AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint (as its `data` entry) so a resumed run
+    continues exactly."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch already read (this rank's)
+    best: float | None = None  # best value of the monitored metric so far
+    best_step: int | None = None
+    stale: int = 0  # evaluations since the best one (early stopping)
+    skipped: int = 0  # steps skipped on non-finite numbers
+    loss_sum: float = 0.0  # training loss since the last log line
+    loss_n: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], path: Path) -> TrainState:
+        """The state in a checkpoint, or a UserError saying why this release cannot use it."""
+        data = saved.get("data")
+        names = [field.name for field in dataclasses.fields(cls)]
+        if not isinstance(data, dict) or not {"step", "epoch", "batch"} <= set(data):
+            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise UserError(
+                f"Cannot resume from {path}: it holds no training position this release of "
+                f"mmtrain reads (its 'data' entry is {found}; expected the keys {', '.join(names)}). "
+                "It was not written by `mmtrain train`, or by a release with another format; "
+                "start a new run, or resume with the release that wrote it."
+            )
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise UserError(
+                f"Cannot resume from {path}: its training position has keys this release of "
+                f"mmtrain does not know ({', '.join(unknown)}); it was written by a newer release. "
+                "Resume with that release, or start a new run."
+            )
+        return cls(**data)
+
+
+@dataclass
+class Throughput:
+    """Samples and seconds of training steps only, counted over the same steps: the time
+    spent validating or saving is in neither."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, samples: int, seconds: float) -> None:
+        self.samples, self.seconds = self.samples + samples, self.seconds + seconds
+
+    def rate(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.nan
 
 
 class StopSignal:
@@ -61,6 +109,29 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+@dataclass
+class Outputs:
+    """Where a run writes: its directory, metrics.jsonl and checkpoints (rank 0 only)."""
+
+    run_dir: Path
+    metrics: MetricsLog
+    config: dict[str, Any]  # the resolved config, saved in every checkpoint
+    main: bool
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self, name: str, run: Run, state: TrainState) -> None:
+        """Write checkpoints/NAME atomically (rank 0)."""
+        if self.main:
+            snapshot = ckpt.snapshot(
+                run.model, run.optimizer, run.scheduler, run.scaler,
+                dataclasses.asdict(state), self.config,
+            )  # fmt: skip
+            ckpt.save_atomic(snapshot, self.checkpoints / name)
+
+
 def evaluate(
     model: torch.nn.Module, metrics: Any, batches: Any, device: torch.device, autocast: Any
 ) -> dict[str, float]:
@@ -81,223 +152,164 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
 
     Under torchrun (or trainer.nproc_per_node) every rank runs this; only rank 0 writes.
     """
-    device = resolve_device(cfg.trainer.device)
-    if cfg.trainer.nproc_per_node > 1 and not distributed.launched():
-        return distributed.launch(cfg, Path(run_dir), cfg.trainer.nproc_per_node)
-    with distributed.process_group(device):
-        return _fit(cfg, Path(run_dir), device)
-
-
-def _fit(cfg: DictConfig, run_dir: Path, device: torch.device) -> float:
     started = time.perf_counter()
-    t, main = cfg.trainer, distributed.is_main()
-    precision = resolve_precision(t.precision, device)
-    checkpoints = _writable(run_dir / "checkpoints")
-    config = OmegaConf.to_container(cfg, resolve=True)
-    resume_from = _resume_path(t.resume, run_dir)
-    saved = ckpt.load(resume_from) if resume_from else None
-    if saved is not None:
-        ckpt.check_compatible(saved["config"], config, resume_from)
-    seed_everything(t.seed)  # the same on every rank: dropout noise stays in step across ranks
-    world, rank = distributed.world_size(), distributed.rank()
-    log.info(
-        "run directory: %s (device %s, precision %s, %d process%s)",
-        run_dir,
-        device,
-        precision,
-        world,
-        "es" if world > 1 else "",
-    )
-
-    parts = build_parts(cfg, run_dir if main else None)
-    model = parts.model.to(device)
-    pin = device.type == "cuda"
-    train_loader = loader(parts, cfg, "train", train=True, pin_memory=pin)
-    val_loader = loader(parts, cfg, "val", train=False, pin_memory=pin)
-    steps_per_epoch, max_steps = total_steps(cfg, len(train_loader))
-    optimizer = registry.build("optimizer", plain(cfg.optimizer), model=model)
-    scheduler = registry.build(
-        "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=max_steps
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
-    step_model, autocast = _wrap(model, t.compile, precision, device, world)
-    monitor = t.checkpoint.monitor or model.monitor[0]
-    mode = model.monitor[1] if t.checkpoint.mode == "auto" else t.checkpoint.mode
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-
-    # The loop's own state; saved in every checkpoint so a resumed run continues exactly.
-    state = dict(
-        step=0,
-        epoch=0,
-        batch=0,
-        best=None,
-        best_step=None,
-        stale=0,
-        skipped=0,
-        loss_sum=0.0,
-        loss_n=0,
-    )
-    metrics_log = MetricsLog(run_dir, enabled=main)
-    if saved is not None:
-        state = ckpt.restore(saved, model, optimizer, scheduler, scaler)
-        metrics_log.truncate_after(state["step"])
+    trainer, run_dir = trainer_config(cfg), Path(run_dir)
+    device = resolve_device(trainer.device)
+    with distributed.process_group(device):
+        main = distributed.is_main()
+        _writable(run_dir / "checkpoints")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        resume_from = _resume_path(trainer.resume, run_dir)
+        saved = ckpt.load(resume_from) if resume_from else None
+        if saved is not None:
+            ckpt.check_compatible(saved["config"], config, resume_from)
+        seed_everything(trainer.seed)  # the same on every rank, as Lightning does
+        world = distributed.world_size()
         log.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
-            resume_from,
-            state["step"],
-            state["epoch"],
-            state["batch"],
-        )
-        del saved
+            "run directory: %s (device %s, precision %s, %d process%s)",
+            run_dir, device, resolve_precision(trainer.precision, device), world, "es" if world > 1 else "",
+        )  # fmt: skip
+        run = build_run(cfg, run_dir if main else None, device)
+        outputs = Outputs(run_dir, MetricsLog(run_dir, enabled=main), config, main)
+        state = TrainState()
+        if saved is not None:
+            state = TrainState.from_checkpoint(saved, resume_from)
+            ckpt.restore(saved, run.model, run.optimizer, run.scheduler, run.scaler)
+            outputs.metrics.truncate_after(state.step)
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                resume_from, state.step, state.epoch, state.batch,
+            )  # fmt: skip
+            del saved
+        status, stopped_by, speed = train_loop(run, state, outputs)
+        return _finish(run, state, outputs, status, stopped_by, speed, started)
 
-    def save(name: str) -> None:
-        if main:
-            snapshot = ckpt.snapshot(model, optimizer, scheduler, scaler, state, config)
-            ckpt.save_atomic(snapshot, checkpoints / name)
 
-    def validate() -> None:
-        # The unwrapped model: evaluation needs no gradient sync between ranks.
-        metrics = evaluate(model, model.metrics(device), val_loader, device, autocast)
-        metrics_log.log(state["step"], state["epoch"], metrics)
-        log.info(
-            "step %d validation: %s",
-            state["step"],
-            "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-        )
-        if monitor not in metrics:
-            raise UserError(
-                f"trainer.checkpoint.monitor={monitor!r} is not a validation metric; choose one of: {', '.join(metrics)}."
-            )
-        if state["best"] is None or better(metrics[monitor], state["best"]):
-            state.update(best=metrics[monitor], best_step=state["step"], stale=0)
-            save("best.pt")
-        else:
-            state["stale"] += 1
-        save("last.pt")
-
-    accumulate, batch_size = t.accumulate_grad_batches, cfg.data.batch_size
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    status, samples, train_time = "completed", 0, 0.0
+def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | None, Throughput]:
+    """Step until max_steps, an early stop, a non-finite stop or a signal; return the status,
+    the signal (if any) and the training throughput."""
+    t, world, rank = run.trainer, distributed.world_size(), distributed.rank()
+    accumulate, batch_size = t.accumulate_grad_batches, run.parts.loader.batch_size
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    status, total, interval = "completed", Throughput(), Throughput()
     log.info(
         "training %d steps (%d per epoch), monitoring %s (%s)",
-        max_steps,
-        steps_per_epoch,
-        monitor,
-        mode,
-    )
-    model.train()
-    with (
-        StopSignal() as stop,
-        progress_bar(log.isEnabledFor(logging.INFO), max_steps, state["step"]) as bar,
-    ):
-        interval_samples, interval_start = 0, time.perf_counter()
-        while state["step"] < max_steps and status == "completed" and not stop.received:
+        run.max_steps, run.steps_per_epoch, run.monitor, run.mode,
+    )  # fmt: skip
+    run.model.train()
+    bar = progress_bar(log.isEnabledFor(logging.INFO), run.max_steps, state.step)
+    with StopSignal() as stop, bar:
+        while state.step < run.max_steps and status == "completed" and not stop.received:
             # The epoch's order depends on (seed, epoch) alone; skip what was already read.
-            train_loader.sampler.set_epoch(state["epoch"], start=state["batch"] * batch_size)
-            batches_in_epoch = state["batch"] + len(train_loader)
-            step_start, step_loss, micro_batches = time.perf_counter(), 0.0, 0
-            for batch in train_loader:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            run.train_loader.sampler.set_epoch(state.epoch, start=state.batch * batch_size)
+            batches_in_epoch = state.batch + len(run.train_loader)
+            step_start, step_loss, micro_batches, step_samples = time.perf_counter(), 0.0, 0, 0
+            for batch in run.train_loader:
+                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
                 # Keyed by the batch's place in the run: its step, its micro-batch within the
                 # step, and the rank, so no two batches draw the same augmentation noise.
-                batch = parts.augment(batch, (state["step"], micro_batches, rank))
-                micro_batches, state["batch"] = micro_batches + 1, state["batch"] + 1
-                end_of_epoch = state["batch"] == batches_in_epoch
+                batch = run.parts.augment(batch, (state.step, micro_batches, rank))
+                micro_batches, state.batch = micro_batches + 1, state.batch + 1
+                end_of_epoch = state.batch == batches_in_epoch
                 stepping = micro_batches == accumulate or end_of_epoch
                 # Under DDP, gradients are all-reduced only on the micro-batch that steps.
-                with autocast(), nullcontext() if stepping or world == 1 else step_model.no_sync():
-                    loss = step_model(**batch)["loss"]
-                    scaler.scale(loss / accumulate).backward()
+                no_sync = nullcontext() if stepping or world == 1 else run.step_model.no_sync()
+                with run.autocast(), no_sync:
+                    loss = run.step_model(**batch)["loss"]
+                    run.scaler.scale(loss / accumulate).backward()
                 step_loss = step_loss + loss.detach()
-                samples += len(batch["images"]) * world  # global samples, for samples/s
-                interval_samples += len(batch["images"]) * world
+                step_samples += len(batch["images"]) * world  # global samples, for samples/s
                 if not stepping:
                     continue
 
                 # One optimizer step over the accumulated micro-batches.
-                scaler.unscale_(optimizer)
+                run.scaler.unscale_(run.optimizer)
                 grad_norm = _grad_norm(trainable, t.grad_clip)
                 step_loss = float(step_loss) / micro_batches
                 # Gradients are the same on every rank after the all-reduce, so deciding on
                 # them keeps the ranks in step; a lone rank's loss is not.
                 finite = bool(torch.isfinite(grad_norm)) and (world > 1 or math.isfinite(step_loss))
-                if finite or scaler.is_enabled():  # the fp16 scaler skips inf steps itself
-                    scaler.step(optimizer)
-                    state.update(loss_sum=state["loss_sum"] + step_loss, loss_n=state["loss_n"] + 1)
+                if finite or run.scaler.is_enabled():  # the fp16 scaler skips inf steps itself
+                    run.scaler.step(run.optimizer)
+                    state.loss_sum, state.loss_n = state.loss_sum + step_loss, state.loss_n + 1
                 elif t.on_nonfinite == "stop":
                     status = "failed"
                     log.error(
                         "Non-finite loss or gradients at step %d (batch indices %s); the last good checkpoint is %s. "
                         "Lower optimizer.lr, set trainer.grad_clip, or set trainer.on_nonfinite=skip.",
-                        state["step"] + 1, batch["index"].tolist(), ckpt.newest(checkpoints) or "none (none was written yet)",
+                        state.step + 1, batch["index"].tolist(), ckpt.newest(out.checkpoints) or "none (none was written yet)",
                     )  # fmt: skip
                     break
                 else:
-                    state["skipped"] += 1
+                    state.skipped += 1
                     log.warning(
                         "skipped step %d: non-finite loss or gradients (%d skipped so far)",
-                        state["step"] + 1,
-                        state["skipped"],
-                    )
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state["step"] += 1
-                train_time += time.perf_counter() - step_start
+                        state.step + 1, state.skipped,
+                    )  # fmt: skip
+                run.scaler.update()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.scheduler.step()
+                state.step += 1
+                seconds = time.perf_counter() - step_start
+                total.add(step_samples, seconds)
+                interval.add(step_samples, seconds)
 
-                if state["step"] % t.log_every_n_steps == 0 or state["step"] == max_steps:
-                    speed = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
-                    _log_train(
-                        state,
-                        max_steps,
-                        scheduler.get_last_lr()[0],
-                        speed,
-                        metrics_log,
-                        bar,
-                        device,
-                    )
-                    interval_samples, interval_start = 0, time.perf_counter()
+                if state.step % t.log_every_n_steps == 0 or state.step == run.max_steps:
+                    _log_train(run, state, out, interval.rate(), bar)
+                    interval = Throughput()
                 if end_of_epoch:
-                    state.update(epoch=state["epoch"] + 1, batch=0)
+                    state.epoch, state.batch = state.epoch + 1, 0
                 if (
                     end_of_epoch
-                    or state["step"] == max_steps
-                    or (t.val_every_n_steps and state["step"] % t.val_every_n_steps == 0)
+                    or state.step == run.max_steps
+                    or (t.val_every_n_steps and state.step % t.val_every_n_steps == 0)
                 ):
-                    validate()
-                    interval_start = time.perf_counter()  # validation time is not training speed
-                if t.checkpoint.every_n_steps and state["step"] % t.checkpoint.every_n_steps == 0:
-                    save(f"step_{state['step']}.pt")
-                    save("last.pt")
-                    ckpt.prune(checkpoints, t.checkpoint.keep_last)
-                if t.early_stopping.patience and state["stale"] >= t.early_stopping.patience:
+                    _validate(run, state, out)
+                if t.checkpoint.every_n_steps and state.step % t.checkpoint.every_n_steps == 0:
+                    out.save(f"step_{state.step}.pt", run, state)
+                    out.save("last.pt", run, state)
+                    if out.main:
+                        ckpt.prune(out.checkpoints, t.checkpoint.keep_last)
+                if t.early_stopping.patience and state.stale >= t.early_stopping.patience:
                     status = "stopped_early"
                     log.info(
                         "early stopping: %s did not improve in %d evaluations",
-                        monitor,
-                        state["stale"],
-                    )
-                if world > 1 and distributed.any_rank(bool(stop.received), device):
+                        run.monitor, state.stale,
+                    )  # fmt: skip
+                if world > 1 and distributed.any_rank(bool(stop.received), run.device):
                     stop.received = stop.received or "SIGTERM"  # it reached another rank
-                if stop.received or state["step"] >= max_steps or status != "completed":
+                if stop.received or state.step >= run.max_steps or status != "completed":
                     break
-                step_start, step_loss, micro_batches = time.perf_counter(), 0.0, 0
+                step_start, step_loss, micro_batches, step_samples = time.perf_counter(), 0.0, 0, 0
         if stop.received and status == "completed":
             status = "interrupted"
-            save("last.pt")
+            out.save("last.pt", run, state)
+    return status, stop.received, total
 
-    speed = samples / train_time if train_time else None
-    return _finish(
-        run_dir,
-        metrics_log,
-        state,
-        status,
-        monitor,
-        speed,
-        started,
-        stop.received,
-        parts.bad_samples,
+
+def _validate(run: Run, state: TrainState, out: Outputs) -> None:
+    """Evaluate, log, keep best.pt when the monitored metric improved, and save last.pt."""
+    # The unwrapped model: evaluation needs no gradient sync between ranks.
+    model = run.model
+    metrics = evaluate(model, model.metrics(run.device), run.val_loader, run.device, run.autocast)
+    out.metrics.log(state.step, state.epoch, metrics)
+    log.info(
+        "step %d validation: %s",
+        state.step,
+        "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
     )
+    if run.monitor not in metrics:
+        raise UserError(
+            f"trainer.checkpoint.monitor={run.monitor!r} is not a validation metric; choose one of: {', '.join(metrics)}."
+        )
+    value = metrics[run.monitor]
+    better = state.best is None or (value > state.best if run.mode == "max" else value < state.best)
+    if better:
+        state.best, state.best_step, state.stale = value, state.step, 0
+        out.save("best.pt", run, state)
+    else:
+        state.stale += 1
+    out.save("last.pt", run, state)
 
 
 def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
@@ -308,42 +320,19 @@ def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Te
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def _wrap(
-    model: torch.nn.Module, compile: bool, precision: str, device: torch.device, world: int
-) -> tuple[torch.nn.Module, Any]:
-    """The module the loop calls (DDP across ranks, compiled if asked) and its autocast."""
-    step_model = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        unused = getattr(model, "has_unused_parameters", True)
-        step_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
-    step_model = torch.compile(step_model) if compile else step_model
-    dtype = AUTOCAST.get(precision)
-    return step_model, (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-
-
-def _log_train(
-    state: dict,
-    max_steps: int,
-    lr: float,
-    speed: float,
-    metrics_log: MetricsLog,
-    bar: Any,
-    device: torch.device,
-) -> None:
+def _log_train(run: Run, state: TrainState, out: Outputs, speed: float, bar: Any) -> None:
     """Log the mean training loss since the last log (over all ranks), lr and speed."""
-    loss = state["loss_sum"] / state["loss_n"] if state["loss_n"] else math.nan
-    loss = distributed.mean(loss, device)
-    metrics_log.log(
-        state["step"],
-        state["epoch"],
-        {"train/loss": loss, "train/lr": lr, "train/samples_per_s": speed},
+    loss = state.loss_sum / state.loss_n if state.loss_n else math.nan
+    loss = distributed.mean(loss, run.device)
+    lr = run.scheduler.get_last_lr()[0]
+    out.metrics.log(
+        state.step, state.epoch, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": speed}
     )
     log.info(
-        "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s", state["step"], max_steps, loss, lr, speed
+        "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s", state.step, run.max_steps, loss, lr, speed
     )
-    bar.update(bar.task_ids[0], completed=state["step"], loss=loss, lr=lr, speed=speed)
-    state.update(loss_sum=0.0, loss_n=0)
+    bar.update(bar.task_ids[0], completed=state.step, loss=loss, lr=lr, speed=speed)
+    state.loss_sum, state.loss_n = 0.0, 0
 
 
 def _writable(folder: Path) -> Path:
@@ -361,8 +350,8 @@ def _writable(folder: Path) -> Path:
     return folder
 
 
-def _resume_path(resume: Any, run_dir: Path) -> Path | None:
-    if resume in (None, False, ""):
+def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    if resume in (None, ""):
         return None
     if resume == "auto":
         found = ckpt.newest(run_dir / "checkpoints")
@@ -371,7 +360,7 @@ def _resume_path(resume: Any, run_dir: Path) -> Path | None:
                 "trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints"
             )
         return found
-    path = Path(str(resume))
+    path = Path(resume)
     if not path.is_file():
         raise UserError(
             f"trainer.resume={resume}: no such checkpoint file. Give a .pt path, or auto with hydra.run.dir=THE_RUN_DIR."
@@ -380,53 +369,49 @@ def _resume_path(resume: Any, run_dir: Path) -> Path | None:
 
 
 def _finish(
-    run_dir: Path,
-    metrics_log: MetricsLog,
-    state: dict,
+    run: Run,
+    state: TrainState,
+    out: Outputs,
     status: str,
-    monitor: str,
-    speed: float | None,
+    stopped_by: str | None,
+    speed: Throughput,
     started: float,
-    signal_name: str | None,
-    bad_samples: dict[str, Any],
 ) -> float:
+    """Write summary.json and curves.png; raise for an interrupted or failed run."""
     final: dict[str, float] = {}
-    for event in metrics_log.events:
+    for event in out.metrics.events:
         if any(key.startswith("val/") for key in event):
             final = {k: v for k, v in event.items() if k not in ("step", "epoch")}
-    best = state["best"] if state["best"] is not None and math.isfinite(state["best"]) else None
+    best = state.best if state.best is not None and math.isfinite(state.best) else None
     best = round(best, 6) if best is not None else None
+    samples_per_s = speed.rate()
     summary = {
         "status": status,
-        "best": {"metric": monitor, "value": best, "step": state["best_step"]},
+        "best": {"metric": run.monitor, "value": best, "step": state.best_step},
         "final": final,
-        "steps": state["step"],
-        "epochs": state["epoch"],
-        "samples_per_s": round(speed, 1) if speed else None,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "samples_per_s": round(samples_per_s, 1) if math.isfinite(samples_per_s) else None,
         "wall_s": round(time.perf_counter() - started, 1),
-        "bad_samples": bad_samples,
-        "nonfinite_steps_skipped": state["skipped"],
+        "bad_samples": run.parts.bad_samples,
+        "nonfinite_steps_skipped": state.skipped,
     }
-    if distributed.is_main():
-        write_json(run_dir / "summary.json", summary)
-        if metrics_log.events:
-            plot_curves(metrics_log.events, run_dir / "curves.png")
+    if out.main:
+        write_json(out.run_dir / "summary.json", summary)
+        if out.metrics.events:
+            plot_curves(out.metrics.events, out.run_dir / "curves.png")
     if status == "interrupted":
         raise UserError(
-            f"Interrupted by {signal_name} at step {state['step']}; the checkpoint {run_dir / 'checkpoints' / 'last.pt'} is saved. "
-            f"Resume with: mmtrain train trainer.resume=auto hydra.run.dir={run_dir} (and the same overrides)."
+            f"Interrupted by {stopped_by} at step {state.step}; the checkpoint {out.checkpoints / 'last.pt'} is saved. "
+            f"Resume with: mmtrain train trainer.resume=auto hydra.run.dir={out.run_dir} (and the same overrides)."
         )
     if status == "failed":
         raise UserError(
-            f"Training stopped at step {state['step']} on non-finite numbers; see {run_dir / 'train.log'}."
+            f"Training stopped at step {state.step} on non-finite numbers; see {out.run_dir / 'train.log'}."
         )
     shown = f"{best:.4f}" if best is not None else "none"
     log.info(
         "%s: best %s %s at step %s; summary in %s",
-        status,
-        monitor,
-        shown,
-        state["best_step"],
-        run_dir / "summary.json",
-    )
+        status, run.monitor, shown, state.best_step, out.run_dir / "summary.json",
+    )  # fmt: skip
     return best if best is not None else math.nan

@@ -7,10 +7,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import (
-    get_constant_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-)
 
 from mmtrain.errors import UserError
 from mmtrain.registry import register
@@ -100,6 +96,8 @@ def cosine(
     min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for `warmup_steps`, then cosine decay to `min_lr_ratio * lr`."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
     warmup_steps = _checked_warmup(warmup_steps, total_steps)
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio
@@ -111,5 +109,7 @@ def constant(
     *, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for `warmup_steps`, then the optimizer's learning rate."""
+    from transformers import get_constant_schedule_with_warmup
+
     warmup_steps = _checked_warmup(warmup_steps, total_steps)
     return get_constant_schedule_with_warmup(optimizer, warmup_steps)

@@ -10,9 +10,9 @@ from conftest import CONF, TINY, assert_same_weights, resume_from_step, run_cli
 from hydra import compose, initialize_config_dir
 
 from mmtrain import registry
+from mmtrain.build import build_parts, data_loader
 from mmtrain.data import augment
 from mmtrain.errors import UserError
-from mmtrain.setup import build_parts, loader
 
 IMAGE_AUGMENTS = ["flip", "random_resized_crop", "color_jitter", "gaussian_noise"]
 TEXT_AUGMENTS = ["word_dropout", "word_swap", "char_noise"]
@@ -109,14 +109,14 @@ def _invert(images: torch.Tensor, generator: torch.Generator, p: float = 1.0) ->
 def test_a_new_augmentation_is_a_function_and_a_config_entry(tmp_path):
     cfg = _compose([*TINY, "+data.augment.test_invert.p=1.0"])
     parts = build_parts(cfg, None)
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     out = parts.augment(batch, 0)
     assert torch.equal(out["images"], 255 - batch["images"].float())
 
 
 def _texts(cfg, split: str, train: bool, epoch: int) -> list[list[int]]:
     parts = build_parts(cfg, None)
-    batches = loader(parts, cfg, split, train=train, pin_memory=False)
+    batches = data_loader(parts, split, train=train, pin_memory=False)
     batches.sampler.set_epoch(epoch)
     rows = []
     for batch in batches:

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, read_jsonl, run_cli
 from manifest_files import MODEL_TINY, write_jsonl, write_learnable
 
-from mmtrain.commands import load_run
+from mmtrain.commands.load import load_run
 from mmtrain.data.tokenizer import build_word_tokenizer
 from mmtrain.models.backbone import build_clip
 from mmtrain.optim import param_groups
@@ -223,7 +223,7 @@ def test_param_groups_scale_the_backbone_and_spare_biases_norms_and_temperature(
     )
     from mmtrain.models.backbone import BackboneSpec
 
-    model = ContrastiveCLIP(clip, BackboneSpec(16, (0.5,) * 3, (0.5,) * 3, 77), hard_negatives=0)
+    model = ContrastiveCLIP(clip, BackboneSpec(16, (0.5,) * 3, (0.5,) * 3, 77))
     groups = param_groups(model, weight_decay=0.1, lr=1e-3, backbone_lr_scale=0.1)
     by_id = {id(p): g for g in groups for p in g["params"]}
     assert (

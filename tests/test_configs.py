@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from manifest_files import MODEL_TINY, write_learnable
 
 from mmtrain import registry
-from mmtrain.config import plain, validate
-from mmtrain.setup import build_parts, loader, total_steps
+from mmtrain.build import build_parts, check, data_loader, total_steps
+from mmtrain.config import plain, trainer_config
 
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
@@ -32,13 +32,13 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
         train, val = write_learnable(tmp_path / "data", train=12, val=6)
         overrides = [f"{group}={option}", f"data.train={train}", f"data.val={val}", *MODEL_TINY]
     cfg = _compose(overrides)
-    validate(cfg)
+    check(cfg)
     parts = build_parts(cfg, tmp_path)
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     out = parts.model(**batch)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     optimizer = registry.build("optimizer", plain(cfg.optimizer), model=parts.model)
-    _, steps = total_steps(cfg, 8)
+    _, steps = total_steps(trainer_config(cfg), 8)
     scheduler = registry.build(
         "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=steps
     )
@@ -67,12 +67,12 @@ def test_image_size_and_text_length_come_from_the_backbone(tmp_path):
     parts = build_parts(cfg, tmp_path)
     assert parts.splits["train"].images.shape[-2:] == (48, 48)
     assert parts.collate.max_length == 12
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     assert batch["input_ids"].shape[1] <= 12
     # padded to the batch's longest caption (12 is no multiple of 8: no rounding up)
     assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
     cfg = _compose([*TINY, "model.backbone_config.text.max_position_embeddings=16"])
     parts = build_parts(cfg, None)
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     longest = int(batch["attention_mask"].sum(1).max())
     assert longest < 16 and batch["input_ids"].shape[1] == -(-longest // 8) * 8

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import TINY, read_jsonl, run_cli
 
+from mmtrain.data.negatives import NegativeSampler, perturb, shapes
 from mmtrain.data.shapes import COLOURS, POSITIONS, SHAPES
 from mmtrain.errors import UserError
 from mmtrain.metrics import RetrievalMetrics
-from mmtrain.models.negatives import NegativeSampler, perturb, shapes
 
 
 def _attributes(text):
@@ -31,7 +31,7 @@ def test_shapes_negatives_swap_exactly_one_attribute_and_are_reproducible():
 
 
 def test_shapes_sampler_refuses_unrelated_text_and_perturb_changes_it():
-    with pytest.raises(UserError, match="model.negative_sampler=perturb"):
+    with pytest.raises(UserError, match="data.negative_sampler=perturb"):
         shapes("a photo of a dog", random.Random(0), 2)
     out = perturb("a small brown dog runs on the beach", random.Random(0), 3)
     assert len(out) == 3 and all(text != "a small brown dog runs on the beach" for text in out)
@@ -63,15 +63,13 @@ def test_hard_negatives_add_columns_to_each_images_logits():
     from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from mmtrain.setup import build_parts, loader
+    from mmtrain.build import build_parts, data_loader
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(
-            "train", overrides=["model=clip_contrastive", "model.hard_negatives=3", *TINY]
-        )
+        cfg = compose("train", overrides=["model=clip_contrastive", "data.hard_negatives=3", *TINY])
     torch.manual_seed(0)
     parts = build_parts(cfg, None)
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     assert batch["negative_input_ids"].shape[0] == 3 * batch["input_ids"].shape[0]
     model = parts.model.eval()
     with torch.no_grad():
@@ -82,7 +80,7 @@ def test_hard_negatives_add_columns_to_each_images_logits():
 
 def test_contrastive_training_through_the_cli(tmp_path):
     result = run_cli(
-        "train", "model=clip_contrastive", "model.hard_negatives=2", *TINY, "trainer.max_epochs=3",
+        "train", "model=clip_contrastive", "data.hard_negatives=2", *TINY, "trainer.max_epochs=3",
         f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -109,7 +107,7 @@ def test_manifest_negatives_come_from_their_column(tmp_path):
     from hydra import compose, initialize_config_dir
     from manifest_files import MODEL_TINY, learnable_rows, write_csv, write_jsonl
 
-    from mmtrain.setup import build_parts, loader
+    from mmtrain.build import build_parts, data_loader
 
     folder = tmp_path / "data"
     train = learnable_rows(folder, "train", 12)
@@ -122,13 +120,13 @@ def test_manifest_negatives_come_from_their_column(tmp_path):
     overrides = [
         "data=manifest", f"data.train={folder / 'train.csv'}", f"data.val={folder / 'val.jsonl'}",
         "data.negative_column=negatives", "data.batch_size=4", "model=clip_contrastive",
-        "model.hard_negatives=2", "model.negative_sampler=manifest",
+        "data.hard_negatives=2", "data.negative_sampler=manifest",
         *[o for o in MODEL_TINY if not o.startswith("model.head")],
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("train", overrides=overrides)
     parts = build_parts(cfg, None)
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     negatives = parts.tokenizer.batch_decode(batch["negative_input_ids"], skip_special_tokens=True)
     for row, index in enumerate(batch["index"].tolist()):
         own = {

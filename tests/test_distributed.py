@@ -74,7 +74,7 @@ def test_contrastive_under_torchrun_gathers_negatives_and_resumes(tmp_path):
     def torchrun(*extra, port):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-            "-m", "mmtrain", "train", "trainer.device=cpu", "model=clip_contrastive", "model.hard_negatives=2",
+            "-m", "mmtrain", "train", "trainer.device=cpu", "model=clip_contrastive", "data.hard_negatives=2",
             *TINY, *extra, f"hydra.run.dir={run_dir}",
         ]  # fmt: skip
         return subprocess.run(

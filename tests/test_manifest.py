@@ -22,12 +22,11 @@ from manifest_files import (
 )
 from PIL import Image
 
-from mmtrain.config import validate
+from mmtrain.build import build_parts, check, data_loader
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.manifest import manifest
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
-from mmtrain.setup import build_parts, loader
 
 
 def _compose(overrides):
@@ -188,7 +187,7 @@ def test_string_labels_round_trip_through_the_run_directory(tmp_path):
     train, val = write_learnable(tmp_path / "data", train=12, val=6)
     data = ["data=manifest", f"data.train={train}", f"data.val={val}", *MODEL_TINY]
     cfg = _compose(data)
-    validate(cfg)
+    check(cfg)
     run = tmp_path / "run"
     parts = build_parts(cfg, run)
     assert load_class_names(run) == ["blue", "green", "red"]
@@ -248,7 +247,7 @@ def test_text_length_beyond_the_backbone_is_capped_with_a_warning(tmp_path, capl
     )
     assert parts.collate.max_length == 16
     assert parts.splits["train"].images.shape[-2:] == (32, 32)  # the backbone's size
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     assert batch["images"].dtype == torch.uint8 and batch["input_ids"].shape[1] <= 16
 
 

@@ -47,7 +47,7 @@ def test_duplicate_registration_raises():
 
 
 def test_names_are_sorted_and_complete():
-    import mmtrain.setup  # noqa: F401  (registers the built-in components)
+    import mmtrain.components  # noqa: F401  (registers the built-in components)
 
     assert registry.names("fusion") == ["concat", "cross_attention"]
     assert registry.names("scheduler") == ["constant", "cosine"]

@@ -8,9 +8,11 @@ device. A text augmentation is `fn(text, rng, p, ...) -> str` with a `random.Ran
 is the probability an augmentation acts (per image; per word or character for text);
 `p: 0` switches it off. They run in the order of the config, on the training split only.
 
-Randomness never comes from a global or DataLoader-worker RNG: image augmentations draw
-from a generator seeded by (trainer.seed, step, name) and text ones from a Random seeded by
-(trainer.seed, epoch, row index, name), so runs are reproducible and a resumed run augments
+Randomness never comes from a global or DataLoader-worker RNG. Image augmentations draw
+from a generator seeded by (trainer.seed, key, name), where the loop's key is the batch's
+place in the run: (optimizer step, micro-batch within the step, rank), so no two batches of
+a run draw the same noise. Text ones draw from a Random seeded by (trainer.seed, epoch, row
+index, name). Runs are reproducible, whatever data.num_workers, and a resumed run augments
 exactly as an uninterrupted one.
 """
 
@@ -25,7 +27,6 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from mmtrain import registry
 from mmtrain.errors import UserError
@@ -56,7 +57,7 @@ def _uniform(
 @register(IMAGE, "flip")
 def flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Mirror images left to right."""
-    return torch.where(_chosen(images, generator, p), TF.horizontal_flip(images), images)
+    return torch.where(_chosen(images, generator, p), images.flip(-1), images)
 
 
 @register(IMAGE, "random_resized_crop")
@@ -105,6 +106,9 @@ def color_jitter(
 ) -> torch.Tensor:
     """Scale brightness, contrast and saturation by random factors in [1 - x, 1 + x] and
     turn the hue by up to `hue` of a full turn, with different factors per image."""
+    # Imported here: torchvision's import costs a second that only this function needs.
+    from torchvision.transforms.v2 import functional as TF
+
     out = images
     factor = _uniform(images, generator, 1 - brightness, 1 + brightness)
     out = (out * factor).clamp(0, 255)
@@ -215,13 +219,13 @@ class ImageAugment:
     def __init__(self, entries: list[Entry], seed: int):
         self.entries, self.seed = entries, seed
 
-    def __call__(self, batch: dict[str, torch.Tensor], step: Any) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, torch.Tensor], key: Any) -> dict[str, torch.Tensor]:
         if not self.entries:
             return batch
         images = batch["images"].float()
         for name, fn, options in self.entries:
             generator = torch.Generator(device=images.device)
-            generator.manual_seed(_seed(self.seed, step, name))
+            generator.manual_seed(_seed(self.seed, key, name))
             images = fn(images, generator, **options)
         return {**batch, "images": images}
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"
 
@@ -23,6 +24,10 @@ def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
     The special tokens take ids 0-3 (pad, unk, bos, eos): the end-of-text id is 3, never 2,
     which CLIP's text tower reserves for its legacy arg-max pooling.
     """
+    # Imported here, not at the top: commands that only list or check things skip them.
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.Whitespace()
     counts: Counter[str] = Counter()
@@ -47,7 +52,7 @@ def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
     )
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, run_dir: Path) -> Path:
+def save_tokenizer(tokenizer: Any, run_dir: Path) -> Path:
     """Save to `run_dir/tokenizer`, where eval, predict and export look for it."""
     path = Path(run_dir) / "tokenizer"
     tokenizer.save_pretrained(path)

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoTokenizer,
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPVisionConfig,
-)
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import CLIPConfig, CLIPModel
+
+# The normalisation CLIP was trained with (transformers.image_utils.OPENAI_CLIP_MEAN/STD),
+# for backbones built from a config. Importing transformers' image utilities for these six
+# numbers would cost `mmtrain validate` two seconds.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class PixelNormalize(nn.Module):
         return (images.float() - self.mean) / self.std
 
 
+FREEZE_CHOICES = ("none", "vision", "text", "both")
+
+
 def _load_error(backbone: str, error: Exception) -> UserError:
     return UserError(
         f"Could not load the backbone model.backbone={backbone!r}: {error}. "
@@ -74,6 +77,8 @@ def _check_keys(section: str, given: dict[str, Any], defaults: dict[str, Any]) -
 
 
 def _config_from_dict(backbone_config: dict[str, Any]) -> CLIPConfig:
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
     options = dict(backbone_config)
     vision = dict(options.pop("vision", {}) or {})
     text = dict(options.pop("text", {}) or {})
@@ -95,10 +100,12 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
         config = _config_from_dict(backbone_config or {})
         return BackboneSpec(
             image_size=config.vision_config.image_size,
-            image_mean=tuple(OPENAI_CLIP_MEAN),
-            image_std=tuple(OPENAI_CLIP_STD),
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
             max_text_length=config.text_config.max_position_embeddings,
         )
+    from transformers import CLIPConfig, CLIPImageProcessor
+
     try:
         config = CLIPConfig.from_pretrained(backbone)
         processor = CLIPImageProcessor.from_pretrained(backbone)
@@ -116,6 +123,8 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
 
 def load_tokenizer(backbone: str) -> Any:
     """The pretrained backbone's own tokenizer, from the same name or directory."""
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(backbone)
     except (OSError, ValueError) as error:
@@ -157,6 +166,8 @@ def build_clip(
     tokenizer, so the text tower pools at the tokenizer's end-of-text token, and (with
     `position_init="sincos"`) 2D sine-cosine vision position embeddings.
     """
+    from transformers import CLIPModel
+
     if backbone is not None:
         try:
             return CLIPModel.from_pretrained(backbone, attn_implementation="sdpa")
@@ -174,3 +185,17 @@ def build_clip(
     if position_init == "sincos":
         init_sincos_positions(clip)
     return clip
+
+
+def freeze_towers(clip: nn.Module, freeze: str) -> None:
+    """Stop gradients through the vision tower, the text tower, both, or neither."""
+    if freeze not in FREEZE_CHOICES:
+        raise UserError(f"model.freeze={freeze!r} is not one of {', '.join(FREEZE_CHOICES)}.")
+    towers = {
+        "vision": [clip.vision_model, clip.visual_projection],
+        "text": [clip.text_model, clip.text_projection],
+    }
+    for side in ("vision", "text"):
+        if freeze in (side, "both"):
+            for module in towers[side]:
+                module.requires_grad_(False)

@@ -6,7 +6,7 @@ training loop, DDP and torch.compile wrap both at once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,12 +14,12 @@ from torch.nn import functional as F
 
 from mmtrain import registry
 from mmtrain.errors import UserError
-from mmtrain.metrics import ClassificationMetrics
-from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip
+from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip, freeze_towers
 from mmtrain.models.fusion import Features
 from mmtrain.models.objectives import contrastive_loss
 
-FREEZE_CHOICES = ("none", "vision", "text", "both")
+if TYPE_CHECKING:
+    from mmtrain.metrics import ClassificationMetrics
 
 
 class ImageTextClassifier(nn.Module):
@@ -105,21 +105,9 @@ class ImageTextClassifier(nn.Module):
 
     def metrics(self, device: torch.device) -> ClassificationMetrics:
         """A fresh set of streaming validation metrics."""
+        from mmtrain.metrics import ClassificationMetrics  # torchmetrics: only when validating
+
         return ClassificationMetrics(self.num_classes, device)
-
-
-def freeze_towers(clip: nn.Module, freeze: str) -> None:
-    """Stop gradients through the vision tower, the text tower, both, or neither."""
-    if freeze not in FREEZE_CHOICES:
-        raise UserError(f"model.freeze={freeze!r} is not one of {', '.join(FREEZE_CHOICES)}.")
-    towers = {
-        "vision": [clip.vision_model, clip.visual_projection],
-        "text": [clip.text_model, clip.text_projection],
-    }
-    for side in ("vision", "text"):
-        if freeze in (side, "both"):
-            for module in towers[side]:
-                module.requires_grad_(False)
 
 
 @registry.register("model", "clip_fusion")

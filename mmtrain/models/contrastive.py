@@ -1,20 +1,22 @@
-"""`clip_contrastive`: CLIP's own objective, symmetric InfoNCE with a learned temperature,
-and optional hard negatives appended to each image's logits."""
+"""`clip_contrastive`: CLIP's own objective, symmetric InfoNCE with a learned temperature.
+
+Hard-negative texts, when the data pipeline draws them (`data.hard_negatives=K`), arrive in
+the batch as `negative_input_ids` and are appended to each image's logits."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from mmtrain import distributed, registry
-from mmtrain.errors import UserError
-from mmtrain.metrics import RetrievalMetrics
-from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip
-from mmtrain.models.classifier import freeze_towers
+from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip, freeze_towers
 from mmtrain.models.objectives import MAX_LOGIT_SCALE
+
+if TYPE_CHECKING:
+    from mmtrain.metrics import RetrievalMetrics
 
 
 class ContrastiveCLIP(nn.Module):
@@ -23,10 +25,9 @@ class ContrastiveCLIP(nn.Module):
     monitor = ("val/recall@1_i2t", "max")
     has_unused_parameters = False  # DDP: every parameter gets a gradient each step
 
-    def __init__(self, clip: nn.Module, spec: BackboneSpec, hard_negatives: int):
+    def __init__(self, clip: nn.Module, spec: BackboneSpec):
         super().__init__()
         self.clip = clip
-        self.hard_negatives = hard_negatives
         self.normalize = PixelNormalize(spec)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -91,6 +92,8 @@ class ContrastiveCLIP(nn.Module):
 
     def metrics(self, device: torch.device) -> RetrievalMetrics:
         """Streaming recall@1/5 in both directions, and the loss."""
+        from mmtrain.metrics import RetrievalMetrics  # torchmetrics: only when validating
+
         return RetrievalMetrics(device)
 
 
@@ -101,16 +104,10 @@ def clip_contrastive(
     spec: BackboneSpec,
     backbone: str | None = None,
     backbone_config: dict[str, Any] | None = None,
-    hard_negatives: int = 0,
-    negative_sampler: str = "shapes",
     position_init: str = "sincos",
     freeze: str = "none",
 ) -> ContrastiveCLIP:
-    """CLIP trained with symmetric InfoNCE; `hard_negatives` extra texts per image come from
-    the registered `negative_sampler`."""
-    if hard_negatives < 0:
-        raise UserError(f"model.hard_negatives must be >= 0 (got {hard_negatives}).")
-    registry.get("negatives", negative_sampler)
+    """CLIP trained with symmetric InfoNCE over the batch (hard negatives from the data)."""
     clip = build_clip(backbone, backbone_config, tokenizer, position_init)
     freeze_towers(clip, freeze)
-    return ContrastiveCLIP(clip, spec, hard_negatives)
+    return ContrastiveCLIP(clip, spec)

@@ -1,24 +1,28 @@
-"""`mmtrain list [GROUP]`: registered components and the YAML options of each config group."""
+"""`mmtrain list [GROUP]`: registered components, where each is defined, and the YAML
+options of each config group."""
 
 from __future__ import annotations
 
 import inspect
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-import mmtrain.setup  # noqa: F401  (registers every component)
+import mmtrain
+import mmtrain.components  # noqa: F401  (registers the built-in components)
 from mmtrain import registry
-from mmtrain.config import SOURCE_RUNTIME
+from mmtrain.build import MODEL_RUNTIME, SOURCE_RUNTIME
+from mmtrain.config import LOADER_KEYS
 from mmtrain.data.augment import IMAGE, TEXT
-from mmtrain.data.augment import RUNTIME as RUNTIME_ARGS
+from mmtrain.data.augment import RUNTIME as AUGMENT_RUNTIME
 from mmtrain.errors import UserError
 
 # Config group -> the registry kinds it selects from (fusions are picked by model.fusion,
-# augmentations by the entries of data.augment).
+# augmentations by the entries of data.augment, negatives by data.negative_sampler).
 GROUPS = {
-    "data": ["data", "image_augment", "text_augment"],
+    "data": ["data", "image_augment", "text_augment", "negatives"],
     "model": ["model", "fusion"],
     "optimizer": ["optimizer"],
     "scheduler": ["scheduler"],
@@ -27,14 +31,23 @@ GROUPS = {
 }
 # Keyword arguments mmtrain supplies at run time, not config keys: left out of the tables.
 RUNTIME = {
-    "data": ("image_size", *SOURCE_RUNTIME),
-    "image_augment": RUNTIME_ARGS[IMAGE],
-    "text_augment": RUNTIME_ARGS[TEXT],
+    "data": SOURCE_RUNTIME,
+    "model": MODEL_RUNTIME,
+    "optimizer": ("model",),
+    "scheduler": ("optimizer", "total_steps"),
+    "fusion": ("image_dim", "text_dim", "embed_dim", "layers", "heads", "dropout"),
+    "image_augment": AUGMENT_RUNTIME[IMAGE],
+    "text_augment": AUGMENT_RUNTIME[TEXT],
+    "negatives": ("text", "rng", "negatives"),
 }
+_PACKAGE_ROOT = Path(mmtrain.__file__).resolve().parent.parent
 
 
-def _options(config_dir: Path, group: str) -> list[str]:
-    return sorted(path.stem for path in (config_dir / group).glob("*.yaml"))
+def _options(config_dir: Traversable, group: str) -> list[str]:
+    folder = config_dir / group
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def _summary(fn: object) -> str:
@@ -42,8 +55,16 @@ def _summary(fn: object) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
-def print_listing(config_dir: Path, args: list[str]) -> None:
-    """One table of every group, or the components of one group with their keys."""
+def defined_at(fn: object) -> str:
+    """`path:line` of a component's definition, relative to the installation when inside it."""
+    path = Path(inspect.getsourcefile(fn) or "?").resolve()
+    line = inspect.getsourcelines(fn)[1]
+    shown = path.relative_to(_PACKAGE_ROOT) if path.is_relative_to(_PACKAGE_ROOT) else path
+    return f"{shown}:{line}"
+
+
+def print_listing(config_dir: Traversable, args: list[str]) -> None:
+    """One table of every group, or the components of one group with their keys and files."""
     console = Console()
     if len(args) > 1 or (args and args[0] not in GROUPS):
         raise UserError(
@@ -58,17 +79,22 @@ def print_listing(config_dir: Path, args: list[str]) -> None:
             components = "; ".join(f"{kind}: {', '.join(registry.names(kind))}" for kind in kinds)
             table.add_row(group, ", ".join(_options(config_dir, group)), components or "-")
         console.print(table)
-        console.print("Details of one group: mmtrain list GROUP")
+        console.print(
+            "Details of one group (keys, defaults, where each is defined): mmtrain list GROUP"
+        )
         return
     group = args[0]
     console.print(
         f"[bold]{group}[/] config options: {', '.join(_options(config_dir, group)) or '-'}"
     )
+    if group == "data":
+        console.print(f"Keys every data option has: {', '.join(f'data.{k}' for k in LOADER_KEYS)}")
     for kind in GROUPS[group]:
         table = Table(title=f"registered {kind} components")
         table.add_column("name", style="bold")
         table.add_column("keys (defaults)")
         table.add_column("description")
+        table.add_column("defined at", no_wrap=True)
         for name in registry.names(kind):
             fn = registry.get(kind, name)
             keys = [
@@ -76,7 +102,7 @@ def print_listing(config_dir: Path, args: list[str]) -> None:
                 for p in inspect.signature(fn).parameters.values()
                 if p.name not in RUNTIME.get(kind, ())
             ]
-            table.add_row(name, ", ".join(keys), _summary(fn))
+            table.add_row(name, ", ".join(keys), _summary(fn), defined_at(fn))
         console.print(table)
     if group == "data":
         console.print(

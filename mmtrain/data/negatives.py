@@ -1,6 +1,7 @@
-"""Hard-negative samplers for `clip_contrastive` (`model.hard_negatives=K`).
+"""Hard-negative texts for contrastive models (`data.hard_negatives=K`).
 
-A sampler is registered under kind "negatives" as `fn(text, rng, k, negatives) -> list[str]`:
+The data pipeline draws them (in the training collate), so they are data components: a
+sampler is registered under kind "negatives" as `fn(text, rng, k, negatives) -> list[str]`,
 K texts that should *not* match the image `text` describes. `rng` is a `random.Random`
 seeded by (seed, epoch, row index), so negatives are reproducible and resume exactly;
 `negatives` is the row's own list of negative texts when the data provides one.
@@ -40,8 +41,8 @@ def shapes(text: str, rng: random.Random, k: int, negatives: list[str] | None = 
         candidate = _swap_one(text, rng)
         if candidate is None:
             raise UserError(
-                f"model.negative_sampler=shapes needs captions naming a shapes colour, shape or position; "
-                f"{text!r} names none. Use model.negative_sampler=perturb for other data."
+                f"data.negative_sampler=shapes needs captions naming a shapes colour, shape or position; "
+                f"{text!r} names none. Use data.negative_sampler=perturb for other data."
             )
         if candidate not in found:
             found.append(candidate)
@@ -76,7 +77,7 @@ def manifest(
     when the row has fewer."""
     if not negatives:
         raise UserError(
-            "model.negative_sampler=manifest needs a negatives column in the manifest "
+            "data.negative_sampler=manifest needs a negatives column in the manifest "
             f"(set data.negative_column); the row of {text!r} has none."
         )
     return (

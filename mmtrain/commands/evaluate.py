@@ -1,0 +1,54 @@
+"""`mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH]`: a finished run's metrics
+on one split, printed as a table and written to RUN_DIR/eval_SPLIT.json."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.table import Table
+
+from mmtrain.build import autocast_for, build_data, resolve_device, resolve_precision
+from mmtrain.commands.load import batches, load_run, parse_args
+from mmtrain.errors import UserError
+from mmtrain.loop import evaluate
+from mmtrain.runlog import write_json
+
+log = logging.getLogger("mmtrain")
+
+
+def evaluate_run(args: list[str]) -> dict[str, float]:
+    """`mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH] [overrides]`."""
+    own, overrides = parse_args(args, ("run",), ("split", "checkpoint"))
+    split_name = own.get("split", "val")
+    run = load_run(own["run"], overrides, own.get("checkpoint"))
+    splits = build_data(run.cfg, run.spec, run.class_names)
+    if split_name not in splits:
+        raise UserError(
+            f"split={split_name}: the run's data has no such split (it has {', '.join(splits)}); for a manifest, set data.{split_name}=PATH."
+        )
+    device = resolve_device(run.cfg.trainer.device)
+    model = run.model.to(device)
+    metrics = evaluate(
+        model,
+        model.metrics(device),
+        batches(run, splits[split_name]),
+        device,
+        autocast_for(resolve_precision(run.cfg.trainer.precision, device), device),
+    )
+    metrics = {name.replace("val/", f"{split_name}/"): value for name, value in metrics.items()}
+    result = {
+        "split": split_name,
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "metrics": metrics,
+    }
+    write_json(run.path / f"eval_{split_name}.json", result)
+    table = Table(title=f"{run.path} - {split_name} split, {run.checkpoint.name} (step {run.step})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    Console().print(table)
+    log.info("wrote %s", run.path / f"eval_{split_name}.json")
+    return metrics

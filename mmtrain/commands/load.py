@@ -1,0 +1,125 @@
+"""A finished run, rebuilt from its directory alone, for `eval`, `predict` and `export`.
+
+The run directory holds everything: the resolved config in .hydra/config.yaml, the
+tokenizer in tokenizer/, the label names in labels.json and the weights of a checkpoint
+(best.pt unless `checkpoint=PATH`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mmtrain import checkpoint as ckpt
+from mmtrain import registry
+from mmtrain.build import check, model_spec, text_length
+from mmtrain.config import loader_config, plain
+from mmtrain.data.loader import Collate, make_loader
+from mmtrain.data.source import SplitData, load_class_names
+from mmtrain.errors import UserError
+from mmtrain.models.backbone import BackboneSpec
+
+log = logging.getLogger("mmtrain")
+
+
+@dataclass
+class TrainedRun:
+    """A trained run, rebuilt: its config, tokenizer, label names and model with weights."""
+
+    path: Path
+    cfg: DictConfig
+    spec: BackboneSpec
+    tokenizer: Any
+    class_names: list[str] | None
+    model: nn.Module
+    checkpoint: Path
+    step: int
+
+
+def parse_args(
+    args: list[str], required: tuple[str, ...], optional: tuple[str, ...]
+) -> tuple[dict[str, str], list[str]]:
+    """Split `KEY=VALUE` arguments into this command's own keys and config overrides
+    (anything with a dot, e.g. data.batch_size=128)."""
+    own: dict[str, str] = {}
+    overrides: list[str] = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise UserError(f"Expected KEY=VALUE, got {arg!r}.")
+        if key in required + optional:
+            own[key] = value
+        elif "." in key:
+            overrides.append(arg)
+        else:
+            raise UserError(
+                f"Unknown argument {key!r}; this command takes {', '.join(required + optional)} and config overrides (data.batch_size=...)."
+            )
+    missing = [key for key in required if key not in own]
+    if missing:
+        raise UserError(
+            f"Missing {missing[0]}=...; this command needs {' '.join(f'{k}=...' for k in required)}."
+        )
+    return own, overrides
+
+
+def load_run(run: str, overrides: list[str] = (), checkpoint: str | None = None) -> TrainedRun:
+    """Rebuild a run's model from its directory (and `checkpoint`, default best.pt)."""
+    path = Path(run).expanduser()
+    config_file = path / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(
+            f"run={run}: {config_file} not found; give the directory of a finished `mmtrain train` run (it holds .hydra/, checkpoints/, tokenizer/)."
+        )
+    cfg = OmegaConf.load(config_file)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    try:
+        check(cfg)
+    except UserError as error:
+        raise UserError(
+            f"run={run}: its config ({config_file}) does not fit this release of mmtrain: {error} "
+            "If another release of mmtrain trained it, use that release; if an override above "
+            "caused it, change the override."
+        ) from None
+    weights = Path(checkpoint).expanduser() if checkpoint else path / "checkpoints" / "best.pt"
+    if not checkpoint and not weights.is_file():
+        weights = path / "checkpoints" / "last.pt"
+    saved = ckpt.load(weights)
+    model_cfg = plain(cfg.model)
+    spec = model_spec(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = path / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise UserError(f"{tokenizer_dir} not found: the run directory is incomplete.")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    class_names = load_class_names(path)
+    if "num_classes" in model_cfg:
+        if class_names is None:
+            raise UserError(f"{path / 'labels.json'} not found: the run directory is incomplete.")
+        model_cfg["num_classes"] = len(class_names)
+    model = registry.build("model", model_cfg, tokenizer=tokenizer, spec=spec)
+    model.load_state_dict(saved["model"])
+    log.info("loaded %s (step %d)", weights, saved["step"])
+    return TrainedRun(path, cfg, spec, tokenizer, class_names, model.eval(), weights, saved["step"])
+
+
+def batches(run: TrainedRun, split: SplitData) -> DataLoader:
+    """The rows of `split` in order, in the run's batch size, without augmentation."""
+    loader = loader_config(run.cfg)
+    collate = Collate(run.tokenizer, text_length(loader.max_text_length, run.spec))
+    return make_loader(
+        split,
+        collate,
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        shuffle=False,
+        seed=0,
+    )

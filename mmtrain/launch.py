@@ -1,0 +1,121 @@
+"""Starting the processes of a data-parallel job; the command layer calls this, the loop
+never does.
+
+Two ways in, one training code path:
+- `torchrun --nproc_per_node=N -m mmtrain train ...` starts N processes that each run the
+  Hydra app; `shared_run_dir` makes them agree on one run directory before Hydra starts
+  (rank 0 picks it).
+- `mmtrain train trainer.nproc_per_node=N` (also per multirun job) starts N workers for the
+  job through torch's elastic launcher (`launch`), all writing into the job's one directory.
+Either way `mmtrain.loop.fit` runs once per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from mmtrain.errors import UserError
+
+log = logging.getLogger("mmtrain")
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun or the elastic launcher."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def shared_run_dir(args: list[str]) -> list[str]:
+    """Hydra overrides that give every torchrun rank the same run directory.
+
+    Hydra names a run directory by the time it starts, which differs between ranks; rank 0
+    picks the name and the others receive it through a TCP store on torchrun's master
+    address. Ranks other than 0 write no .hydra folder and no train.log.
+    """
+    if not launched() or any(a.startswith(("-m", "--multirun")) for a in args):
+        return []
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", 0))
+    overrides = []
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        store = dist.TCPStore(
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ.get("MASTER_PORT", 29500)) + 1,
+            int(os.environ["WORLD_SIZE"]),
+            is_master=rank == 0,
+            timeout=timedelta(seconds=120),
+        )
+        if rank == 0:
+            store.set("run_dir", datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S"))
+        overrides.append(f"hydra.run.dir={store.get('run_dir').decode()}")
+    if rank != 0:
+        overrides += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return overrides
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for the elastic launcher's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
+    """One elastic-launcher worker: rank 0 logs into the job's train.log; all ranks train."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mmtrain.loop import fit
+
+    # Share the cores between the workers, as torchrun does: oversubscribed OpenMP threads
+    # spin and slow every process down many times over.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if int(os.environ.get("RANK", 0)) == 0:
+        handler = logging.FileHandler(Path(run_dir) / "train.log")
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+        )
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+    else:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return fit(OmegaConf.create(config), Path(run_dir))
+    except UserError as error:  # reported by the parent, without the launcher's traceback
+        return {"error": str(error)}
+
+
+def launch(cfg: Any, run_dir: Path, nproc: int) -> float:
+    """Run `fit` in `nproc` worker processes on this machine; return rank 0's result."""
+    from omegaconf import OmegaConf
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"mmtrain-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
+    log.info("starting %d workers for this job (trainer.nproc_per_node=%d)", nproc, nproc)
+    try:
+        results = elastic_launch(config, _worker)(
+            OmegaConf.to_container(cfg, resolve=True), str(run_dir)
+        )
+    except Exception as error:  # ChildFailedError carries each worker's error
+        raise UserError(
+            f"A training worker failed ({type(error).__name__}); see {run_dir / 'train.log'} and the output above."
+        ) from None
+    for result in results.values():
+        if isinstance(result, dict) and "error" in result:
+            raise UserError(result["error"])
+    return results[0]
