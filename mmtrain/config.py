@@ -160,7 +160,7 @@ def typed(schema: type, node: Any, prefix: str) -> Any:
         keys = ", ".join(f.name for f in dataclasses.fields(node))
         where, parent = ".".join([prefix, *path]), ".".join([prefix, *path[:-1]])
         if isinstance(error, ConfigKeyError) and path:
-            close = difflib.get_close_matches(path[-1], keys.split(", "), n=1)
+            close = difflib.get_close_matches(path[-1], keys.split(", "), n=1, cutoff=0.5)
             did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
             raise UserError(
                 f"Unknown key {where!r}.{did_you_mean} Accepted keys of {parent}: {keys}."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -97,3 +98,12 @@ def progress_bar(enabled: bool, total: int, completed: int) -> Progress:
     )
     bar.add_task("train", total=total, completed=completed, loss=math.nan, lr=0.0, speed=0.0)
     return bar
+
+
+def stderr_log_handler(**options: Any) -> logging.Handler:
+    """A rich log handler that writes to standard error (Hydra's job_logging `console` of
+    commands whose standard output is their result)."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    return RichHandler(console=Console(stderr=True), **options)

@@ -299,14 +299,20 @@ def test_train_with_bad_rows_stops_before_training_without_traceback(tmp_path):
     assert not list(run.glob("checkpoints/*.pt")) and not (run / "metrics.jsonl").exists()
 
 
-def test_validate_prints_a_table_and_fails_on_bad_rows(tmp_path):
+def test_validate_lists_bad_rows_one_per_line_and_fails(tmp_path):
     messy = write_messy(tmp_path / "messy")
-    result = run_cli(
-        "validate", "data=manifest", f"data.train={messy['train']}", f"data.val={messy['val']}"
-    )
+    data = ["data=manifest", f"data.train={messy['train']}", f"data.val={messy['val']}"]
+    result = run_cli("validate", *data)  # output to a pipe: one grep-able line per bad row
     assert result.returncode == 1, result.stderr
-    assert "8 bad row(s)" in result.stdout and "unknown label" in result.stdout
     assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    for (split, line), reason in messy["bad"].items():
+        (found,) = [text for text in lines if text.startswith(f"{messy[split]}:{line}: ")]
+        assert found.startswith(f"{messy[split]}:{line}: {reason}: "), found
+    assert "8 bad row(s)" in result.stdout and "train: 11 rows, 6 usable, 5 bad" in result.stdout
+
+    terminal = run_cli("validate", *data, env={"FORCE_COLOR": "1"})  # a terminal: tables
+    assert terminal.returncode == 1 and "bad by reason" in terminal.stdout
     train, val = write_learnable(tmp_path / "clean", train=6, val=3)
     result = run_cli("validate", "data=manifest", f"data.train={train}", f"data.val={val}")
     assert result.returncode == 0, result.stderr

@@ -211,3 +211,56 @@ def test_unwritable_output_directory_fails_before_training(tmp_path):
         or "hydra.run.dir" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+# The loop state as mmtrain 0.1.0 wrote it (the `data` entry of every checkpoint).
+STATE_0_1_0 = {
+    "step": 5, "epoch": 0, "batch": 5, "best": 0.61, "best_step": 4, "stale": 1,
+    "skipped": 0, "loss_sum": 2.5, "loss_n": 3,
+}  # fmt: skip
+
+
+def test_the_loop_state_of_a_checkpoint_loads_or_says_why(full_run, tmp_path):
+    from mmtrain.errors import UserError
+    from mmtrain.loop import TrainState
+
+    saved = torch.load(full_run / "checkpoints" / "step_5.pt", weights_only=False)
+    assert set(saved["data"]) == set(STATE_0_1_0)  # the format this release writes
+    state = TrainState.from_checkpoint({"data": STATE_0_1_0}, tmp_path / "old.pt")
+    assert (state.step, state.best, state.loss_n) == (5, 0.61, 3)
+    with pytest.raises(UserError, match="written by a newer release") as error:
+        TrainState.from_checkpoint({"data": {**STATE_0_1_0, "tokens": 9}}, tmp_path / "new.pt")
+    assert "tokens" in str(error.value)
+    with pytest.raises(UserError, match="holds no training position"):
+        TrainState.from_checkpoint({"data": {"epoch": 1}}, tmp_path / "other.pt")
+
+    # Through the command: a checkpoint without a readable position stops with the reason.
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({**saved, "data": {"epoch": 1}}, run_dir / "checkpoints" / "last.pt")
+    result = run_cli("train", *RESUMABLE, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds no training position" in result.stderr
+
+
+def test_samples_per_s_counts_time_and_samples_over_the_same_steps(tmp_path, monkeypatch):
+    """8 steps per epoch, a validation after each, a log every 9 steps: the log at step 9
+    comes one step after a validation. On a clock that ticks once per reading, every step
+    takes the same time, so every interval must report the same speed; counting only the
+    time since the validation against the samples since the last log would report 9 times
+    as much at step 9."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from mmtrain import loop
+
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", [*TINY, "trainer.max_epochs=3", "trainer.log_every_n_steps=9"])
+    loop.fit(cfg, tmp_path)
+    events = read_jsonl(tmp_path / "metrics.jsonl")
+    speeds = [e["train/samples_per_s"] for e in events if "train/loss" in e]
+    assert [e["step"] for e in events if "train/loss" in e] == [9, 18, 24]
+    assert max(speeds) / min(speeds) < 1.2, speeds

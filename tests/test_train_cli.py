@@ -127,5 +127,12 @@ def test_list_shows_groups_and_components():
     assert result.returncode == 0
     for word in ("data", "shapes", "clip_fusion", "cross_attention", "adamw", "cosine", "constant"):
         assert word in result.stdout
+    import inspect
+
+    from mmtrain.models.classifier import clip_fusion
+
+    line = inspect.getsourcelines(clip_fusion)[1]
+    result = run_cli("list", "model")
+    assert result.returncode == 0 and f"mmtrain/models/classifier.py:{line}" in result.stdout
     result = run_cli("list", "nonsense")
     assert result.returncode == 2 and "one of: data, model" in result.stderr

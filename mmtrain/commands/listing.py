@@ -18,6 +18,7 @@ from mmtrain.config import LOADER_KEYS
 from mmtrain.data.augment import IMAGE, TEXT
 from mmtrain.data.augment import RUNTIME as AUGMENT_RUNTIME
 from mmtrain.errors import UserError
+from mmtrain.models.fusion import FUSION_ARGUMENTS
 
 # Config group -> the registry kinds it selects from (fusions are picked by model.fusion,
 # augmentations by the entries of data.augment, negatives by data.negative_sampler).
@@ -35,7 +36,7 @@ RUNTIME = {
     "model": MODEL_RUNTIME,
     "optimizer": ("model",),
     "scheduler": ("optimizer", "total_steps"),
-    "fusion": ("image_dim", "text_dim", "embed_dim", "layers", "heads", "dropout"),
+    "fusion": FUSION_ARGUMENTS,
     "image_augment": AUGMENT_RUNTIME[IMAGE],
     "text_augment": AUGMENT_RUNTIME[TEXT],
     "negatives": ("text", "rng", "negatives"),

@@ -6,6 +6,7 @@ training loop, DDP and torch.compile wrap both at once.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -135,16 +136,16 @@ def clip_fusion(
         raise UserError(f"model.contrastive_weight must be >= 0 (got {contrastive_weight}).")
     clip = build_clip(backbone, backbone_config, tokenizer, position_init)
     freeze_towers(clip, freeze)
-    fuse = registry.build(
-        "fusion",
-        fusion,
-        image_dim=clip.config.vision_config.hidden_size,
-        text_dim=clip.config.text_config.hidden_size,
-        embed_dim=clip.config.projection_dim,
-        layers=fusion_layers,
-        heads=fusion_heads,
-        dropout=dropout,
-    )
+    offered = {
+        "image_dim": clip.config.vision_config.hidden_size,
+        "text_dim": clip.config.text_config.hidden_size,
+        "embed_dim": clip.config.projection_dim,
+        "layers": fusion_layers,
+        "heads": fusion_heads,
+        "dropout": dropout,
+    }
+    wanted = inspect.signature(registry.get("fusion", fusion)).parameters
+    fuse = registry.build("fusion", fusion, **{k: v for k, v in offered.items() if k in wanted})
     return ImageTextClassifier(
         clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec
     )

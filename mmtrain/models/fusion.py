@@ -1,9 +1,10 @@
 """Fusions: how image and text features become one vector for the classifier head.
 
-A fusion is a registered factory taking the feature sizes and the attention settings
-(`model.fusion_layers`, `model.fusion_heads`, `model.dropout`; fusions without attention
-ignore the last three) and returning a module with an `out_dim` attribute whose forward
-takes the `Features` of a batch.
+A fusion is a registered factory returning a module with an `out_dim` attribute whose
+forward takes the `Features` of a batch. Its parameters are chosen from what the model
+offers (`FUSION_ARGUMENTS`): the feature sizes and the attention settings
+(`model.fusion_layers`, `model.fusion_heads`, `model.dropout`). A factory names only those it
+uses, and receives only those.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 
 from mmtrain.errors import UserError
 from mmtrain.registry import register
+
+FUSION_ARGUMENTS = ("image_dim", "text_dim", "embed_dim", "layers", "heads", "dropout")
 
 
 @dataclass
@@ -72,9 +75,7 @@ class CrossAttention(nn.Module):
 
 
 @register("fusion", "concat")
-def concat(
-    image_dim: int, text_dim: int, embed_dim: int, layers: int, heads: int, dropout: float
-) -> nn.Module:
+def concat(embed_dim: int) -> nn.Module:
     """Pooled projected features concatenated; out_dim = 2 * projection_dim."""
     return Concat(embed_dim)
 

@@ -1,0 +1,67 @@
+"""The typed config: the trainer group and the data loader keys fail before anything is
+built, naming the key and the accepted ones; the other groups fail on their factory's
+signature."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF, TINY, run_cli
+from hydra import compose, initialize_config_dir
+
+from mmtrain.build import check
+from mmtrain.config import LoaderConfig, TrainerConfig, trainer_config
+from mmtrain.errors import UserError
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def test_the_trainer_yaml_holds_the_schemas_defaults():
+    assert trainer_config(_compose([])) == TrainerConfig()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer; trainer.max_steps takes an integer or null"),
+        ("trainer.max_steps=0", "trainer.max_steps must be a positive integer or null (got 0)"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip must be a positive number or null (got -1.0)"),
+        ("trainer.precision=64", "trainer.precision=64 is not valid; choose one of: auto, 32, bf16, 16"),
+        ("+trainer.logger=wandb", "Unknown key 'trainer.logger'. Accepted keys of trainer: max_epochs, max_steps"),
+        ("+trainer.checkpoint.every=5", "Unknown key 'trainer.checkpoint.every'. Did you mean 'every_n_steps'? Accepted keys of trainer.checkpoint: every_n_steps, keep_last, monitor, mode"),
+        ("trainer.checkpoint.mode=best", "trainer.checkpoint.mode=best is not valid; choose one of: max, min, auto"),
+        ("trainer.compile=maybe", "trainer.compile: Value 'maybe' is not a valid bool"),
+        ("data.batch_size=abc", "data.batch_size: Value 'abc' of type 'str' could not be converted to Integer; data.batch_size takes an integer"),
+        ("data.num_workers=-1", "data.num_workers must be an integer >= 0 (got -1)"),
+        ("data.hard_negatives=-2", "data.hard_negatives must be an integer >= 0 (got -2)"),
+        ("data.negative_sampler=nope", "Unknown negatives 'nope'"),
+        ("+data.size=5", "Unknown key 'size' for data 'shapes'"),
+        ("+model.fusion_layer=2", "Unknown key 'fusion_layer' for model 'clip_fusion'. Did you mean 'fusion_layers'?"),
+    ],
+)  # fmt: skip
+def test_a_bad_key_or_value_names_the_key(override, expected):
+    with pytest.raises(UserError) as error:
+        check(_compose([override]))
+    assert expected in str(error.value)
+
+
+def test_loader_keys_are_the_same_in_every_data_option():
+    keys = set(LoaderConfig.__dataclass_fields__)
+    for option in ("shapes", "manifest"):
+        cfg = _compose([f"data={option}"])
+        assert keys <= set(cfg.data), option
+
+
+def test_an_added_trainer_key_stops_the_command_before_anything_is_built(tmp_path):
+    result = run_cli("train", *TINY, "+trainer.logger=wandb", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "Unknown key 'trainer.logger'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_hard_negatives_need_a_model_that_takes_them(tmp_path):
+    result = run_cli("train", *TINY, "data.hard_negatives=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model 'clip_fusion' takes no negative texts" in result.stderr
