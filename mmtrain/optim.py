@@ -96,7 +96,7 @@ def cosine(
     min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for `warmup_steps`, then cosine decay to `min_lr_ratio * lr`."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     warmup_steps = _checked_warmup(warmup_steps, total_steps)
     return get_cosine_with_min_lr_schedule_with_warmup(
@@ -109,7 +109,7 @@ def constant(
     *, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for `warmup_steps`, then the optimizer's learning rate."""
-    from transformers import get_constant_schedule_with_warmup
+    from transformers.optimization import get_constant_schedule_with_warmup
 
     warmup_steps = _checked_warmup(warmup_steps, total_steps)
     return get_constant_schedule_with_warmup(optimizer, warmup_steps)

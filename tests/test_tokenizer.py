@@ -59,3 +59,12 @@ def test_saved_tokenizer_loads_back_identically(tmp_path):
     loaded = AutoTokenizer.from_pretrained(save_tokenizer(tokenizer, tmp_path))
     assert loaded(CAPTIONS)["input_ids"] == tokenizer(CAPTIONS)["input_ids"]
     assert loaded.eos_token_id == tokenizer.eos_token_id
+
+
+def test_the_tokenizer_gives_only_what_clips_text_tower_takes(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = build_word_tokenizer(["a red circle"])
+    loaded = AutoTokenizer.from_pretrained(save_tokenizer(tokenizer, tmp_path))
+    for each in (tokenizer, loaded):  # transformers 4.x adds token_type_ids unless told
+        assert set(each(["a red circle"])) == {"input_ids", "attention_mask"}

@@ -47,8 +47,15 @@ def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
         pair=f"{BOS} $A {EOS} $B {EOS}",
         special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],
     )
+    # CLIP's text tower takes no token_type_ids: without naming its inputs, transformers 4.x
+    # tokenizers return them, and a model exported with this tokenizer would reject them.
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS
+        tokenizer_object=core,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 
