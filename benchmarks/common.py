@@ -1,10 +1,12 @@
-"""Shared by the benchmarks: config composition, the step clock, peak memory, the models."""
+"""Shared by the benchmarks: config composition, thread count, the step clock, peak memory,
+the models, and the summary statistics."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import resource
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
-# CLIP ViT-B/32's sizes (DESIGN.md section 8), built from a config with the concat head.
+# CLIP ViT-B/32's sizes (the reference figures in benchmarks/RESULTS.md), built from a config with the concat head.
 VIT_B32 = [
     "model.fusion=concat",
     "model.backbone_config.projection_dim=512",
@@ -39,6 +41,35 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
     """conf/train.yaml composed with `overrides`, as `mmtrain train` would (without Hydra's node)."""
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose("train", overrides=overrides)
+
+
+def set_threads(threads: int | None) -> None:
+    """Fix torch's CPU threads (intra-op and inter-op) before any parallel work runs; None
+    keeps torch's default. On a CPU shared with other jobs, 1 avoids OpenMP spin-waits on a
+    descheduled partner thread (benchmarks/RESULTS.md)."""
+    if not threads:
+        return
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before the first inter-op work
+        torch.set_num_interop_threads(threads)
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min, max, quartiles and interquartile range of `values`, and their number."""
+    values = list(values)
+    q1, _, q3 = (
+        statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    )
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "n": len(values),
+        "all": [round(v, 4) for v in values],
+    }
 
 
 def quiet() -> None:

@@ -31,11 +31,9 @@ from rich.logging import RichHandler
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from mmtrain import registry
-from mmtrain.config import plain, validate
-from mmtrain.loop import fit
+from mmtrain.build import build_run, check, data_loader, resolve_device, seed_everything
+from mmtrain.loop import _grad_norm, fit
 from mmtrain.runlog import MetricsLog, progress_bar
-from mmtrain.setup import build_parts, loader, resolve_device, seed_everything
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,7 +73,7 @@ def profile_fit(args: argparse.Namespace, overrides: list[str]) -> None:
             "data.test_size=0",
         ]
     )
-    validate(cfg)
+    check(cfg)
     with tempfile.TemporaryDirectory(prefix="mmtrain-profile-") as tmp:
         cli_logging(Path(tmp), Console(stderr=True))
         with profile(
@@ -129,20 +127,19 @@ def bar_refresh_cpu(refresh_per_second: float | None = None, seconds: float = 3.
 
 
 def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Time each piece of mmtrain's per-step work alone, on the objects fit would build."""
+    """Time each piece of mmtrain's per-step work alone, on the objects fit builds
+    (`mmtrain.build.build_run`)."""
     cfg = compose_cfg(overrides)
-    t = cfg.trainer
+    t, _ = check(cfg)
     device = resolve_device(t.device)
     seed_everything(t.seed)
-    parts = build_parts(cfg, None)
-    model = parts.model.to(device).train()
-    optimizer = registry.build("optimizer", plain(cfg.optimizer), model=model)
-    scheduler = registry.build(
-        "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=10**6
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    run = build_run(cfg, None, device)
+    parts, model, optimizer, scheduler, scaler = (
+        run.parts, run.model, run.optimizer, run.scheduler, run.scaler
+    )  # fmt: skip
+    model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batch = next(iter(loader(parts, cfg, "train", train=True, pin_memory=False)))
+    batch = next(iter(run.train_loader))
     batch = {k: v.to(device) for k, v in batch.items()}
 
     def plain_step() -> None:  # what the plain loop does per step, with the same loss
@@ -154,14 +151,14 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
     step_us = cost_us(plain_step, number=5)
     loss = model(**batch)["loss"]
     loss.backward()  # gradients in place, as when the loop clips them
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, math.inf)
+    grad_norm = _grad_norm(trainable, None)
     step_loss = loss.detach()
 
     with tempfile.TemporaryDirectory(prefix="mmtrain-costs-") as tmp:
         cli_logging(Path(tmp), Console(file=io.StringIO(), force_terminal=True, width=120))
         log = logging.getLogger("mmtrain")
         metrics_log = MetricsLog(Path(tmp))
-        train_loader = loader(parts, cfg, "train", train=True, pin_memory=False)
+        train_loader = data_loader(parts, "train", train=True, pin_memory=False)
         batches = iter(train_loader)
 
         def next_batch() -> None:
@@ -185,15 +182,15 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
                 "batch to device: dict comprehension over 6 tensors": lambda: {
                     k: v.to(device, non_blocking=True) for k, v in batch.items()
                 },
-                "augment hook (no augmentation on)": lambda: parts.augment(batch, 1),
+                "augment hook (no augmentation on)": lambda: parts.augment(batch, (1, 0, 0)),
                 "scaler.scale(loss / accumulate) (scaler off)": lambda: scaler.scale(loss / 1),
                 "step_loss + loss.detach()": lambda: 0.0 + loss.detach(),
                 "scaler.unscale_ + scaler.update (scaler off)": lambda: (
                     scaler.unscale_(optimizer),
                     scaler.update(),
                 ),
-                "clip_grad_norm_(max_norm=inf) (grad_clip=null)": lambda: (
-                    torch.nn.utils.clip_grad_norm_(trainable, math.inf)
+                f"_grad_norm(trainable, {t.grad_clip}) (trainer.grad_clip={t.grad_clip})": lambda: (
+                    _grad_norm(trainable, t.grad_clip)
                 ),
                 "float(step_loss) + isfinite(loss, grad_norm)": lambda: (
                     math.isfinite(float(step_loss) / 1) and bool(torch.isfinite(grad_norm))
@@ -204,10 +201,10 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
             costs = {name: cost_us(fn, number=200) for name, fn in pieces.items()}
             costs[f"metrics.jsonl + log.info + bar.update, 1 in {every} steps"] /= every
         extra = {
-            "clip_grad_norm_(max_norm=1.0) (grad_clip=1.0, the default)": cost_us(
+            "clip_grad_norm_(max_norm=1.0): the loop's norm at grad_clip=1.0": cost_us(
                 lambda: torch.nn.utils.clip_grad_norm_(trainable, 1.0), number=200
             ),
-            "get_total_norm(grads): the same norm without clip's multiply": cost_us(
+            "get_total_norm(grads): the loop's norm at grad_clip=null": cost_us(
                 lambda: torch.nn.utils.get_total_norm([p.grad for p in trainable]), number=200
             ),
             "next batch from mmtrain's train loader (same in the plain loop)": cost_us(
@@ -224,7 +221,9 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
     for name, us in costs.items():
         print(f"  {name:62s} {us:9.1f} us  {100 * us / step_us:6.2f} %")
     total = sum(costs.values())
-    print(f"  {'sum (grad_clip=null)':62s} {total:9.1f} us  {100 * total / step_us:6.2f} %")
+    print(
+        f"  {f'sum (grad_clip={t.grad_clip})':62s} {total:9.1f} us  {100 * total / step_us:6.2f} %"
+    )
     print("  for comparison:")
     for name, us in extra.items():
         print(f"  {name:62s} {us:9.1f} us  {100 * us / step_us:6.2f} %")

@@ -1,33 +1,54 @@
-"""Training speed of mmtrain's loop against a plain PyTorch loop on the same model and data.
+"""Training speed of mmtrain's loop against a plain PyTorch loop, in short alternating blocks.
 
-In one process, alternating (plain, mmtrain, plain, mmtrain, ...) for --repeats rounds:
+What is measured, in one process, with torch's CPU threads fixed first (--threads, default 1
+on the CPU):
 
-- plain: a hand-written loop, the seed's: forward, cross-entropy, backward, AdamW step,
-  zero_grad, over the same data (mmtrain's dataset and collate in a standard shuffled
-  DataLoader), with the same model (mmtrain's factory, the same initial weights), batch
-  size, precision (autocast for bf16) and AdamW kernel (fused on CUDA, as mmtrain picks).
-- mmtrain: `mmtrain.loop.fit` on conf/ composed with Hydra, into a temporary run directory,
-  logging quiet (which also turns the progress bar off).
+- mmtrain: one run built once with `mmtrain.build.build_run` from conf/ composed with Hydra,
+  stepped by mmtrain's real loop `mmtrain.loop.train_loop(run, state, out)`: one TrainState
+  and one Outputs (metrics.jsonl and checkpoints in a temporary directory) across calls;
+  before each call `run.max_steps = state.step + N`, so a call is one block of N optimizer
+  steps. mmtrain validates (one batch: data.val_size = batch size), logs and saves
+  last.pt/best.pt after the last step of each block, outside the timed steps.
+- plain: the seed's loop, written by hand: forward, cross-entropy, backward, AdamW step,
+  zero_grad, over a persistent iterator of a standard shuffled DataLoader on the same
+  training split and collate that the run built, with a copy of the run's model taken
+  before any step (the same initial weights), the same batch size, precision (autocast for
+  bf16) and AdamW kernel (fused on CUDA, as mmtrain picks) and torch.compile if asked.
 
-Both loops compute the same loss: the benchmark sets model.contrastive_weight=0 (plain
-cross-entropy) and trainer.grad_clip=null (the plain loop does not clip). Both are timed by
-one clock, a global optimizer post-step hook: steady-state samples/s counts the steps after
---warmup. mmtrain's own per-interval `train/samples_per_s` (metrics.jsonl) is shown beside.
+Both compute the same loss: model.contrastive_weight=0 (plain cross-entropy) and
+trainer.grad_clip=null (the plain loop does not clip; mmtrain still computes the gradient
+norm for its finite check, which is its own cost and is timed). data.train_size holds every
+step of the run, so no epoch ends inside a block.
 
-Then the start-up of the `mmtrain train` command: from spawning it to its first
-metrics.jsonl line (trainer.log_every_n_steps=1), with the phases read from train.log.
+After --warmup-steps untimed steps of each loop, --blocks rounds each run one block of
+--block-steps steps of both loops, in the order plain, mmtrain in even rounds and mmtrain,
+plain in odd rounds (ABBA: a steady drift in the machine's speed cancels; --order random
+draws each round's order from --seed). A block is timed by a global optimizer post-step
+hook (common.StepClock), from the end of its first optimizer step to the end of its last:
+N - 1 steps, each with its batch fetch, forward, backward, optimizer step and what the loop
+does between steps, and nothing of the block's set-up or of the validation after it. On
+CUDA the two boundary steps synchronize the device. Each round gives one ratio, mmtrain
+samples/s over plain samples/s; the result is the median of these per-round ratios with
+their min, max and interquartile range, beside each loop's median samples/s. On the CPU the
+same is reported per second of process CPU time (work done, not time spent waiting for a
+core). mmtrain's own `train/samples_per_s` (metrics.jsonl, one interval per block, its first
+step included) is shown beside, and each loop's median peak memory per block (CUDA: peak
+allocated; CPU: the process's peak RSS; both count every loop's model, which all stay
+resident).
 
-On CUDA (or with --variants) also the plain-loop rows of DESIGN.md section 8, model step only
+On CUDA (or with --variants) also the plain-loop reference rows of benchmarks/RESULTS.md, model step only
 on synthetic tensors already on the device, each row adding one change to the one before:
-fp32 eager (the seed's loop), tf32, bf16 autocast, bf16 + fused AdamW + SDPA, + torch.compile.
+fp32 eager (the seed's loop), tf32, bf16 autocast, bf16 + fused AdamW + SDPA, + torch.compile
+(--variant-steps steps after --variant-warmup, --variant-repeats times each). On CUDA a third
+loop joins the rounds: "plain + float(loss) each step", the host-device sync that mmtrain's
+loop makes every step.
 
-    python benchmarks/throughput.py --threads 1          # CPU, the default small model
-    python benchmarks/throughput.py --device cuda --model vit-b32 --batch-size 256 \
-        --precision bf16 --steps 30 --warmup 10 --repeats 2 --startup-repeats 1
+The start-up of the command is measured by benchmarks/startup.py.
+
+    python benchmarks/throughput.py                      # CPU, small model, 1 thread
+    python benchmarks/throughput.py --device cuda --model vit-b32 --batch-size 256 \\
+        --precision bf16 --blocks 10 --no-checkpoints --json gpu.json
     python benchmarks/throughput.py --model vit-b32 --count-flops   # GFLOP per sample only
-
-On a CPU that other jobs share, use --threads 1: two torch threads spin-waiting for a
-descheduled partner ran 15-30x slower there (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -35,17 +56,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import itertools
 import json
 import os
-import re
+import random
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +74,22 @@ from common import (
     StepClock,
     compose_cfg,
     quiet,
+    set_threads,
+    spread,
     synthetic_batch,
 )
+from omegaconf import OmegaConf
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmtrain import registry
-from mmtrain.config import plain, validate
+from mmtrain.build import Run, build_parts, build_run, check, seed_everything
+from mmtrain.config import plain
 from mmtrain.data.loader import PairDataset
-from mmtrain.loop import fit
+from mmtrain.loop import Outputs, TrainState, train_loop
 from mmtrain.models.backbone import backbone_spec
-from mmtrain.setup import build_parts, seed_everything
+from mmtrain.runlog import MetricsLog
 
 # name, attention, autocast dtype, fused AdamW, tf32, torch.compile
 VARIANTS = [
@@ -78,31 +99,47 @@ VARIANTS = [
     ("+ fused AdamW + SDPA", "sdpa", torch.bfloat16, True, True, False),
     ("+ torch.compile", "sdpa", torch.bfloat16, True, True, True),
 ]
+PLAIN, MMTRAIN, SYNCED = "plain", "mmtrain", "plain + float(loss) each step"
+LABELS = {PLAIN: "P", MMTRAIN: "M", SYNCED: "S"}
+KEYS = ("images", "input_ids", "attention_mask", "labels")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads, set before anything else (default: 1 on the CPU, torch's on CUDA)",
+    )
     parser.add_argument("--model", choices=tuple(MODELS), default="small")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the speed")
     parser.add_argument("--compile", action="store_true", help="torch.compile in both loops")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of plain, mmtrain, ...")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, both loops")
-    parser.add_argument("--log-every", type=int, default=10, help="mmtrain's log interval")
-    parser.add_argument("--startup-repeats", type=int, default=3, help="0 skips the start-up test")
+    parser.add_argument("--block-steps", type=int, default=5, help="optimizer steps per block")
+    parser.add_argument("--blocks", type=int, default=20, help="rounds: one block of each loop")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=10, help="untimed steps of each loop first"
+    )
+    parser.add_argument("--order", choices=("abba", "random"), default="abba")
+    parser.add_argument("--seed", type=int, default=0, help="--order random's seed")
+    parser.add_argument(
+        "--checkpoints",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mmtrain saves last.pt/best.pt after each block, as a run would (untimed)",
+    )
     parser.add_argument("--text-len", type=int, default=77, help="tokens in synthetic batches")
     parser.add_argument(
         "--variants",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the section 8 plain-loop rows (default: on with CUDA only)",
+        help="the reference plain-loop rows (RESULTS.md) (default: on with CUDA only)",
     )
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads, start-up test too (default: torch's)"
-    )
+    parser.add_argument("--variant-steps", type=int, default=30)
+    parser.add_argument("--variant-warmup", type=int, default=10)
+    parser.add_argument("--variant-repeats", type=int, default=2)
     parser.add_argument(
         "--count-flops",
         action="store_true",
@@ -110,46 +147,37 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
-    if args.steps <= args.warmup + 1:
-        parser.error("--steps must exceed --warmup + 1")
+    if args.block_steps < 2:
+        parser.error("--block-steps must be at least 2 (a block times its steps 2..N)")
+    if args.variant_steps <= args.variant_warmup + 1:
+        parser.error("--variant-steps must exceed --variant-warmup + 1")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
     if args.variants is None:
         args.variants = args.device == "cuda"
     return args
 
 
-def model_overrides(args: argparse.Namespace) -> list[str]:
-    """What both loops and the start-up test share: model, device, precision, compile."""
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """One epoch holding every step of the run, a one-batch validation, the plain loop's loss."""
+    steps = args.warmup_steps + args.blocks * args.block_steps
     return [
         *MODELS[args.model],
         f"trainer.device={args.device}",
         f"trainer.precision={args.precision}",
         f"trainer.compile={str(args.compile).lower()}",
-        f"data.batch_size={args.batch_size}",
-        f"data.num_workers={args.num_workers}",
-    ]
-
-
-def run_overrides(args: argparse.Namespace) -> list[str]:
-    """One epoch of exactly --steps batches, a one-batch validation, the plain loop's loss."""
-    return [
-        *model_overrides(args),
+        "trainer.max_epochs=1",
+        f"trainer.max_steps={steps}",
+        f"trainer.log_every_n_steps={steps}",  # mmtrain logs at each block's end anyway
         "model.contrastive_weight=0",
         "trainer.grad_clip=null",
-        f"trainer.max_steps={args.steps}",
-        f"trainer.log_every_n_steps={args.log_every}",
-        f"scheduler.warmup_steps={args.steps // 4}",  # the learning rate does not change speed
-        f"data.train_size={args.steps * args.batch_size}",
+        f"scheduler.warmup_steps={steps // 4}",  # the learning rate does not change speed
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={args.num_workers}",
+        f"data.train_size={steps * args.batch_size}",
         f"data.val_size={args.batch_size}",
         "data.test_size=0",
     ]
-
-
-def speeds(clock: StepClock, args: argparse.Namespace, device: torch.device) -> dict:
-    """Steady-state samples per second of wall time, and on CPU per second of CPU time."""
-    result = {"samples_per_s": clock.samples_per_s(args.batch_size)}
-    if device.type == "cpu":
-        result["samples_per_cpu_s"] = clock.samples_per_s(args.batch_size, cpu=True)
-    return result
 
 
 def train_step(model, batch, optimizer, dtype, device, sync_loss=False) -> None:
@@ -179,57 +207,77 @@ def adamw(model: torch.nn.Module, cfg: Any, fused: bool) -> torch.optim.AdamW:
     )
 
 
-def plain_loop(parts, init_state, cfg, args, device, memory, sync_loss=False) -> dict:
-    """The plain loop over the same data, timed from a fresh copy of the initial weights."""
-    model = parts.model
-    model.load_state_dict(init_state)
-    model.to(device).train()
-    optimizer = adamw(model, cfg, fused=device.type == "cuda")
-    step_model = torch.compile(model) if args.compile else model
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
-    loader = DataLoader(
-        PairDataset(parts.splits["train"]),
-        batch_size=args.batch_size,
-        shuffle=True,
-        collate_fn=parts.train_collate,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        generator=torch.Generator().manual_seed(0),
-    )
-    keys = ("images", "input_ids", "attention_mask", "labels")
+class PlainLoop:
+    """The seed's loop on a copy of the run's initial model, stepping N batches per call from
+    one persistent iterator over a shuffled DataLoader of the run's training split."""
+
+    def __init__(self, run: Run, cfg: Any, args: argparse.Namespace, sync_loss: bool = False):
+        self.device, self.sync_loss = run.device, sync_loss
+        self.model = copy.deepcopy(run.model).train()  # before any step: the initial weights
+        self.optimizer = adamw(self.model, cfg, fused=run.device.type == "cuda")
+        self.step_model = torch.compile(self.model) if args.compile else self.model
+        self.dtype = torch.bfloat16 if args.precision == "bf16" else None
+        self.loader = DataLoader(
+            PairDataset(run.parts.splits["train"]),
+            batch_size=args.batch_size,
+            shuffle=True,
+            collate_fn=run.parts.train_collate,
+            num_workers=args.num_workers,
+            pin_memory=run.device.type == "cuda",
+            drop_last=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+        self.batches = iter(self.loader)
+
+    def __call__(self, steps: int) -> None:
+        for _ in range(steps):
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                self.batches = iter(self.loader)
+                batch = next(self.batches)
+            batch = {k: batch[k].to(self.device, non_blocking=True) for k in KEYS}
+            train_step(
+                self.step_model, batch, self.optimizer, self.dtype, self.device, self.sync_loss
+            )
+
+
+class MmtrainLoop:
+    """mmtrain's `train_loop` on the built run, N steps per call, one state across calls."""
+
+    def __init__(self, run: Run, cfg: Any, run_dir: Path, checkpoints: bool):
+        self.run, self.state = run, TrainState()
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        # main=False only skips the checkpoint files; metrics.jsonl is still written.
+        self.out = Outputs(run_dir, MetricsLog(run_dir), config, main=checkpoints)
+
+    def __call__(self, steps: int) -> None:
+        self.run.max_steps = self.state.step + steps
+        status, stopped_by, _ = train_loop(self.run, self.state, self.out)
+        if status != "completed" or self.state.step != self.run.max_steps:
+            raise SystemExit(
+                f"mmtrain's loop stopped: {status} ({stopped_by}) at {self.state.step}"
+            )
+
+    def reported(self) -> list[float]:
+        """mmtrain's own train/samples_per_s, one per timed block."""
+        return [e["train/samples_per_s"] for e in self.out.metrics.events if "train/loss" in e]
+
+
+def time_block(step_block: Callable[[int], None], args, device, memory) -> dict[str, float]:
+    """One block of --block-steps steps: samples/s from its first step's end to its last's."""
+    gc.collect()  # each block starts without the garbage of the one before
     memory.reset()
-    with StepClock(device, args.warmup, args.steps) as clock:
-        for batch in itertools.islice(loader, args.steps):
-            batch = {k: batch[k].to(device, non_blocking=True) for k in keys}
-            train_step(step_model, batch, optimizer, dtype, device, sync_loss)
-    result = {**speeds(clock, args, device), "peak_mib": memory.peak_mib()}
-    del optimizer, step_model
-    model.to("cpu")
-    _free(device)
+    with StepClock(device, 1, args.block_steps) as clock:
+        step_block(args.block_steps)
+    if len(clock.times) != args.block_steps:
+        raise RuntimeError(f"{len(clock.times)} optimizer steps in a block of {args.block_steps}")
+    result = {"samples_per_s": clock.samples_per_s(args.batch_size)}
+    if device.type == "cpu":
+        result["samples_per_cpu_s"] = clock.samples_per_s(args.batch_size, cpu=True)
+    result["peak_mib"] = memory.peak_mib()
     return result
-
-
-def mmtrain_loop(cfg, args, device, memory) -> dict:
-    """mmtrain.loop.fit into a temporary run directory, timed by the same clock."""
-    with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as tmp:
-        memory.reset()
-        with StepClock(device, args.warmup, args.steps) as clock:
-            fit(cfg, Path(tmp))
-        peak = memory.peak_mib()
-        events = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").open()]
-    reported = [
-        e["train/samples_per_s"]
-        for e in events
-        if "train/samples_per_s" in e and e["step"] - args.log_every >= args.warmup
-    ]
-    _free(device)
-    return {
-        **speeds(clock, args, device),
-        "reported_samples_per_s": statistics.median(reported) if reported else float("nan"),
-        "fit_to_first_step_s": clock.first_step_s(),
-        "peak_mib": peak,
-    }
 
 
 def variant_model(cfg, tokenizer) -> tuple[torch.nn.Module, Any]:
@@ -241,7 +289,7 @@ def variant_model(cfg, tokenizer) -> tuple[torch.nn.Module, Any]:
 
 
 def variant_loop(variant, cfg, tokenizer, args, device, memory) -> dict:
-    """One section 8 row: the model step alone on synthetic tensors already on the device."""
+    """One reference row: the model step alone on synthetic tensors already on the device."""
     name, attention, dtype, fused, tf32, compiled = variant
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     model, spec = variant_model(cfg, tokenizer)
@@ -250,18 +298,17 @@ def variant_loop(variant, cfg, tokenizer, args, device, memory) -> dict:
     optimizer = adamw(model, cfg, fused=fused)
     step_model = torch.compile(model) if compiled else model
     batch = synthetic_batch(
-        args.batch_size,
-        spec.image_size,
-        args.text_len,
-        len(tokenizer),
-        tokenizer.eos_token_id,
+        args.batch_size, spec.image_size, args.text_len, len(tokenizer), tokenizer.eos_token_id,
         device,
-    )
+    )  # fmt: skip
     memory.reset()
-    with StepClock(device, args.warmup, args.steps) as clock:
-        for _ in range(args.steps):
+    with StepClock(device, args.variant_warmup, args.variant_steps) as clock:
+        for _ in range(args.variant_steps):
             train_step(step_model, batch, optimizer, dtype, device)
-    result = {**speeds(clock, args, device), "peak_mib": memory.peak_mib()}
+    result = {
+        "samples_per_s": clock.samples_per_s(args.batch_size),
+        "peak_mib": memory.peak_mib(),
+    }
     torch.set_float32_matmul_precision("highest")
     del model, optimizer, step_model, batch
     _free(device)
@@ -274,12 +321,7 @@ def flops_per_sample(cfg, tokenizer, args, device) -> float:
     model.clip.set_attn_implementation("eager")  # FlopCounterMode misses CPU flash attention
     model.to(device).train()
     batch = synthetic_batch(
-        2,
-        spec.image_size,
-        args.text_len,
-        len(tokenizer),
-        tokenizer.eos_token_id,
-        device,
+        2, spec.image_size, args.text_len, len(tokenizer), tokenizer.eos_token_id, device
     )
     with FlopCounterMode(display=False) as counter:
         logits = model(
@@ -293,192 +335,184 @@ def flops_per_sample(cfg, tokenizer, args, device) -> float:
     return counter.get_total_flops() / 2
 
 
-LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]*\]\[\w+\] (.*)$")
-PHASES = {"building data": "data", "building model": "model", "training ": "loop"}
-
-
-def startup(args) -> dict:
-    """Seconds from spawning `mmtrain train` to its first metrics.jsonl line, and phases."""
-    exe = Path(sys.executable).with_name("mmtrain")
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "mmtrain"]
-    with tempfile.TemporaryDirectory(prefix="mmtrain-startup-") as tmp:
-        run_dir = Path(tmp) / "run"
-        overrides = [
-            *model_overrides(args),
-            "trainer.log_every_n_steps=1",
-            "trainer.max_steps=2",
-            f"hydra.run.dir={run_dir}",
-        ]
-        metrics = run_dir / "metrics.jsonl"
-        with open(Path(tmp) / "console.txt", "w") as console:
-            spawned = time.time()
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-            process = subprocess.Popen(
-                [*command, "train", *overrides], stdout=console, stderr=console, env=env
-            )
-            first = None
-            while first is None and process.poll() is None:
-                if metrics.exists() and "\n" in metrics.read_text():
-                    first = time.time() - spawned
-                else:
-                    time.sleep(0.01)
-            code = process.wait(timeout=600)
-        if first is None or code != 0:
-            raise RuntimeError(
-                f"mmtrain train failed (exit {code}):\n{(Path(tmp) / 'console.txt').read_text()[-3000:]}"
-            )
-        marks = {"first log line": None}
-        for line in (run_dir / "train.log").read_text().splitlines():
-            match = LOG_LINE.match(line)
-            if not match:
-                continue
-            at = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() - spawned
-            marks["first log line"] = marks["first log line"] or at
-            for prefix, phase in PHASES.items():
-                if match[2].startswith(prefix) and phase not in marks:
-                    marks[phase] = at
-    return {
-        "first_step_s": first,
-        "imports_and_config_s": marks["first log line"],
-        "data_s": marks["model"] - marks["data"],
-        "model_and_optimizer_s": marks["loop"] - marks["model"],
-        "first_step_after_setup_s": first - marks["loop"],
-    }
-
-
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def summary(values: list[float]) -> dict:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "all": [round(v, 2) for v in values],
-    }
+def round_orders(names: list[str], args: argparse.Namespace) -> list[list[str]]:
+    """Each round's order of the loops: ABBA, or shuffled from --seed."""
+    rng = random.Random(args.seed)
+    orders = []
+    for index in range(args.blocks):
+        if args.order == "abba":
+            orders.append(names if index % 2 == 0 else names[::-1])
+        else:
+            orders.append(rng.sample(names, len(names)))
+    return orders
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Each figure of a loop's runs, summarized over the repeats."""
-    return {key: summary([run[key] for run in runs]) for key in runs[0]}
+def count_flops_only(args, cfg, device) -> None:
+    if args.model == "vit-b32":
+        tokenizer, digits = ClipVocab(), 2
+    else:
+        seed_everything(cfg.trainer.seed)
+        tokenizer, digits = build_parts(cfg, None).tokenizer, 4
+    gflop = flops_per_sample(cfg, tokenizer, args, device) / 1e9
+    print(
+        f"{args.model}, {args.text_len} text tokens: {gflop:.{digits}f} GFLOP per training sample"
+    )
 
 
 def main() -> None:
     args = parse_args()
+    set_threads(args.threads)  # before any torch work
     quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     memory = PeakMemory(device)
     cfg = compose_cfg(run_overrides(args))
-    validate(cfg)
+    trainer, _ = check(cfg)
     spec = backbone_spec(None, plain(cfg.model.backbone_config))
     args.text_len = min(args.text_len, spec.max_text_length)
-    if args.count_flops and args.model == "vit-b32":
-        gflop = flops_per_sample(cfg, ClipVocab(), args, device) / 1e9
-        print(f"{args.model}, {args.text_len} text tokens: {gflop:.2f} GFLOP per training sample")
-        return
-    seed_everything(cfg.trainer.seed)
-    parts = build_parts(cfg, None)  # the data and model fit builds, for the plain loop
     if args.count_flops:
-        gflop = flops_per_sample(cfg, parts.tokenizer, args, device) / 1e9
-        print(f"{args.model}, {args.text_len} text tokens: {gflop:.4f} GFLOP per training sample")
+        count_flops_only(args, cfg, device)
         return
-    init_state = copy.deepcopy(parts.model.state_dict())
-    params = sum(p.numel() for p in parts.model.parameters())
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    results["load_average_before"] = os.getloadavg()
-    print(
-        f"device {device_name} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}); "
-        f"model {args.model} ({params / 1e6:.2f} M parameters), batch {args.batch_size}, "
-        f"precision {args.precision}, compile {args.compile}, {args.steps} steps "
-        f"({args.warmup} warm-up), {args.repeats} repeats",
-        flush=True,
-    )
 
-    loops = {"plain": [], "mmtrain": []}
-    if device.type == "cuda":
-        loops["plain + float(loss) each step"] = []
-    variants = {variant[0]: [] for variant in VARIANTS} if args.variants else {}
-    tokenizer = ClipVocab() if args.model == "vit-b32" else parts.tokenizer
-    for repeat in range(args.repeats):
-        loops["plain"].append(plain_loop(parts, init_state, cfg, args, device, memory))
-        if "plain + float(loss) each step" in loops:
-            loops["plain + float(loss) each step"].append(
-                plain_loop(parts, init_state, cfg, args, device, memory, sync_loss=True)
+    load_before = os.getloadavg()
+    seed_everything(trainer.seed)
+    with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as tmp:
+        run = build_run(cfg, None, device)
+        loops: dict[str, Callable[[int], None]] = {PLAIN: PlainLoop(run, cfg, args)}
+        if device.type == "cuda":
+            loops[SYNCED] = PlainLoop(run, cfg, args, sync_loss=True)
+        mmtrain = loops[MMTRAIN] = MmtrainLoop(run, cfg, Path(tmp), args.checkpoints)
+        params = sum(p.numel() for p in run.model.parameters())
+        device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        print(
+            f"device {device_name} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} {load_before[1]:.2f} "
+            f"{load_before[2]:.2f}); model {args.model} ({params / 1e6:.2f} M parameters), "
+            f"batch {args.batch_size}, precision {args.precision}, compile {args.compile}; "
+            f"{args.blocks} rounds ({args.order}) of one {args.block_steps}-step block per loop "
+            f"after {args.warmup_steps} warm-up steps each",
+            flush=True,
+        )
+        for step_block in loops.values():
+            if args.warmup_steps:
+                step_block(args.warmup_steps)
+        names = list(loops)
+        blocks: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        orders = round_orders(names, args)
+        for index, order in enumerate(orders):
+            for name in order:
+                blocks[name].append(time_block(loops[name], args, device, memory))
+            shown = "  ".join(f"{n} {blocks[n][-1]['samples_per_s']:7.1f}" for n in names)
+            ratio = blocks[MMTRAIN][-1]["samples_per_s"] / blocks[PLAIN][-1]["samples_per_s"]
+            print(
+                f"round {index + 1:2d} ({''.join(LABELS[n] for n in order)}): "
+                f"samples/s {shown}  ratio {ratio:.3f}",
+                flush=True,
             )
-        loops["mmtrain"].append(mmtrain_loop(cfg, args, device, memory))
-        for variant in VARIANTS if args.variants else ():
-            variants[variant[0]].append(variant_loop(variant, cfg, tokenizer, args, device, memory))
-        shown = "  ".join(f"{k} {v[-1]['samples_per_s']:.1f}" for k, v in loops.items())
-        print(f"repeat {repeat + 1}: samples/s  {shown}", flush=True)
+        reported = mmtrain.reported()[-args.blocks :]
+    load_after = os.getloadavg()
 
-    results["device"], results["parameters"] = device_name, params
-    results["loops"] = {name: summarize(runs) for name, runs in loops.items()}
+    results: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "device": device_name,
+        "parameters": params,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "rounds": args.blocks,
+        "orders": orders,
+        "timed_steps_per_block": args.block_steps - 1,
+        "loops": {
+            name: {key: spread([b[key] for b in runs]) for key in runs[0]}
+            for name, runs in blocks.items()
+        },
+        "mmtrain_reported_samples_per_s": spread(reported),
+    }
     for key in ("samples_per_s", "samples_per_cpu_s"):
-        if key in loops["plain"][0]:
-            pairs = zip(loops["plain"], loops["mmtrain"], strict=True)
-            results[f"ratio_{key}"] = {
-                "of_medians": results["loops"]["mmtrain"][key]["median"]
-                / results["loops"]["plain"][key]["median"],
-                "per_repeat": summary([m[key] / p[key] for p, m in pairs]),
+        if key not in blocks[PLAIN][0]:
+            continue
+        for name in names:
+            if name == PLAIN:
+                continue
+            per_round = [
+                other[key] / base[key]
+                for base, other in zip(blocks[PLAIN], blocks[name], strict=True)
+            ]
+            medians = {n: results["loops"][n][key]["median"] for n in (PLAIN, name)}
+            results.setdefault(f"ratio_{key}", {})[name] = {
+                "per_round": spread(per_round),
+                "of_medians": medians[name] / medians[PLAIN],
             }
-    if variants:
+
+    if args.variants:
+        tokenizer = ClipVocab() if args.model == "vit-b32" else run.parts.tokenizer
+        del run, loops, mmtrain
+        _free(device)
+        rows = {variant[0]: [] for variant in VARIANTS}
+        for _ in range(args.variant_repeats):
+            for variant in VARIANTS:
+                rows[variant[0]].append(variant_loop(variant, cfg, tokenizer, args, device, memory))
         flops = flops_per_sample(cfg, tokenizer, args, device)
         results["variants"] = {
             "gflop_per_sample": flops / 1e9,
             "text_len": args.text_len,
             "rows": {
                 name: {
-                    **summarize(runs),
+                    **{key: spread([r[key] for r in runs]) for key in runs[0]},
                     "tflop_per_s": statistics.median(r["samples_per_s"] for r in runs)
                     * flops
                     / 1e12,
                 }
-                for name, runs in variants.items()
+                for name, runs in rows.items()
             },
         }
-    if args.startup_repeats:
-        runs = [startup(args) for _ in range(args.startup_repeats)]
-        results["startup"] = {key: summary([r[key] for r in runs]) for key in runs[0]}
+    report(results, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
-    cpu = device.type == "cpu"
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    cpu = args.device == "cpu"
     print(
-        "\nsteady state, samples/s (median [min, max])"
-        + (", samples per CPU-second (median)" if cpu else "")
-        + ", peak memory (MiB, median):"
+        f"\n{results['rounds']} blocks per loop, {args.block_steps} steps each, "
+        f"timed over steps 2-{args.block_steps}; samples/s per block, median [min, max] IQR"
+        + (", and per CPU-second" if cpu else "")
+        + ":"
     )
     for name, figures in results["loops"].items():
         s = figures["samples_per_s"]
-        print(
-            f"  {name:32s} {s['median']:9.1f} [{s['min']:.1f}, {s['max']:.1f}]"
-            + (f"  {figures['samples_per_cpu_s']['median']:8.1f}" if cpu else "")
-            + f"  peak {figures['peak_mib']['median']:.0f}"
+        line = (
+            f"  {name:32s} {s['median']:9.1f} [{s['min']:.1f}, {s['max']:.1f}] IQR {s['iqr']:.1f}"
         )
-    mm = results["loops"]["mmtrain"]
+        if cpu:
+            c = figures["samples_per_cpu_s"]
+            line += f"   CPU-s {c['median']:9.1f} [{c['min']:.1f}, {c['max']:.1f}]"
+        print(f"{line}   peak {figures['peak_mib']['median']:.0f} MiB")
+    r = results["mmtrain_reported_samples_per_s"]
     print(
-        f"  mmtrain's own train/samples_per_s (metrics.jsonl): "
-        f"{mm['reported_samples_per_s']['median']:.1f}; fit() to first step "
-        f"{mm['fit_to_first_step_s']['median']:.2f} s"
+        f"  mmtrain's own train/samples_per_s (metrics.jsonl, each block's {args.block_steps} "
+        f"steps): median {r['median']:.1f} [{r['min']:.1f}, {r['max']:.1f}]"
     )
     for key, label in (("samples_per_s", "wall time"), ("samples_per_cpu_s", "CPU time")):
-        if f"ratio_{key}" in results:
-            ratio = results[f"ratio_{key}"]
-            per = ratio["per_repeat"]
+        for name, ratio in results.get(f"ratio_{key}", {}).items():
+            per = ratio["per_round"]
             print(
-                f"  mmtrain / plain ({label}): {ratio['of_medians']:.3f} (ratio of medians); "
-                f"per repeat median {per['median']:.3f} [{per['min']:.3f}, {per['max']:.3f}]"
+                f"  {name} / plain ({label}): per-round ratio median {per['median']:.3f} "
+                f"[min {per['min']:.3f}, max {per['max']:.3f}; IQR {per['q1']:.3f}-{per['q3']:.3f}"
+                f" = {per['iqr']:.3f}] over {per['n']} rounds; ratio of medians "
+                f"{ratio['of_medians']:.3f}"
             )
-    if variants:
+    if "variants" in results:
         v = results["variants"]
         print(
             f"\nplain loop, model step only, synthetic tensors on the device, "
-            f"{args.text_len} text tokens, {v['gflop_per_sample']:.3g} GFLOP per sample:"
+            f"{v['text_len']} text tokens, {v['gflop_per_sample']:.3g} GFLOP per sample:"
         )
         for name, figures in v["rows"].items():
             s = figures["samples_per_s"]
@@ -486,19 +520,13 @@ def main() -> None:
                 f"  {name:32s} {s['median']:9.1f} [{s['min']:.1f}, {s['max']:.1f}]"
                 f"  {figures['tflop_per_s']:.3g} TFLOP/s  peak {figures['peak_mib']['median']:.0f}"
             )
-    if "startup" in results:
-        st = {k: v["median"] for k, v in results["startup"].items()}
-        print(
-            f"\nmmtrain train start-up to the first step (median of {args.startup_repeats}): "
-            f"{st['first_step_s']:.2f} s = imports and config {st['imports_and_config_s']:.2f}"
-            f" + data {st['data_s']:.2f} + model and optimizer {st['model_and_optimizer_s']:.2f}"
-            f" + first step {st['first_step_after_setup_s']:.2f}"
-            f"  (all runs: {results['startup']['first_step_s']['all']})"
-        )
-    results["load_average_after"] = os.getloadavg()
-    print(f"load average (1, 5, 15 min) at the end: {results['load_average_after']}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    before, after = results["load_average_before"], results["load_average_after"]
+    print(
+        "load average (1, 5, 15 min): before "
+        + " ".join(f"{x:.2f}" for x in before)
+        + ", after "
+        + " ".join(f"{x:.2f}" for x in after)
+    )
 
 
 if __name__ == "__main__":
