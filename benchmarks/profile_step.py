@@ -130,7 +130,7 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
     """Time each piece of mmtrain's per-step work alone, on the objects fit builds
     (`mmtrain.build.build_run`)."""
     cfg = compose_cfg(overrides)
-    t, _ = check(cfg)
+    t = check(cfg)
     device = resolve_device(t.device)
     seed_everything(t.seed)
     run = build_run(cfg, None, device)

@@ -372,7 +372,7 @@ def main() -> None:
     device = torch.device(args.device)
     memory = PeakMemory(device)
     cfg = compose_cfg(run_overrides(args))
-    trainer, _ = check(cfg)
+    trainer = check(cfg)
     spec = backbone_spec(None, plain(cfg.model.backbone_config))
     args.text_len = min(args.text_len, spec.max_text_length)
     if args.count_flops:

@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import random
+import typing
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,7 +38,7 @@ from mmtrain.config import (
 from mmtrain.data import augment as aug
 from mmtrain.data.loader import Collate, make_loader
 from mmtrain.data.negatives import NegativeSampler
-from mmtrain.data.source import SplitData, load_class_names, save_class_names
+from mmtrain.data.source import SplitData, save_class_names
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
@@ -57,9 +58,9 @@ def source_runtime(name: str) -> tuple[str, ...]:
     return tuple(key for key in SOURCE_RUNTIME if key in params)
 
 
-def check(cfg: DictConfig) -> tuple[TrainerConfig, LoaderConfig]:
+def check(cfg: DictConfig) -> TrainerConfig:
     """Check every group of `cfg` against its schema or its factory, building nothing;
-    return the typed trainer and loader configs."""
+    return the typed trainer config."""
     trainer, loader = trainer_config(cfg), loader_config(cfg)
     source = source_options(cfg)
     registry.check("data", source, runtime=source_runtime(source.get("name", "")))
@@ -69,9 +70,23 @@ def check(cfg: DictConfig) -> tuple[TrainerConfig, LoaderConfig]:
     registry.check("model", model, runtime=MODEL_RUNTIME)
     if "fusion" in model:
         registry.get("fusion", model["fusion"])
+    built = typing.get_type_hints(registry.get("model", model["name"])).get("return")
+    if loader.hard_negatives and inspect.isclass(built) and not _takes_negatives(built.forward):
+        raise _no_negatives(loader, model["name"])
     registry.check("optimizer", plain(cfg.optimizer), runtime=("model",))
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
-    return trainer, loader
+    return trainer
+
+
+def _takes_negatives(forward: Callable[..., Any]) -> bool:
+    return "negative_input_ids" in inspect.signature(forward).parameters
+
+
+def _no_negatives(loader: LoaderConfig, model: str) -> UserError:
+    return UserError(
+        f"data.hard_negatives={loader.hard_negatives}, but model {model!r} takes no negative "
+        "texts; use a contrastive model (model=clip_contrastive) or set data.hard_negatives=0."
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -188,15 +203,12 @@ def build_parts(
     """Data aligned to the backbone, the tokenizer and label names (saved to `run_dir`), the
     model, and the training split's augmentation and hard negatives.
 
-    `class_names` fixes the label mapping (eval and predict pass the run's labels.json); a
-    resumed run reuses the labels.json of its run directory.
+    `class_names` fixes the label mapping (a resumed run passes its labels.json).
     """
     loader = loader_config(cfg)
     seed = trainer_config(cfg).seed
     model_cfg = plain(cfg.model)
     spec = model_spec(cfg)
-    if class_names is None and run_dir is not None and cfg.trainer.get("resume"):
-        class_names = load_class_names(run_dir)
     splits = build_data(cfg, spec, class_names)
     for name in ("train", "val"):
         if name not in splits:
@@ -218,14 +230,8 @@ def build_parts(
         model_cfg["num_classes"] = num_classes
     log.info("building model %s", model_cfg["name"])
     model = registry.build("model", model_cfg, tokenizer=tokenizer, spec=spec)
-    if (
-        loader.hard_negatives
-        and "negative_input_ids" not in inspect.signature(model.forward).parameters
-    ):
-        raise UserError(
-            f"data.hard_negatives={loader.hard_negatives}, but model {model_cfg['name']!r} takes no "
-            "negative texts; use a contrastive model (model=clip_contrastive) or set data.hard_negatives=0."
-        )
+    if loader.hard_negatives and not _takes_negatives(model.forward):
+        raise _no_negatives(loader, model_cfg["name"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log.info(
@@ -249,6 +255,9 @@ def build_parts(
             "hard negatives: %d per image from %s", loader.hard_negatives, loader.negative_sampler
         )
         negatives = NegativeSampler(loader.negative_sampler, loader.hard_negatives, seed)
+        # A sampler that cannot serve this data says so now, not from a loader worker.
+        train = splits["train"]
+        negatives(train.texts[0], 0, 0, train.negatives[0] if train.negatives else None)
     return Parts(
         spec=spec,
         splits=splits,
@@ -312,12 +321,17 @@ class Run:
     mode: str  # max | min
 
 
-def build_run(cfg: DictConfig, run_dir: Path | None, device: torch.device) -> Run:
+def build_run(
+    cfg: DictConfig,
+    run_dir: Path | None,
+    device: torch.device,
+    class_names: list[str] | None = None,
+) -> Run:
     """Parts, loaders, optimizer, schedule and the wrapped model of a training run; only the
     main process passes `run_dir` (where the tokenizer and labels are saved)."""
     trainer = trainer_config(cfg)
     precision = resolve_precision(trainer.precision, device)
-    parts = build_parts(cfg, run_dir)
+    parts = build_parts(cfg, run_dir, class_names)
     model = parts.model.to(device)
     pin = device.type == "cuda"
     train_loader = data_loader(parts, "train", train=True, pin_memory=pin)
@@ -337,6 +351,13 @@ def build_run(cfg: DictConfig, run_dir: Path | None, device: torch.device) -> Ru
     if trainer.compile:
         step_model = torch.compile(step_model)
     monitor, mode = model.monitor
+    monitor = trainer.checkpoint.monitor or monitor
+    metrics = [f"val/{name}" for name in model.metrics(device).names]
+    if monitor not in metrics:
+        raise UserError(
+            f"trainer.checkpoint.monitor={monitor} is not a validation metric of model "
+            f"{cfg.model.name!r}; choose one of: {', '.join(metrics)}."
+        )
     return Run(
         trainer=trainer,
         parts=parts,
@@ -352,6 +373,6 @@ def build_run(cfg: DictConfig, run_dir: Path | None, device: torch.device) -> Ru
         val_loader=val_loader,
         steps_per_epoch=steps_per_epoch,
         max_steps=max_steps,
-        monitor=trainer.checkpoint.monitor or monitor,
+        monitor=monitor,
         mode=mode if trainer.checkpoint.mode == "auto" else trainer.checkpoint.mode,
     )

@@ -125,7 +125,7 @@ def load(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(
-            f"Checkpoint {path} does not exist. Give trainer.resume=auto or the path of a .pt file."
+            f"Checkpoint {path} does not exist; give the path of a .pt file a run wrote."
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -59,7 +59,7 @@ def _train_task(cfg: Any) -> float:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        trainer, _ = check(cfg)
+        trainer = check(cfg)
         from mmtrain.launch import launch, launched
 
         if trainer.nproc_per_node > 1 and not launched():
@@ -98,6 +98,15 @@ def _console_logging() -> None:
     )
 
 
+def _with_overrides(args: list[str], extra: list[str] | tuple[str, ...]) -> list[str]:
+    """`args` with the overrides `extra` placed right after the user's last override: Hydra's
+    parser takes one run of KEY=VALUE arguments, with its flags (--config-dir DIR, --cfg job)
+    before or after it."""
+    overrides = [i for i, arg in enumerate(args) if "=" in arg and not arg.startswith("-")]
+    at = overrides[-1] + 1 if overrides else len(args)
+    return [*args[:at], *extra, *args[at:]]
+
+
 def _run_hydra(task: Any, args: list[str]) -> None:
     import hydra
 
@@ -131,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             from mmtrain.launch import shared_run_dir
 
-            _run_hydra(_train_task, [*args, *shared_run_dir(args)])
+            _run_hydra(_train_task, _with_overrides(args, shared_run_dir(args)))
         elif command == "validate":
             _results.clear()
-            _run_hydra(_validate_task, [*VALIDATE_HYDRA, *args])
+            _run_hydra(_validate_task, _with_overrides(args, VALIDATE_HYDRA))
             if _results.get("bad_rows"):
                 return 1  # the data has bad rows (2 is kept for usage errors)
         elif command == "list":

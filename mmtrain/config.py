@@ -141,16 +141,16 @@ def _schema_at(schema: type, path: list[str]) -> tuple[type, Any]:
 
 
 def _type_words(hint: Any) -> str:
-    args = typing.get_args(hint)
+    args = () if typing.get_origin(hint) is dict else typing.get_args(hint)
     base = next((a for a in args if a is not type(None)), hint)
     words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     text = words.get(base, "a mapping")
     return f"{text} or null" if type(None) in args else text
 
 
-def typed(schema: type, node: Any, prefix: str) -> Any:
+def typed(schema: type, node: Any, prefix: str, more: str = "") -> Any:
     """`node` (a config section) as an instance of the dataclass `schema`; a UserError
-    naming the key, and the keys that exist, when it does not fit."""
+    naming the key, and the keys that exist (and `more` about others), when it does not fit."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
@@ -163,11 +163,13 @@ def typed(schema: type, node: Any, prefix: str) -> Any:
             close = difflib.get_close_matches(path[-1], keys.split(", "), n=1, cutoff=0.5)
             did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
             raise UserError(
-                f"Unknown key {where!r}.{did_you_mean} Accepted keys of {parent}: {keys}."
+                f"Unknown key {where!r}.{did_you_mean} Accepted keys of {parent}: {keys}.{more}"
             ) from None
         reason = str(getattr(error, "msg", error)).splitlines()[0]
         takes = f"; {where} takes {_type_words(hint)}" if hint is not None else ""
-        raise UserError(f"{where}: {reason}{takes}. Accepted keys of {parent}: {keys}.") from None
+        raise UserError(
+            f"{where}: {reason}{takes}. Accepted keys of {parent}: {keys}.{more}"
+        ) from None
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -178,7 +180,8 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
 def loader_config(cfg: DictConfig) -> LoaderConfig:
     """The data group's loader keys, checked and typed."""
     data = cfg.data
-    return typed(LoaderConfig, {k: data[k] for k in LOADER_KEYS if k in data}, "data")
+    more = f" The data source {data.get('name')!r} takes the others (`mmtrain list data`)."
+    return typed(LoaderConfig, {k: data[k] for k in LOADER_KEYS if k in data}, "data", more)
 
 
 def source_options(cfg: DictConfig) -> dict[str, Any]:

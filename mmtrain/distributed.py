@@ -39,15 +39,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launched() -> bool:
-    """Whether this process was started by torchrun or the elastic launcher."""
-    return int(os.environ.get("WORLD_SIZE", 1)) > 1
-
-
 @contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """Join the job's process group (gloo on CPU, nccl on CUDA) for the duration, if launched."""
-    if not launched() or dist.is_initialized():
+    """Join the job's process group (gloo on CPU, nccl on CUDA) for the duration, when
+    torchrun or mmtrain.launch started this process as one of several."""
+    if world_size() == 1 or dist.is_initialized():
         yield
         return
     if device.type == "cuda":

@@ -27,6 +27,7 @@ from mmtrain import checkpoint as ckpt
 from mmtrain import distributed
 from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
 from mmtrain.config import trainer_config
+from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
 from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, write_json
 
@@ -157,23 +158,27 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     device = resolve_device(trainer.device)
     with distributed.process_group(device):
         main = distributed.is_main()
-        _writable(run_dir / "checkpoints")
+        if main:
+            _writable(run_dir / "checkpoints")
         config = OmegaConf.to_container(cfg, resolve=True)
         resume_from = _resume_path(trainer.resume, run_dir)
         saved = ckpt.load(resume_from) if resume_from else None
+        state = TrainState()
         if saved is not None:
             ckpt.check_compatible(saved["config"], config, resume_from)
-        seed_everything(trainer.seed)  # the same on every rank, as Lightning does
+            state = TrainState.from_checkpoint(saved, resume_from)
+        # The same seed on every rank, so dropout noise stays in step across ranks.
+        seed_everything(trainer.seed)
         world = distributed.world_size()
         log.info(
             "run directory: %s (device %s, precision %s, %d process%s)",
             run_dir, device, resolve_precision(trainer.precision, device), world, "es" if world > 1 else "",
         )  # fmt: skip
-        run = build_run(cfg, run_dir if main else None, device)
+        # A resumed run keeps its label mapping (labels.json), on every rank.
+        class_names = load_class_names(run_dir) if saved is not None else None
+        run = build_run(cfg, run_dir if main else None, device, class_names)
         outputs = Outputs(run_dir, MetricsLog(run_dir, enabled=main), config, main)
-        state = TrainState()
         if saved is not None:
-            state = TrainState.from_checkpoint(saved, resume_from)
             ckpt.restore(saved, run.model, run.optimizer, run.scheduler, run.scaler)
             outputs.metrics.truncate_after(state.step)
             log.info(
@@ -298,10 +303,6 @@ def _validate(run: Run, state: TrainState, out: Outputs) -> None:
         state.step,
         "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
     )
-    if run.monitor not in metrics:
-        raise UserError(
-            f"trainer.checkpoint.monitor={run.monitor!r} is not a validation metric; choose one of: {', '.join(metrics)}."
-        )
     value = metrics[run.monitor]
     better = state.best is None or (value > state.best if run.mode == "max" else value < state.best)
     if better:

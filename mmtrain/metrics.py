@@ -32,6 +32,7 @@ class ClassificationMetrics:
         self.binary = num_classes == 2
         self.scores = MetricCollection(metrics).to(device)
         self.loss = MeanMetric().to(device)
+        self.names = ("loss", *metrics)  # what `compute` returns
 
     @torch.no_grad()
     def update(self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
@@ -62,6 +63,8 @@ class RetrievalMetrics:
         self.texts: list[torch.Tensor] = []
         self.keys: list[tuple[int, ...]] = []
         self.loss = MeanMetric().to(device)
+        # what `compute` returns
+        self.names = ("loss", *(f"recall@{k}_{way}" for k in self.KS for way in ("i2t", "t2i")))
 
     @torch.no_grad()
     def update(self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:

@@ -7,13 +7,16 @@
 
 Config keys become keyword arguments; runtime objects (a model, an optimizer) are passed
 as keyword arguments to `build`. Both are checked against the function's signature before
-it is called, so a typo fails with the accepted names instead of deep inside a constructor.
+it is called, so a typo fails with the accepted names instead of deep inside a constructor,
+and so does a value of the wrong type for a parameter annotated int, float, str or bool.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -68,6 +71,34 @@ def _split(kind: str, cfg: Mapping[str, Any] | str) -> tuple[str, dict[str, Any]
     return str(options.pop("name")), options
 
 
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _wanted(value: Any, hint: Any) -> str | None:
+    """None when `value` fits the annotation `hint`, else what it should be, in words. Only
+    int, float, str, bool and their unions with None are judged; the factory checks the rest."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        wanted = [_wanted(value, a) for a in args if a is not type(None)]
+        if None in wanted:
+            return None
+        return " or ".join(wanted) + (" or null" if type(None) in args else "")
+    if hint not in _WORDS:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    fits = {float: number, int: number and isinstance(value, int)}.get(hint, type(value) is hint)
+    return None if fits else _WORDS[hint]
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that names a type only a type checker sees
+        return {}
+
+
 def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) -> None:
     """Check that `cfg` (plus runtime keyword names) would bind to its factory, building nothing."""
     name, options = _split(kind, cfg)
@@ -87,6 +118,11 @@ def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) 
         raise UserError(
             f"Unknown key {key!r} for {where}.{hint} Accepted keys: {', '.join(config_keys)}."
         )
+    hints = _hints(fn)
+    for key, value in options.items():
+        wanted = _wanted(value, hints.get(key))
+        if wanted:
+            raise UserError(f"Key {key!r} of {where} must be {wanted} (got {value!r}).")
     clash = [key for key in options if key in runtime]
     if clash:
         raise UserError(

@@ -96,6 +96,43 @@ def test_predict_writes_one_row_per_input_row_in_order(run, tmp_path):
     assert result.returncode == 2 and "predict.jsonl:4" in result.stderr
 
 
+def test_predict_on_a_run_trained_on_shapes_reads_any_manifest(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    rows = [
+        {"image": "images/val_0.jpg", "text": "a red circle in the top left"},
+        {"image": "images/gone.png", "text": "a blue square in the bottom right"},
+        {"image": "images/val_1.png", "text": "a green triangle in the top right"},
+    ]
+    write_learnable(tmp_path / "data", train=1, val=2)  # the images
+    source = write_jsonl(tmp_path / "data" / "new.jsonl", rows)
+    out = tmp_path / "predictions.jsonl"
+    args = ("predict", f"run={run_dir}", f"input={source}", f"output={out}")
+
+    result = run_cli(*args)  # a bad row: listed once, with what to do
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("new.jsonl:2: missing file") == 1
+    assert "data.on_bad_sample=skip to predict the other rows" in result.stderr
+
+    result = run_cli(*args, "data.on_bad_sample=skip")  # a manifest key: it reads the input
+    assert result.returncode == 0, result.stderr
+    predictions = read_jsonl(out)
+    assert [p["status"] for p in predictions] == ["ok", "skipped", "ok"]
+    assert {p["label"] for p in predictions if p["status"] == "ok"} <= {"mismatch", "match"}
+
+    missing = run_cli(
+        "predict", f"run={run_dir}", f"input={tmp_path / 'nope.csv'}", f"output={out}"
+    )
+    assert (
+        missing.returncode == 2 and "input=" in missing.stderr and "no such file" in missing.stderr
+    )
+    odd = run_cli(*args, "foo.bar=1")
+    assert odd.returncode == 2 and "Unknown override group 'foo'" in odd.stderr
+    usage = run_cli("predict", "--help")
+    assert usage.returncode == 0 and "mmtrain predict run=RUN_DIR" in usage.stdout
+
+
 def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
 

@@ -102,6 +102,16 @@ def test_contrastive_training_through_the_cli(tmp_path):
     assert summary["best"]["metric"] == "val/recall@1_i2t"
 
 
+def test_a_sampler_that_cannot_serve_the_data_stops_before_training(tmp_path):
+    result = run_cli(
+        "train", "model=clip_contrastive", "data.hard_negatives=2", "data.negative_sampler=manifest",
+        *TINY, "data.num_workers=2", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "needs a negatives column in the manifest (set data.negative_column)" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_manifest_negatives_come_from_their_column(tmp_path):
     from conftest import CONF
     from hydra import compose, initialize_config_dir

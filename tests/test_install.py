@@ -78,6 +78,17 @@ def test_users_own_config_groups_join_mmtrains(how, tmp_path):
     assert_mine_ran(tmp_path / "run")
 
 
+def test_validate_takes_the_users_config_groups_too(tmp_path):
+    write_user_configs(tmp_path)
+    result = run_in(
+        tmp_path,
+        [sys.executable, "-m", "mmtrain", "validate", "--config-dir", "./conf", "experiment=mine",
+         "data.train_size=32", "data.val_size=16", "data.test_size=16"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Every row is usable." in result.stdout
+
+
 def test_a_missing_user_option_names_the_options_there_are(tmp_path):
     write_user_configs(tmp_path)
     result = run_in(

@@ -95,6 +95,14 @@ def test_every_bad_row_is_listed_with_file_line_and_reason(tmp_path):
         assert f"{messy['train']}:{line}:" not in message
 
 
+def test_an_unknown_bad_sample_policy_is_refused(tmp_path):
+    train, val = write_learnable(tmp_path, train=3, val=3)
+    with pytest.raises(
+        UserError, match="data.on_bad_sample=drop is not valid; choose one of: error, skip"
+    ):
+        manifest(image_size=16, train=str(train), val=str(val), on_bad_sample="drop")
+
+
 def test_skip_drops_bad_rows_counts_them_and_changes_no_row(tmp_path, caplog):
     messy = write_messy(tmp_path)
     with caplog.at_level(logging.WARNING, logger="mmtrain"):

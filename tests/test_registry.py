@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mmtrain import registry
@@ -34,6 +36,33 @@ def test_unknown_key_names_the_key_and_accepted_ones():
 def test_missing_key_is_named():
     with pytest.raises(UserError, match="Missing key 'a' for test_kind 'adder'"):
         registry.build("test_kind", {"name": "adder", "b": 1})
+
+
+@registry.register("test_kind", "typed")
+def typed(count: int = 1, rate: float = 0.5, label: str | None = None, flag: bool = False):
+    """Annotated keys."""
+    return count, rate, label, flag
+
+
+@pytest.mark.parametrize(
+    ("options", "wanted"),
+    [
+        ({"count": "3"}, "Key 'count' of test_kind 'typed' must be an integer (got '3')"),
+        ({"count": 2.5}, "must be an integer (got 2.5)"),
+        ({"count": True}, "must be an integer (got True)"),
+        ({"rate": "fast"}, "Key 'rate' of test_kind 'typed' must be a number (got 'fast')"),
+        ({"label": 7}, "Key 'label' of test_kind 'typed' must be a string or null (got 7)"),
+        ({"flag": "yes"}, "must be true or false (got 'yes')"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named(options, wanted):
+    with pytest.raises(UserError, match=re.escape(wanted)):
+        registry.check("test_kind", {"name": "typed", **options})
+
+
+def test_values_that_fit_their_annotations_pass():
+    built = registry.build("test_kind", {"name": "typed", "count": 3, "rate": 1, "label": None})
+    assert built == (3, 1, None, False)
 
 
 def test_runtime_key_in_config_is_refused():

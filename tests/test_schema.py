@@ -39,12 +39,25 @@ def test_the_trainer_yaml_holds_the_schemas_defaults():
         ("data.negative_sampler=nope", "Unknown negatives 'nope'"),
         ("+data.size=5", "Unknown key 'size' for data 'shapes'"),
         ("+model.fusion_layer=2", "Unknown key 'fusion_layer' for model 'clip_fusion'. Did you mean 'fusion_layers'?"),
+        ("optimizer.lr=abc", "Key 'lr' of optimizer 'adamw' must be a number (got 'abc')"),
+        ("data.train_size=1e3", "Key 'train_size' of data 'shapes' must be an integer (got 1000.0)"),
+        ("model.fusion_layers=true", "Key 'fusion_layers' of model 'clip_fusion' must be an integer (got True)"),
+        ("data.augment.flip.p=often", "Key 'p' of image_augment 'flip' must be a number (got 'often')"),
+        ("data.hard_negatives=2", "data.hard_negatives=2, but model 'clip_fusion' takes no negative texts"),
     ],
 )  # fmt: skip
 def test_a_bad_key_or_value_names_the_key(override, expected):
     with pytest.raises(UserError) as error:
         check(_compose([override]))
     assert expected in str(error.value)
+
+
+def test_values_read_back_from_a_run_directory_are_typed_again():
+    from omegaconf import OmegaConf
+
+    # .hydra/config.yaml keeps trainer.precision=16 as a number; the schema makes it "16".
+    trainer = trainer_config(OmegaConf.create({"trainer": {"precision": 16, "seed": 3}}))
+    assert trainer.precision == "16" and trainer.seed == 3
 
 
 def test_loader_keys_are_the_same_in_every_data_option():
@@ -59,6 +72,15 @@ def test_an_added_trainer_key_stops_the_command_before_anything_is_built(tmp_pat
     assert result.returncode == 2
     assert "Unknown key 'trainer.logger'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_monitor_that_is_no_metric_stops_before_training(tmp_path):
+    result = run_cli(
+        "train", *TINY, "trainer.checkpoint.monitor=val/acc", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "val/acc is not a validation metric of model 'clip_fusion'" in result.stderr
+    assert "val/accuracy" in result.stderr and not list(tmp_path.glob("checkpoints/*.pt"))
 
 
 def test_hard_negatives_need_a_model_that_takes_them(tmp_path):

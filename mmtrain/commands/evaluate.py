@@ -1,5 +1,9 @@
-"""`mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH]`: a finished run's metrics
-on one split, printed as a table and written to RUN_DIR/eval_SPLIT.json."""
+"""mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH] [OVERRIDES]
+
+A finished run's metrics on one split (default val), with its best checkpoint (else
+last.pt, or checkpoint=PATH): printed as a table and written to RUN_DIR/eval_SPLIT.json.
+Config overrides of the run may follow, e.g. data.batch_size=256 or data.test=test.csv.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from rich.table import Table
 
 from mmtrain.build import autocast_for, build_data, resolve_device, resolve_precision
 from mmtrain.commands.load import batches, load_run, parse_args
+from mmtrain.config import trainer_config
 from mmtrain.errors import UserError
 from mmtrain.loop import evaluate
 from mmtrain.runlog import write_json
@@ -19,7 +24,7 @@ log = logging.getLogger("mmtrain")
 
 def evaluate_run(args: list[str]) -> dict[str, float]:
     """`mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH] [overrides]`."""
-    own, overrides = parse_args(args, ("run",), ("split", "checkpoint"))
+    own, overrides = parse_args(args, ("run",), ("split", "checkpoint"), __doc__)
     split_name = own.get("split", "val")
     run = load_run(own["run"], overrides, own.get("checkpoint"))
     splits = build_data(run.cfg, run.spec, run.class_names)
@@ -27,14 +32,15 @@ def evaluate_run(args: list[str]) -> dict[str, float]:
         raise UserError(
             f"split={split_name}: the run's data has no such split (it has {', '.join(splits)}); for a manifest, set data.{split_name}=PATH."
         )
-    device = resolve_device(run.cfg.trainer.device)
+    trainer = trainer_config(run.cfg)
+    device = resolve_device(trainer.device)
     model = run.model.to(device)
     metrics = evaluate(
         model,
         model.metrics(device),
         batches(run, splits[split_name]),
         device,
-        autocast_for(resolve_precision(run.cfg.trainer.precision, device), device),
+        autocast_for(resolve_precision(trainer.precision, device), device),
     )
     metrics = {name.replace("val/", f"{split_name}/"): value for name, value in metrics.items()}
     result = {

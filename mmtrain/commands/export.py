@@ -1,5 +1,9 @@
-"""`mmtrain export run=RUN_DIR out=DIR`: a folder that transformers loads (CLIPModel,
-AutoTokenizer, the image processor), plus the head's weights and description."""
+"""mmtrain export run=RUN_DIR out=DIR [checkpoint=PATH]
+
+A folder that transformers loads (CLIPModel, AutoTokenizer, the image processor) from a
+finished run's best checkpoint (else last.pt, or checkpoint=PATH), plus the head's weights
+(head.safetensors) and its description (mmtrain_head.json).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ def export_run(args: list[str]) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
 
-    own, overrides = parse_args(args, ("run", "out"), ("checkpoint",))
+    own, overrides = parse_args(args, ("run", "out"), ("checkpoint",), __doc__)
     run = load_run(own["run"], overrides, own.get("checkpoint"))
     out = Path(own["out"]).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@ options of each config group."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import mmtrain
 import mmtrain.components  # noqa: F401  (registers the built-in components)
 from mmtrain import registry
 from mmtrain.build import MODEL_RUNTIME, SOURCE_RUNTIME
-from mmtrain.config import LOADER_KEYS
+from mmtrain.config import LOADER_KEYS, TrainerConfig
 from mmtrain.data.augment import IMAGE, TEXT
 from mmtrain.data.augment import RUNTIME as AUGMENT_RUNTIME
 from mmtrain.errors import UserError
@@ -39,7 +41,7 @@ RUNTIME = {
     "fusion": FUSION_ARGUMENTS,
     "image_augment": AUGMENT_RUNTIME[IMAGE],
     "text_augment": AUGMENT_RUNTIME[TEXT],
-    "negatives": ("text", "rng", "negatives"),
+    "negatives": ("text", "rng", "k", "negatives"),
 }
 _PACKAGE_ROOT = Path(mmtrain.__file__).resolve().parent.parent
 
@@ -90,6 +92,14 @@ def print_listing(config_dir: Traversable, args: list[str]) -> None:
     )
     if group == "data":
         console.print(f"Keys every data option has: {', '.join(f'data.{k}' for k in LOADER_KEYS)}")
+    if group == "trainer":
+        table = Table(title="trainer keys (typed: a wrong type or an unknown key is an error)")
+        table.add_column("key", style="bold")
+        table.add_column("type")
+        table.add_column("default")
+        for key, hint, default in _schema_rows(TrainerConfig, "trainer"):
+            table.add_row(key, str(hint).replace("typing.", ""), repr(default))
+        console.print(table)
     for kind in GROUPS[group]:
         table = Table(title=f"registered {kind} components")
         table.add_column("name", style="bold")
@@ -105,8 +115,27 @@ def print_listing(config_dir: Traversable, args: list[str]) -> None:
             ]
             table.add_row(name, ", ".join(keys), _summary(fn), defined_at(fn))
         console.print(table)
+    if GROUPS[group]:
+        console.print(
+            "The defaults shown are the functions' own; each YAML option sets its values "
+            "(`mmtrain train --cfg job` prints what a run uses).",
+            highlight=False,
+        )
     if group == "data":
         console.print(
             "Augmentations (training split only) are switched on by probability: "
             "data.augment.flip.p=0.5 data.augment.word_dropout.p=0.1"
         )
+
+
+def _schema_rows(schema: type, prefix: str) -> list[tuple[str, object, object]]:
+    """(key, type, default) of every leaf of a structured-config dataclass."""
+    rows = []
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        key, hint = f"{prefix}.{field.name}", hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            rows += _schema_rows(hint, key)
+        else:
+            rows.append((key, getattr(hint, "__name__", hint), field.default))
+    return rows

@@ -43,10 +43,13 @@ class TrainedRun:
 
 
 def parse_args(
-    args: list[str], required: tuple[str, ...], optional: tuple[str, ...]
+    args: list[str], required: tuple[str, ...], optional: tuple[str, ...], usage: str
 ) -> tuple[dict[str, str], list[str]]:
     """Split `KEY=VALUE` arguments into this command's own keys and config overrides
-    (anything with a dot, e.g. data.batch_size=128)."""
+    (anything with a dot, e.g. data.batch_size=128); `-h`/`--help` prints `usage`."""
+    if "-h" in args or "--help" in args:
+        print(usage.strip())
+        raise SystemExit(0)
     own: dict[str, str] = {}
     overrides: list[str] = []
     for arg in args:
@@ -79,7 +82,14 @@ def load_run(run: str, overrides: list[str] = (), checkpoint: str | None = None)
         )
     cfg = OmegaConf.load(config_file)
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        given = OmegaConf.from_dotlist(list(overrides))
+        unknown = sorted(set(given) - set(cfg))
+        if unknown:
+            raise UserError(
+                f"Unknown override group {unknown[0]!r}; overrides change the run's config, "
+                f"whose groups are: {', '.join(map(str, cfg))} (e.g. data.batch_size=256)."
+            )
+        cfg = OmegaConf.merge(cfg, given)
     try:
         check(cfg)
     except UserError as error:

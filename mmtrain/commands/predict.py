@@ -1,20 +1,27 @@
-"""`mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.jsonl|.csv`: one prediction per
-input row, in the input's order."""
+"""mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.jsonl|.csv [checkpoint=PATH] [OVERRIDES]
+
+One prediction per row of the input manifest (CSV or JSONL, image and text columns; labels
+are not needed), in the input's order: the predicted label and each class's probability
+(a classifier) or the image-text similarity (a contrastive model). data.on_bad_sample=skip
+predicts the other rows when some are bad and marks those with their reason.
+"""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from mmtrain import registry
-from mmtrain.build import autocast_for, resolve_device, resolve_precision
+from mmtrain.build import autocast_for, resolve_device, resolve_precision, source_runtime
 from mmtrain.commands.load import batches, load_run, parse_args
-from mmtrain.config import source_options
+from mmtrain.config import source_options, trainer_config
 from mmtrain.errors import UserError
 
 log = logging.getLogger("mmtrain")
@@ -23,28 +30,50 @@ PREDICT_FORMATS = (".jsonl", ".csv")
 
 def predict_run(args: list[str]) -> Path:
     """`mmtrain predict run=RUN_DIR input=MANIFEST output=FILE(.jsonl|.csv)`: one output row
-    per input row, in order (bad rows under data.on_bad_sample=skip get their reason)."""
-    own, overrides = parse_args(args, ("run", "input", "output"), ("checkpoint",))
+    per input row, in order (bad rows under data.on_bad_sample=skip get their reason).
+
+    The input is read as a manifest: with the run's own manifest settings (columns, image
+    root, cache) when it trained on one, else with the defaults, and with any `data.KEY=`
+    override that the manifest source takes (data.on_bad_sample=skip, data.image_root=...).
+    Other overrides apply to the run's config (data.batch_size=256).
+    """
+    own, overrides = parse_args(args, ("run", "input", "output"), ("checkpoint",), __doc__)
     output = Path(own["output"]).expanduser()
     if output.suffix.lower() not in PREDICT_FORMATS:
         raise UserError(
             f"output={own['output']}: the format follows the extension; use .jsonl or .csv."
         )
-    run = load_run(own["run"], overrides, own.get("checkpoint"))
-    # The input is read as a manifest: with the run's own manifest settings (columns, image
-    # root, cache) when it trained on one, else with the defaults; labels are not needed.
-    if run.cfg.data.name == "manifest":
-        options = source_options(run.cfg)
-    else:
-        options = {"name": "manifest", "on_bad_sample": run.cfg.data.get("on_bad_sample", "error")}
-    options.update(train=own["input"], val=own["input"], test=None, label_column=None)
+    source = Path(own["input"]).expanduser()
+    if not source.is_file():
+        raise UserError(
+            f"input={own['input']}: no such file ({source.resolve()}); give the CSV or JSONL "
+            "manifest of the rows to predict (image and text columns; labels are not needed)."
+        )
+    takes = inspect.signature(registry.get("data", "manifest")).parameters
+    for_input = [o for o in overrides if o.startswith("data.") and o[5:].split("=")[0] in takes]
+    run = load_run(own["run"], [o for o in overrides if o not in for_input], own.get("checkpoint"))
+    options = source_options(run.cfg) if run.cfg.data.name == "manifest" else {"name": "manifest"}
+    options.update(OmegaConf.to_container(OmegaConf.from_dotlist(for_input)).get("data", {}))
+    policy = options.get("on_bad_sample", "error")
+    # No labels: every row is in the one class "0" (the manifest's unlabelled mode). Bad rows
+    # are collected here and reported below, once, in the words of this command.
+    options.update(train=None, val=str(source), test=None, label_column=None, on_bad_sample="skip")
+    registry.check("data", options, runtime=source_runtime("manifest"))
     split = registry.build(
-        "data", options, image_size=run.spec.image_size, class_names=None, num_classes=None
+        "data", options, image_size=run.spec.image_size, class_names=["0"], num_classes=None
     )["val"]
-    device = resolve_device(run.cfg.trainer.device)
+    if split.bad_rows and policy == "error":
+        listing = "\n".join(f"  {row}" for row in split.bad_rows)
+        raise UserError(
+            f"{len(split.bad_rows)} bad row(s) in {source}:\n{listing}\nFix or remove them, or "
+            "add data.on_bad_sample=skip to predict the other rows (the skipped ones are "
+            "marked in the output with their reason)."
+        )
+    trainer = trainer_config(run.cfg)
+    device = resolve_device(trainer.device)
     model, autocast = (
         run.model.to(device),
-        autocast_for(resolve_precision(run.cfg.trainer.precision, device), device),
+        autocast_for(resolve_precision(trainer.precision, device), device),
     )
     results: list[dict[str, Any]] = []
     with torch.no_grad():

@@ -16,7 +16,7 @@ Row = tuple[int, torch.Tensor, str, int, bool, int | None, list[str] | None]
 
 
 class PairDataset(Dataset):
-    """(index, uint8 image, text, label, paired, epoch) rows of one split.
+    """(index, uint8 image, text, label, paired, epoch, negatives) rows of one split.
 
     A key is a row index, or (epoch, index) from a sampler with `tag_epoch`: the epoch is
     passed on so that text augmentation can depend on (seed, epoch, index) alone.
@@ -98,7 +98,7 @@ class Collate:
         tokenizer: Any,
         max_length: int,
         text_augment: TextAugment | None = None,
-        negatives: Callable[[str, int, int], list[str]] | None = None,
+        negatives: Callable[[str, int, int, list[str] | None], list[str]] | None = None,
     ):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.text_augment, self.negatives = text_augment, negatives

@@ -29,7 +29,6 @@ from mmtrain.errors import UserError
 from mmtrain.registry import register
 
 log = logging.getLogger("mmtrain")
-SPLITS = ("train", "val", "test")
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -284,7 +283,7 @@ def manifest(
     image_root: str | None = None,
     image_column: str = "image",
     text_column: str = "text",
-    label_column: str = "label",
+    label_column: str | None = "label",
     negative_column: str | None = None,
     cache_dir: str | None = None,
     max_image_pixels: int = 100_000_000,
@@ -295,10 +294,15 @@ def manifest(
     """Image-text pairs from CSV or JSONL manifests (`train`, `val`, optional `test`).
 
     `image_size` comes from the backbone. `class_names` (from a run's labels.json) fixes
-    the label mapping instead of deriving it from the training labels. Decoded images are
+    the label mapping instead of deriving it from the training labels; with it, `train`
+    may be left out (`mmtrain predict` reads one manifest as `val`). Decoded images are
     cached in `cache_dir` (default: `.mmtrain_cache/` beside each manifest).
     """
-    if train is None or val is None:
+    if on_bad_sample not in ("error", "skip"):
+        raise UserError(
+            f"data.on_bad_sample={on_bad_sample} is not valid; choose one of: error, skip."
+        )
+    if val is None or (train is None and class_names is None):
         raise UserError(
             "data=manifest needs data.train=PATH and data.val=PATH (CSV or JSONL files with "
             f"the columns {image_column!r}, {text_column!r}, {label_column!r}); "
@@ -333,7 +337,7 @@ def manifest(
     else:
         keys = [_label_key(row.label) for row in read["train"][2]]
         names, integer = class_names_of([k for k in keys if k is not None], num_classes)
-    if not read["train"][2]:
+    if "train" in read and not read["train"][2]:
         raise UserError(f"The training manifest {read['train'][0]} has no rows.")
     if not names:
         raise UserError(

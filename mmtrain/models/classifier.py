@@ -121,7 +121,7 @@ def clip_fusion(
     fusion: str = "cross_attention",
     fusion_layers: int = 1,
     fusion_heads: int = 4,
-    num_classes: int = 2,
+    num_classes: int | None = None,
     head_hidden: int = 256,
     dropout: float = 0.1,
     contrastive_weight: float = 0.5,
@@ -130,7 +130,7 @@ def clip_fusion(
 ) -> ImageTextClassifier:
     """A CLIP classifier on `fusion` of image and text features; the head's input size is
     the fusion's `out_dim`."""
-    if num_classes < 2:
+    if num_classes is None or num_classes < 2:  # null in the config: the data's classes
         raise UserError(f"model.num_classes must be at least 2 (got {num_classes}).")
     if contrastive_weight < 0:
         raise UserError(f"model.contrastive_weight must be >= 0 (got {contrastive_weight}).")
