@@ -11,6 +11,7 @@ against the signature of the factory that consumes them (`mmtrain.registry.check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -187,3 +188,28 @@ def loader_config(cfg: DictConfig) -> LoaderConfig:
 def source_options(cfg: DictConfig) -> dict[str, Any]:
     """The data group's keys that belong to the data source's factory (`data.name` too)."""
     return {k: v for k, v in plain(cfg.data).items() if k not in LOADER_KEYS}
+
+
+def upgrade(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config that mmtrain 0.1.0 wrote (a checkpoint's, a run's
+    .hydra/config.yaml), in this release's keys; a config of this release comes back equal.
+
+    0.1.0 kept hard negatives in the model group (model.hard_negatives,
+    model.negative_sampler); the data pipeline draws them now (data.*). Its `shapes` took
+    data.on_bad_sample, which only sources that read files take now.
+    """
+    config = copy.deepcopy(config)
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if data.get("name") == "shapes":
+        data.pop("on_bad_sample", None)
+    if "hard_negatives" not in model and "hard_negatives" in data:
+        return config  # written by this release
+    for key in ("hard_negatives", "negative_sampler"):
+        if key in model:
+            data.setdefault(key, model.pop(key))
+    if not data.get("hard_negatives") and data.get("name") in ("shapes", "manifest"):
+        # Without negatives the sampler is never used: take this release's default of the
+        # data option, so the run's config equals the one its overrides compose today.
+        data["hard_negatives"] = 0
+        data["negative_sampler"] = "shapes" if data["name"] == "shapes" else "perturb"
+    return config

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmtrain import checkpoint as ckpt
 from mmtrain import distributed
 from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
-from mmtrain.config import trainer_config
+from mmtrain.config import trainer_config, upgrade
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
 from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, write_json
@@ -165,7 +165,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         saved = ckpt.load(resume_from) if resume_from else None
         state = TrainState()
         if saved is not None:
-            ckpt.check_compatible(saved["config"], config, resume_from)
+            ckpt.check_compatible(upgrade(saved["config"]), config, resume_from)
             state = TrainState.from_checkpoint(saved, resume_from)
         # The same seed on every rank, so dropout noise stays in step across ranks.
         seed_everything(trainer.seed)

@@ -264,3 +264,46 @@ def test_samples_per_s_counts_time_and_samples_over_the_same_steps(tmp_path, mon
     speeds = [e["train/samples_per_s"] for e in events if "train/loss" in e]
     assert [e["step"] for e in events if "train/loss" in e] == [9, 18, 24]
     assert max(speeds) / min(speeds) < 1.2, speeds
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.mark.parametrize(
+    ("model", "moved"),
+    [("clip_fusion", []), ("clip_contrastive", ["data.hard_negatives=2"])],
+)
+def test_a_config_written_by_0_1_0_reads_as_this_releases(model, moved):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mmtrain.config import upgrade
+
+    old = OmegaConf.to_container(OmegaConf.load(FIXTURES / f"config-0.1.0-{model}.yaml"))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        new = OmegaConf.to_container(compose("train", [f"model={model}", *moved, *TINY]))
+    upgraded = upgrade(old)
+    for group in ("data", "model"):
+        assert upgraded[group] == new[group], group
+    assert upgrade(new) == new
+
+
+def test_runs_of_0_1_0_resume_and_evaluate(tmp_path):
+    """A run directory whose config and checkpoint have 0.1.0's keys."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    old = FIXTURES / "config-0.1.0-clip_fusion.yaml"
+    (run_dir / ".hydra" / "config.yaml").write_text(old.read_text())
+    last = run_dir / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=False)
+    torch.save({**saved, "config": OmegaConf.to_container(OmegaConf.load(old))}, last)
+
+    result = run_cli("eval", f"run={run_dir}")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("train", *TINY, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16

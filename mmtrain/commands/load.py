@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from mmtrain import checkpoint as ckpt
 from mmtrain import registry
 from mmtrain.build import check, model_spec, text_length
-from mmtrain.config import loader_config, plain
+from mmtrain.config import loader_config, plain, upgrade
 from mmtrain.data.loader import Collate, make_loader
 from mmtrain.data.source import SplitData, load_class_names
 from mmtrain.errors import UserError
@@ -80,7 +80,7 @@ def load_run(run: str, overrides: list[str] = (), checkpoint: str | None = None)
         raise UserError(
             f"run={run}: {config_file} not found; give the directory of a finished `mmtrain train` run (it holds .hydra/, checkpoints/, tokenizer/)."
         )
-    cfg = OmegaConf.load(config_file)
+    cfg = OmegaConf.create(upgrade(OmegaConf.to_container(OmegaConf.load(config_file))))
     if overrides:
         given = OmegaConf.from_dotlist(list(overrides))
         unknown = sorted(set(given) - set(cfg))
