@@ -352,7 +352,7 @@ def build_run(
         step_model = torch.compile(step_model)
     monitor, mode = model.monitor
     monitor = trainer.checkpoint.monitor or monitor
-    metrics = [f"val/{name}" for name in model.metrics(device).names]
+    metrics = [f"val/{name}" for name in model.metric_names]
     if monitor not in metrics:
         raise UserError(
             f"trainer.checkpoint.monitor={monitor} is not a validation metric of model "

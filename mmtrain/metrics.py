@@ -1,17 +1,12 @@
-"""Streaming validation metrics, updated batch by batch and computed once per evaluation."""
+"""Streaming validation metrics, updated batch by batch and computed once per evaluation.
+
+Each class names what `compute` returns in `NAMES`, readable without building it: torchmetrics
+(a second to import) is imported when the first evaluation builds one.
+"""
 
 from __future__ import annotations
 
 import torch
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryAUROC,
-    BinaryF1Score,
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassF1Score,
-)
 
 from mmtrain import distributed
 
@@ -20,7 +15,19 @@ class ClassificationMetrics:
     """Loss, accuracy, F1 and AUROC of a classifier (binary F1/AUROC for two classes,
     macro averages otherwise)."""
 
+    NAMES = ("loss", "accuracy", "f1", "auroc")
+
     def __init__(self, num_classes: int, device: torch.device):
+        from torchmetrics import MeanMetric, MetricCollection
+        from torchmetrics.classification import (
+            BinaryAccuracy,
+            BinaryAUROC,
+            BinaryF1Score,
+            MulticlassAccuracy,
+            MulticlassAUROC,
+            MulticlassF1Score,
+        )
+
         if num_classes == 2:
             metrics = {"accuracy": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()}
         else:
@@ -32,7 +39,6 @@ class ClassificationMetrics:
         self.binary = num_classes == 2
         self.scores = MetricCollection(metrics).to(device)
         self.loss = MeanMetric().to(device)
-        self.names = ("loss", *metrics)  # what `compute` returns
 
     @torch.no_grad()
     def update(self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
@@ -57,14 +63,15 @@ class RetrievalMetrics:
     """
 
     KS = (1, 5)
+    NAMES = ("loss", *(f"recall@{k}_{way}" for k in KS for way in ("i2t", "t2i")))
 
     def __init__(self, device: torch.device):
+        from torchmetrics import MeanMetric
+
         self.images: list[torch.Tensor] = []
         self.texts: list[torch.Tensor] = []
         self.keys: list[tuple[int, ...]] = []
         self.loss = MeanMetric().to(device)
-        # what `compute` returns
-        self.names = ("loss", *(f"recall@{k}_{way}" for k in self.KS for way in ("i2t", "t2i")))
 
     @torch.no_grad()
     def update(self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:

@@ -57,6 +57,18 @@ def test_retrieval_recall_counts_identical_captions_as_hits():
     metrics.update({"loss": torch.tensor(1.0), "image_embeds": images, "text_embeds": texts}, batch)
     values = metrics.compute()
     assert values["recall@1_i2t"] == 0.5 and values["recall@5_i2t"] == 1.0
+    assert sorted(values) == sorted(RetrievalMetrics.NAMES)  # what a monitor may name
+
+
+def test_classification_metrics_report_the_names_they_declare():
+    from mmtrain.metrics import ClassificationMetrics
+
+    for classes in (2, 3):
+        metrics = ClassificationMetrics(classes, torch.device("cpu"))
+        logits = torch.randn(6, classes)
+        labels = torch.arange(6) % classes
+        metrics.update({"loss": torch.tensor(0.7), "logits": logits}, {"labels": labels})
+        assert sorted(metrics.compute()) == sorted(ClassificationMetrics.NAMES)
 
 
 def test_hard_negatives_add_columns_to_each_images_logits():

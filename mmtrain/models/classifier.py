@@ -7,7 +7,7 @@ training loop, DDP and torch.compile wrap both at once.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,12 +15,10 @@ from torch.nn import functional as F
 
 from mmtrain import registry
 from mmtrain.errors import UserError
+from mmtrain.metrics import ClassificationMetrics
 from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip, freeze_towers
 from mmtrain.models.fusion import Features
 from mmtrain.models.objectives import contrastive_loss
-
-if TYPE_CHECKING:
-    from mmtrain.metrics import ClassificationMetrics
 
 
 class ImageTextClassifier(nn.Module):
@@ -33,6 +31,7 @@ class ImageTextClassifier(nn.Module):
     """
 
     monitor = ("val/accuracy", "max")
+    metric_names = ClassificationMetrics.NAMES  # what validation reports, as val/NAME
 
     def __init__(
         self,
@@ -105,9 +104,7 @@ class ImageTextClassifier(nn.Module):
         return list(self.clip.parameters())
 
     def metrics(self, device: torch.device) -> ClassificationMetrics:
-        """A fresh set of streaming validation metrics."""
-        from mmtrain.metrics import ClassificationMetrics  # torchmetrics: only when validating
-
+        """A fresh set of streaming validation metrics (names: ClassificationMetrics.NAMES)."""
         return ClassificationMetrics(self.num_classes, device)
 
 

@@ -5,24 +5,23 @@ the batch as `negative_input_ids` and are appended to each image's logits."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from mmtrain import distributed, registry
+from mmtrain.metrics import RetrievalMetrics
 from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip, freeze_towers
 from mmtrain.models.objectives import MAX_LOGIT_SCALE
-
-if TYPE_CHECKING:
-    from mmtrain.metrics import RetrievalMetrics
 
 
 class ContrastiveCLIP(nn.Module):
     """Image and text towers trained so that each image's own caption scores highest."""
 
     monitor = ("val/recall@1_i2t", "max")
+    metric_names = RetrievalMetrics.NAMES  # what validation reports, as val/NAME
     has_unused_parameters = False  # DDP: every parameter gets a gradient each step
 
     def __init__(self, clip: nn.Module, spec: BackboneSpec):
@@ -91,9 +90,7 @@ class ContrastiveCLIP(nn.Module):
         return [p for name, p in self.clip.named_parameters() if name != "logit_scale"]
 
     def metrics(self, device: torch.device) -> RetrievalMetrics:
-        """Streaming recall@1/5 in both directions, and the loss."""
-        from mmtrain.metrics import RetrievalMetrics  # torchmetrics: only when validating
-
+        """Streaming recall@1/5 in both directions, and the loss (names: RetrievalMetrics.NAMES)."""
         return RetrievalMetrics(device)
 
 
