@@ -54,8 +54,7 @@ MODEL_RUNTIME = ("tokenizer", "spec")
 
 def source_runtime(name: str) -> tuple[str, ...]:
     """The run-time keyword arguments the data source `name` takes."""
-    params = inspect.signature(registry.get("data", name)).parameters
-    return tuple(key for key in SOURCE_RUNTIME if key in params)
+    return tuple(registry.accepted("data", name, dict.fromkeys(SOURCE_RUNTIME)))
 
 
 def check(cfg: DictConfig) -> TrainerConfig:
@@ -137,7 +136,7 @@ def build_data(
         "class_names": class_names,
         "num_classes": cfg.model.get("num_classes"),
     }
-    runtime = {key: available[key] for key in source_runtime(cfg.data.name)}
+    runtime = registry.accepted("data", cfg.data.name, available)
     splits = registry.build("data", source_options(cfg), **runtime)
     for name, split in splits.items():
         log.info("  %s: %d pairs", name, len(split))

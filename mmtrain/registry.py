@@ -60,6 +60,13 @@ def get(kind: str, name: str) -> Callable[..., Any]:
     return entries[name]
 
 
+def accepted(kind: str, name: str, offered: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `offered` that the factory `name` has a parameter for: run-time values
+    a caller offers to every component of a kind, of which each takes what it uses."""
+    params = inspect.signature(get(kind, name)).parameters
+    return {key: value for key, value in offered.items() if key in params}
+
+
 def _split(kind: str, cfg: Mapping[str, Any] | str) -> tuple[str, dict[str, Any]]:
     if isinstance(cfg, str):
         return cfg, {}

@@ -12,9 +12,8 @@ import logging
 from rich.console import Console
 from rich.table import Table
 
-from mmtrain.build import autocast_for, build_data, resolve_device, resolve_precision
-from mmtrain.commands.load import batches, load_run, parse_args
-from mmtrain.config import trainer_config
+from mmtrain.build import build_data
+from mmtrain.commands.load import batches, load_run, on_device, parse_args
 from mmtrain.errors import UserError
 from mmtrain.loop import evaluate
 from mmtrain.runlog import write_json
@@ -32,15 +31,9 @@ def evaluate_run(args: list[str]) -> dict[str, float]:
         raise UserError(
             f"split={split_name}: the run's data has no such split (it has {', '.join(splits)}); for a manifest, set data.{split_name}=PATH."
         )
-    trainer = trainer_config(run.cfg)
-    device = resolve_device(trainer.device)
-    model = run.model.to(device)
+    model, device, autocast = on_device(run)
     metrics = evaluate(
-        model,
-        model.metrics(device),
-        batches(run, splits[split_name]),
-        device,
-        autocast_for(resolve_precision(trainer.precision, device), device),
+        model, model.metrics(device), batches(run, splits[split_name]), device, autocast
     )
     metrics = {name.replace("val/", f"{split_name}/"): value for name, value in metrics.items()}
     result = {

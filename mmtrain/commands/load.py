@@ -8,18 +8,27 @@ tokenizer in tokenizer/, the label names in labels.json and the weights of a che
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
 from mmtrain import checkpoint as ckpt
 from mmtrain import registry
-from mmtrain.build import check, model_spec, text_length
-from mmtrain.config import loader_config, plain, upgrade
+from mmtrain.build import (
+    autocast_for,
+    check,
+    model_spec,
+    resolve_device,
+    resolve_precision,
+    text_length,
+)
+from mmtrain.config import loader_config, plain, trainer_config, upgrade
 from mmtrain.data.loader import Collate, make_loader
 from mmtrain.data.source import SplitData, load_class_names
 from mmtrain.errors import UserError
@@ -119,6 +128,15 @@ def load_run(run: str, overrides: list[str] = (), checkpoint: str | None = None)
     model.load_state_dict(saved["model"])
     log.info("loaded %s (step %d)", weights, saved["step"])
     return TrainedRun(path, cfg, spec, tokenizer, class_names, model.eval(), weights, saved["step"])
+
+
+def on_device(run: TrainedRun) -> tuple[nn.Module, torch.device, Callable[[], Any]]:
+    """The run's model on the device its trainer config names, with the autocast of its
+    precision (what `eval` and `predict` run it with)."""
+    trainer = trainer_config(run.cfg)
+    device = resolve_device(trainer.device)
+    autocast = autocast_for(resolve_precision(trainer.precision, device), device)
+    return run.model.to(device), device, autocast
 
 
 def batches(run: TrainedRun, split: SplitData) -> DataLoader:

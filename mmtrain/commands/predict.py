@@ -9,7 +9,6 @@ predicts the other rows when some are bad and marks those with their reason.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -19,9 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from mmtrain import registry
-from mmtrain.build import autocast_for, resolve_device, resolve_precision, source_runtime
-from mmtrain.commands.load import batches, load_run, parse_args
-from mmtrain.config import source_options, trainer_config
+from mmtrain.commands.load import batches, load_run, on_device, parse_args
+from mmtrain.config import source_options
 from mmtrain.errors import UserError
 
 log = logging.getLogger("mmtrain")
@@ -49,8 +47,9 @@ def predict_run(args: list[str]) -> Path:
             f"input={own['input']}: no such file ({source.resolve()}); give the CSV or JSONL "
             "manifest of the rows to predict (image and text columns; labels are not needed)."
         )
-    takes = inspect.signature(registry.get("data", "manifest")).parameters
-    for_input = [o for o in overrides if o.startswith("data.") and o[5:].split("=")[0] in takes]
+    keys = {o: o[5:].split("=")[0] for o in overrides if o.startswith("data.")}
+    takes = registry.accepted("data", "manifest", dict.fromkeys(keys.values()))
+    for_input = [o for o in overrides if keys.get(o) in takes]
     run = load_run(own["run"], [o for o in overrides if o not in for_input], own.get("checkpoint"))
     options = source_options(run.cfg) if run.cfg.data.name == "manifest" else {"name": "manifest"}
     options.update(OmegaConf.to_container(OmegaConf.from_dotlist(for_input)).get("data", {}))
@@ -58,7 +57,6 @@ def predict_run(args: list[str]) -> Path:
     # No labels: every row is in the one class "0" (the manifest's unlabelled mode). Bad rows
     # are collected here and reported below, once, in the words of this command.
     options.update(train=None, val=str(source), test=None, label_column=None, on_bad_sample="skip")
-    registry.check("data", options, runtime=source_runtime("manifest"))
     split = registry.build(
         "data", options, image_size=run.spec.image_size, class_names=["0"], num_classes=None
     )["val"]
@@ -69,12 +67,7 @@ def predict_run(args: list[str]) -> Path:
             "add data.on_bad_sample=skip to predict the other rows (the skipped ones are "
             "marked in the output with their reason)."
         )
-    trainer = trainer_config(run.cfg)
-    device = resolve_device(trainer.device)
-    model, autocast = (
-        run.model.to(device),
-        autocast_for(resolve_precision(trainer.precision, device), device),
-    )
+    model, device, autocast = on_device(run)
     results: list[dict[str, Any]] = []
     with torch.no_grad():
         for batch in batches(run, split):

@@ -6,7 +6,6 @@ training loop, DDP and torch.compile wrap both at once.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -141,8 +140,7 @@ def clip_fusion(
         "heads": fusion_heads,
         "dropout": dropout,
     }
-    wanted = inspect.signature(registry.get("fusion", fusion)).parameters
-    fuse = registry.build("fusion", fusion, **{k: v for k, v in offered.items() if k in wanted})
+    fuse = registry.build("fusion", fusion, **registry.accepted("fusion", fusion, offered))
     return ImageTextClassifier(
         clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec
     )
