@@ -36,7 +36,7 @@ from mmtrain.config import (
     trainer_config,
 )
 from mmtrain.data import augment as aug
-from mmtrain.data.loader import Collate, make_loader
+from mmtrain.data.loader import Collate, close_workers, make_loader
 from mmtrain.data.negatives import NegativeSampler
 from mmtrain.data.source import SplitData, save_class_names
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
@@ -75,6 +75,18 @@ def check(cfg: DictConfig) -> TrainerConfig:
     registry.check("optimizer", plain(cfg.optimizer), runtime=("model",))
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
     return trainer
+
+
+def monitored(model: str, monitor: str | None, mode: str) -> tuple[str, str]:
+    """The validation metric that picks best.pt (and stops early, and a sweep optimises) and
+    whether higher ("max") or lower ("min") is better: trainer.checkpoint.monitor/mode, with
+    `auto` the model's own metric and mode, or "min" for a monitored loss."""
+    built = typing.get_type_hints(registry.get("model", model)).get("return")
+    default_metric, default_mode = getattr(built, "monitor", ("val/loss", "min"))
+    metric = monitor or default_metric
+    if mode == "auto":
+        mode = default_mode if metric == default_metric else ("min" if "loss" in metric else "max")
+    return metric, mode
 
 
 def _takes_negatives(forward: Callable[..., Any]) -> bool:
@@ -319,6 +331,11 @@ class Run:
     monitor: str  # the validation metric that picks best.pt and early stopping
     mode: str  # max | min
 
+    def close(self) -> None:
+        """End the loaders' worker processes (the run is over, however it ended)."""
+        close_workers(self.train_loader)
+        close_workers(self.val_loader)
+
 
 def build_run(
     cfg: DictConfig,
@@ -349,8 +366,7 @@ def build_run(
         step_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
     if trainer.compile:
         step_model = torch.compile(step_model)
-    monitor, mode = model.monitor
-    monitor = trainer.checkpoint.monitor or monitor
+    monitor, mode = monitored(cfg.model.name, trainer.checkpoint.monitor, trainer.checkpoint.mode)
     metrics = [f"val/{name}" for name in model.metric_names]
     if monitor not in metrics:
         raise UserError(
@@ -373,5 +389,5 @@ def build_run(
         steps_per_epoch=steps_per_epoch,
         max_steps=max_steps,
         monitor=monitor,
-        mode=mode if trainer.checkpoint.mode == "auto" else trainer.checkpoint.mode,
+        mode=mode,
     )

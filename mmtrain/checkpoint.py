@@ -1,10 +1,19 @@
-"""Training-state checkpoints: atomic writes, RNG capture, retention and lookup."""
+"""Training-state checkpoints: atomic writes, RNG capture, retention and lookup.
+
+A checkpoint holds tensors and plain values only (dicts, lists, numbers, strings), so it is
+read with `torch.load(weights_only=True)`: a file that needs anything else, such as a
+crafted pickle that would run a command, is refused before any of it is used.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import pickle
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +22,16 @@ import numpy as np
 import torch
 
 from mmtrain.errors import UserError
+
+log = logging.getLogger("mmtrain")
+
+
+class Damaged(UserError):
+    """A checkpoint file that exists but cannot be read (truncated, overwritten)."""
+
+
+# The entries every training checkpoint has; `load` checks them.
+ENTRIES = ("model", "optimizer", "scheduler", "scaler", "data", "rng", "config")
 
 # Keys whose change makes a checkpoint's weights or data position meaningless.
 SHAPE_SECTIONS = ("model", "data")
@@ -76,9 +95,11 @@ def restore(saved: dict[str, Any], model, optimizer, scheduler, scaler) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the loop draws from: python, numpy, torch CPU and (if present) CUDA."""
+    numpy_state = np.random.get_state(legacy=False)  # a dict: plain values and one array
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -88,11 +109,21 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # written by this release; a tuple by 0.1/0.2
+        numpy_state = {**numpy_state, "state": dict(numpy_state["state"])}
+        key = numpy_state["state"]["key"]
+        numpy_state["state"]["key"] = np.asarray(key, dtype=np.int64).astype(np.uint32)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    """Python's RNG state with its tuples back (a checkpoint may hold them as lists)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -101,17 +132,23 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     A crash at any point leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared like other outputs
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(
+            error, OSError | RuntimeError
+        ):  # torch reports some write errors as RuntimeError
+            raise _write_error(error, path, state) from None
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -120,19 +157,114 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         os.close(directory)
 
 
+# What checkpoints written by mmtrain 0.1 and 0.2 hold besides tensors and plain values:
+# numpy's RNG state, one uint32 array. Its element type is fixed by the allowed classes, so no
+# object can be built from such a file.
+_reconstruct = np._core.multiarray._reconstruct
+_LEGACY_GLOBALS = [
+    _reconstruct,
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),  # as numpy 1.x pickles name it
+    np.ndarray,
+    np.dtype,
+    np.dtypes.UInt32DType,
+]
+
+
+def _nbytes(tree: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: about its size on disk."""
+    if isinstance(tree, torch.Tensor):
+        return tree.nelement() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(_nbytes(v) for v in tree)
+    return 0
+
+
+def _write_error(error: OSError | RuntimeError, path: Path, state: dict[str, Any]) -> UserError:
+    """What went wrong writing checkpoint `path`, as a message that says what to do."""
+    needed = _nbytes(state)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < needed):
+        room = f", {free / 1e6:.0f} MB free" if free is not None else ""
+        return UserError(
+            f"No space left on device while writing {path} (needs about {needed / 1e6:.0f} MB{room}). "
+            "The checkpoints written before are intact. Free space, or lower "
+            "trainer.checkpoint.keep_last, then resume with trainer.resume=auto."
+        )
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    return UserError(
+        f"Could not write the checkpoint {path} ({reason}). The checkpoints written before are "
+        "intact; fix the cause (permissions, a failing disk) and resume with trainer.resume=auto."
+    )
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of checkpoint writes a killed process left in `folder`
+    (call it only while holding the run directory's lock)."""
+    for stale in sorted(Path(folder).glob(".*.pt.*.tmp")):
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted checkpoint write", stale)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 def load(path: Path) -> dict[str, Any]:
-    """A checkpoint saved by mmtrain; a clear error when it is missing or unreadable."""
+    """A training checkpoint written by mmtrain, read without running code from it; a
+    UserError when it is missing, damaged, holds anything but tensors and plain values, or
+    is not mmtrain's."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(
-            f"Checkpoint {path} does not exist; give the path of a .pt file a run wrote."
-        )
+        kind = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"Checkpoint {path} {kind}; give the path of a .pt file a run wrote.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged file
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise Damaged(
+                f"Checkpoint {path} could not be read ({_first_line(error)}); it may be damaged."
+            ) from None
+        try:
+            found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)[:5])
+        except Exception:
+            found = ""
         raise UserError(
-            f"Checkpoint {path} could not be read ({error}); it may be damaged."
+            f"Refusing to load {path}: it holds Python objects other than tensors and plain values"
+            f"{f' ({found})' if found else ''}, and unpickling them could run code. mmtrain's "
+            "checkpoints never do: the file was not written by mmtrain or was altered. "
+            "Nothing from it was used; use a checkpoint from a run you trust."
         ) from None
+    except Exception as error:  # torch raises many types for a damaged file
+        raise Damaged(
+            f"Checkpoint {path} could not be read ({_first_line(error)}); it may be damaged."
+        ) from None
+    missing = [key for key in ENTRIES if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        if (
+            isinstance(saved, dict)
+            and saved
+            and all(isinstance(v, torch.Tensor) for v in saved.values())
+        ):
+            what = f"a bare state_dict of {len(saved)} tensors"
+        elif isinstance(saved, dict):
+            what = f"the entries {', '.join(map(str, list(saved)[:8])) or '(none)'}"
+        else:
+            what = f"a {type(saved).__name__}"
+        raise UserError(
+            f"{path} is not an mmtrain training checkpoint: it holds {what}, where mmtrain's "
+            f"hold {', '.join(ENTRIES)}. Give a checkpoint from a run directory's checkpoints/ "
+            "folder (last.pt, best.pt or step_N.pt); to start from other weights, use "
+            "model.backbone=PATH_OR_NAME instead."
+        )
+    return saved
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -153,6 +285,12 @@ def newest(folder: Path) -> Path | None:
         return last
     steps = step_checkpoints(folder)
     return steps[-1] if steps else None
+
+
+def resume_candidates(folder: Path) -> list[Path]:
+    """The checkpoints a resume may start from, newest first: last.pt, then step_N.pt by step."""
+    last = Path(folder) / "last.pt"
+    return ([last] if last.is_file() else []) + step_checkpoints(folder)[::-1]
 
 
 def prune(folder: Path, keep_last: int | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -13,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from mmtrain.errors import UserError
+from mmtrain.errors import Interrupted, UserError
 
 USAGE = """\
 mmtrain: a config-driven trainer for image-text models.
@@ -60,6 +61,7 @@ def _train_task(cfg: Any) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         trainer = check(cfg)
+        _check_sweep_direction(cfg, HydraConfig.get().sweeper)
         from mmtrain.launch import launch, launched
 
         if trainer.nproc_per_node > 1 and not launched():
@@ -67,9 +69,47 @@ def _train_task(cfg: Any) -> float:
         from mmtrain.loop import fit
 
         return fit(cfg, run_dir)
-    except UserError as error:
+    except (UserError, Interrupted) as error:
         _log_to_files(f"error: {error}")  # main() prints it to the console
         raise
+
+
+# Optuna (and other optimising sweepers) minimise by default; a run returns its best
+# monitored value, which is often an accuracy. With hydra/sweeper=optuna on the command line
+# and no direction given, mmtrain sets the direction from the monitored metric's mode.
+DIRECTION_OVERRIDE = "hydra.sweeper.direction=${mmtrain_direction:}"
+
+
+def _direction(cfg: Any) -> str:
+    """maximize or minimize: the way a sweep should optimise what `cfg`'s run returns."""
+    from mmtrain.build import monitored
+
+    checkpoint = cfg.trainer.checkpoint
+    _, mode = monitored(cfg.model.name, checkpoint.monitor, checkpoint.mode)
+    return "maximize" if mode == "max" else "minimize"
+
+
+def _check_sweep_direction(cfg: Any, sweeper: Any) -> None:
+    """A sweeper that optimises the other way than the monitored metric is an error, before
+    the first trial trains."""
+    direction = sweeper.get("direction") if sweeper is not None else None
+    if direction is None:
+        return
+    wanted = _direction(cfg)
+    if str(direction).lower() != wanted:
+        raise UserError(
+            f"hydra.sweeper.direction={direction}, but each run returns its best "
+            f"{cfg.trainer.checkpoint.monitor or 'monitored metric'}, which the sweep should "
+            f"{wanted[:-1]}e (trainer.checkpoint.mode={cfg.trainer.checkpoint.mode}). Set "
+            f"hydra.sweeper.direction={wanted}, or leave it out and mmtrain sets it."
+        )
+
+
+def _sweeps_with_optuna(args: list[str]) -> bool:
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    sweeper = any(a.startswith("hydra/sweeper=") and "optuna" in a for a in args)
+    direction = any(a.startswith("hydra.sweeper.direction=") for a in args)
+    return multirun and sweeper and not direction
 
 
 def _validate_task(cfg: Any) -> None:
@@ -115,6 +155,13 @@ def _run_hydra(task: Any, args: list[str]) -> None:
     hydra.main(version_base=None, config_path=config_path, config_name="train")(task)()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """Outside the training loop (which finishes its step and saves), SIGTERM and SIGINT
+    end a command at once, through the same exit path as any error."""
+    name = signal.Signals(signum).name
+    raise Interrupted(name, f"Interrupted by {name}; nothing was being trained, nothing is lost.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmtrain` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -132,15 +179,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Let exceptions reach this function: user errors are printed below without a traceback.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
+    # A log file on a full disk: say so once in the error below, not in a traceback per line.
+    logging.raiseExceptions = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         if command == "train":
+            from omegaconf import OmegaConf
+
             from mmtrain.launch import shared_run_dir
 
-            _run_hydra(_train_task, _with_overrides(args, shared_run_dir(args)))
+            OmegaConf.register_new_resolver(
+                "mmtrain_direction", lambda *, _root_: _direction(_root_), replace=True
+            )
+            extra = [
+                *shared_run_dir(args),
+                *([DIRECTION_OVERRIDE] if _sweeps_with_optuna(args) else []),
+            ]
+            _run_hydra(_train_task, _with_overrides(args, extra))
         elif command == "validate":
             _results.clear()
             _run_hydra(_validate_task, _with_overrides(args, VALIDATE_HYDRA))
@@ -184,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 2
+    except Interrupted as error:
+        console.print(f"[red]interrupted:[/] {error}", highlight=False, soft_wrap=True)
+        return error.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         return 130

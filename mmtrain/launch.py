@@ -12,14 +12,18 @@ Either way `mmtrain.loop.fit` runs once per rank.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import socket
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mmtrain.errors import UserError
+from mmtrain.errors import Interrupted, UserError
+from mmtrain.runlock import LOCK_HELD_ENV, RunLock
+from mmtrain.runlog import resume_command
 
 log = logging.getLogger("mmtrain")
 
@@ -85,10 +89,19 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
         logging.getLogger().setLevel(logging.INFO)
     else:
         logging.getLogger().setLevel(logging.WARNING)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until the loop takes over: stop at once
+        signal.signal(sig, _interrupt)
     try:
         return fit(OmegaConf.create(config), Path(run_dir))
     except UserError as error:  # reported by the parent, without the launcher's traceback
         return {"error": str(error)}
+    except Interrupted as error:
+        return {"interrupted": error.signal_name, "error": str(error)}
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    raise Interrupted(name, f"Interrupted by {name} before training started; nothing is lost.")
 
 
 def launch(cfg: Any, run_dir: Path, nproc: int) -> float:
@@ -106,16 +119,66 @@ def launch(cfg: Any, run_dir: Path, nproc: int) -> float:
         max_restarts=0,
         monitor_interval=0.5,
     )
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     log.info("starting %d workers for this job (trainer.nproc_per_node=%d)", nproc, nproc)
-    try:
-        results = elastic_launch(config, _worker)(
-            OmegaConf.to_container(cfg, resolve=True), str(run_dir)
-        )
-    except Exception as error:  # ChildFailedError carries each worker's error
-        raise UserError(
-            f"A training worker failed ({type(error).__name__}); see {run_dir / 'train.log'} and the output above."
-        ) from None
-    for result in results.values():
+    # The launcher logs a worker's end with its own traceback; mmtrain says it in one line.
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # This process holds the run directory's lock for its workers (see mmtrain.loop).
+    with RunLock(run_dir):
+        os.environ[LOCK_HELD_ENV] = str(run_dir)
+        try:
+            results = elastic_launch(config, _worker)(
+                OmegaConf.to_container(cfg, resolve=True), str(run_dir)
+            )
+        except SignalException as error:
+            # The workers got the signal too, finished their step and saved; the launcher
+            # forwarded it and waited for them.
+            name = signal.Signals(error.sigval).name
+            summary = _read_summary(run_dir)
+            raise Interrupted(
+                name,
+                f"Interrupted by {name} at step {summary.get('steps', '?')}; the checkpoint "
+                f"{run_dir / 'checkpoints' / 'last.pt'} is saved. Resume with: "
+                f"{resume_command(run_dir)}",
+            ) from None
+        except ChildFailedError as error:
+            failed = ", ".join(
+                f"rank {rank} ({_how(failure)})" for rank, failure in sorted(error.failures.items())
+            )
+            raise UserError(
+                f"A training process of this job stopped unexpectedly: {failed}. The last checkpoint "
+                f"({_newest(run_dir) or 'none yet'}) is whole; resume with: {resume_command(run_dir)}"
+            ) from None
+        finally:
+            os.environ.pop(LOCK_HELD_ENV, None)
+    for result in sorted(
+        results.values(), key=lambda r: "interrupted" not in r if isinstance(r, dict) else True
+    ):
+        if isinstance(result, dict) and "interrupted" in result:
+            raise Interrupted(result["interrupted"], result["error"])
         if isinstance(result, dict) and "error" in result:
             raise UserError(result["error"])
     return results[0]
+
+
+def _how(failure: Any) -> str:
+    """How a worker process ended, in words (killed by which signal, or its exit code)."""
+    if failure.exitcode < 0:
+        return f"killed by {failure.signal_name()}"
+    return f"exit code {failure.exitcode}"
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _newest(run_dir: Path) -> Path | None:
+    from mmtrain.checkpoint import newest
+
+    return newest(run_dir / "checkpoints")

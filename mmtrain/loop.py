@@ -5,6 +5,10 @@
 `accumulate_grad_batches` micro-batches under autocast, backward, unscale, clip, check the
 gradients are finite, step the optimizer and the schedule. Then, as plain `if` blocks: log,
 validate, checkpoint, stop early, honour SIGTERM/SIGINT.
+
+A signal (to the main process or, as clusters and terminals send it, to the whole process
+group) ends the run within one step plus a save: a validation in progress is abandoned and
+done first when the run resumes, so the resumed run is the one that was never stopped.
 """
 
 from __future__ import annotations
@@ -12,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,9 @@ from mmtrain import distributed
 from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
 from mmtrain.config import trainer_config, upgrade
 from mmtrain.data.source import load_class_names
-from mmtrain.errors import UserError
-from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, write_json
+from mmtrain.errors import Interrupted, UserError
+from mmtrain.guard import StopSignal, checkpoint_to_resume, locked, peer_failure
+from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, resume_command, write_json
 
 log = logging.getLogger("mmtrain")
 
@@ -48,6 +51,7 @@ class TrainState:
     skipped: int = 0  # steps skipped on non-finite numbers
     loss_sum: float = 0.0  # training loss since the last log line
     loss_n: int = 0
+    validating: bool = False  # a signal abandoned the validation of this step
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any], path: Path) -> TrainState:
@@ -87,29 +91,6 @@ class Throughput:
         return self.samples / self.seconds if self.seconds > 0 else math.nan
 
 
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self.previous = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, then saving a checkpoint", self.received)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class Outputs:
     """Where a run writes: its directory, metrics.jsonl and checkpoints (rank 0 only)."""
@@ -134,17 +115,30 @@ class Outputs:
 
 
 def evaluate(
-    model: torch.nn.Module, metrics: Any, batches: Any, device: torch.device, autocast: Any
-) -> dict[str, float]:
+    model: torch.nn.Module,
+    metrics: Any,
+    batches: Any,
+    device: torch.device,
+    autocast: Any,
+    stop: StopSignal | None = None,
+) -> dict[str, float] | None:
     """Validation metrics (`val/...`) of `model` over every batch of `batches` (synced over
-    ranks by the metrics object)."""
+    ranks by the metrics object); None when a `stop` signal abandoned the pass on any rank."""
     model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast():
-                metrics.update(model(**batch), batch)
-    model.train()
+    try:
+        with torch.no_grad():
+            # Checked before the batches' iterator starts its worker processes, too.
+            for batch in [] if stop is not None and stop.received else batches:
+                # Checked on this rank alone: ranks may hold one batch more or less.
+                if stop is not None and stop.received:
+                    break
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast():
+                    metrics.update(model(**batch), batch)
+    finally:
+        model.train()
+    if stop is not None and stop.everywhere(device):
+        return None
     return {f"val/{name}": value for name, value in metrics.compute().items()}
 
 
@@ -156,13 +150,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     started = time.perf_counter()
     trainer, run_dir = trainer_config(cfg), Path(run_dir)
     device = resolve_device(trainer.device)
-    with distributed.process_group(device):
+    with distributed.process_group(device), locked(run_dir, device), ExitStack() as stack:
         main = distributed.is_main()
-        if main:
-            _writable(run_dir / "checkpoints")
         config = OmegaConf.to_container(cfg, resolve=True)
-        resume_from = _resume_path(trainer.resume, run_dir)
-        saved = ckpt.load(resume_from) if resume_from else None
+        resume_from, saved = checkpoint_to_resume(trainer.resume, run_dir)
         state = TrainState()
         if saved is not None:
             ckpt.check_compatible(upgrade(saved["config"]), config, resume_from)
@@ -177,6 +168,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         # A resumed run keeps its label mapping (labels.json), on every rank.
         class_names = load_class_names(run_dir) if saved is not None else None
         run = build_run(cfg, run_dir if main else None, device, class_names)
+        stack.callback(run.close)
         outputs = Outputs(run_dir, MetricsLog(run_dir, enabled=main), config, main)
         if saved is not None:
             ckpt.restore(saved, run.model, run.optimizer, run.scheduler, run.scaler)
@@ -186,7 +178,22 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                 resume_from, state.step, state.epoch, state.batch,
             )  # fmt: skip
             del saved
-        status, stopped_by, speed = train_loop(run, state, outputs)
+        try:
+            status, stopped_by, speed = train_loop(run, state, outputs)
+        except UserError as error:  # a checkpoint that could not be written
+            _finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
+            raise
+        except RuntimeError as error:
+            if world == 1 or not peer_failure(error):
+                raise
+            reason = str(error).strip().splitlines()[0][:200]
+            message = (
+                f"Another process of this job stopped unexpectedly ({reason}), so this one stops too. "
+                f"The last checkpoint ({ckpt.newest(outputs.checkpoints) or 'none yet'}) is whole; "
+                f"resume with: {resume_command(run_dir)}"
+            )
+            _finish(run, state, outputs, "failed", None, Throughput(), started, message)
+            raise UserError(message) from None
         return _finish(run, state, outputs, status, stopped_by, speed, started)
 
 
@@ -204,6 +211,10 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
     run.model.train()
     bar = progress_bar(log.isEnabledFor(logging.INFO), run.max_steps, state.step)
     with StopSignal() as stop, bar:
+        # A resumed run first does the validation a signal abandoned, as the run never
+        # stopped would have done it (no RNG is drawn in between).
+        if state.validating and _validate(run, state, out, stop) and _no_progress(run, state):
+            status = "stopped_early"
         while state.step < run.max_steps and status == "completed" and not stop.received:
             # The epoch's order depends on (seed, epoch) alone; skip what was already read.
             run.train_loader.sampler.set_epoch(state.epoch, start=state.batch * batch_size)
@@ -268,22 +279,20 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
                     end_of_epoch
                     or state.step == run.max_steps
                     or (t.val_every_n_steps and state.step % t.val_every_n_steps == 0)
-                ):
-                    _validate(run, state, out)
+                ) and not _validate(run, state, out, stop):
+                    break  # abandoned for a signal: saved below, redone on resume
                 if t.checkpoint.every_n_steps and state.step % t.checkpoint.every_n_steps == 0:
                     out.save(f"step_{state.step}.pt", run, state)
                     out.save("last.pt", run, state)
                     if out.main:
                         ckpt.prune(out.checkpoints, t.checkpoint.keep_last)
-                if t.early_stopping.patience and state.stale >= t.early_stopping.patience:
+                if _no_progress(run, state):
                     status = "stopped_early"
-                    log.info(
-                        "early stopping: %s did not improve in %d evaluations",
-                        run.monitor, state.stale,
-                    )  # fmt: skip
-                if world > 1 and distributed.any_rank(bool(stop.received), run.device):
-                    stop.received = stop.received or "SIGTERM"  # it reached another rank
-                if stop.received or state.step >= run.max_steps or status != "completed":
+                if (
+                    stop.everywhere(run.device)
+                    or state.step >= run.max_steps
+                    or status != "completed"
+                ):
                     break
                 step_start, step_loss, micro_batches, step_samples = time.perf_counter(), 0.0, 0, 0
         if stop.received and status == "completed":
@@ -292,11 +301,18 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
     return status, stop.received, total
 
 
-def _validate(run: Run, state: TrainState, out: Outputs) -> None:
-    """Evaluate, log, keep best.pt when the monitored metric improved, and save last.pt."""
+def _validate(run: Run, state: TrainState, out: Outputs, stop: StopSignal) -> bool:
+    """Evaluate, log, keep best.pt when the monitored metric improved, and save last.pt;
+    False when a signal abandoned the evaluation (the state then says it is still due)."""
     # The unwrapped model: evaluation needs no gradient sync between ranks.
-    model = run.model
-    metrics = evaluate(model, model.metrics(run.device), run.val_loader, run.device, run.autocast)
+    model, state.validating = run.model, True
+    metrics = evaluate(
+        model, model.metrics(run.device), run.val_loader, run.device, run.autocast, stop
+    )
+    if metrics is None:
+        log.warning("validation of step %d abandoned; it is done first on resume", state.step)
+        return False
+    state.validating = False
     out.metrics.log(state.step, state.epoch, metrics)
     log.info(
         "step %d validation: %s",
@@ -311,6 +327,16 @@ def _validate(run: Run, state: TrainState, out: Outputs) -> None:
     else:
         state.stale += 1
     out.save("last.pt", run, state)
+    return True
+
+
+def _no_progress(run: Run, state: TrainState) -> bool:
+    """Whether early stopping ends the run: no improvement in `patience` evaluations."""
+    patience = run.trainer.early_stopping.patience
+    if patience and state.stale >= patience:
+        log.info("early stopping: %s did not improve in %d evaluations", run.monitor, state.stale)
+        return True
+    return False
 
 
 def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
@@ -336,39 +362,6 @@ def _log_train(run: Run, state: TrainState, out: Outputs, speed: float, bar: Any
     state.loss_sum, state.loss_n = 0.0, 0
 
 
-def _writable(folder: Path) -> Path:
-    """Create `folder` and prove it takes files, before any training time is spent."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(
-            f"Cannot write to the run directory {folder.parent} ({error.strerror or error}). "
-            "Choose a writable place with hydra.run.dir=DIR (or hydra.sweep.dir=DIR for -m)."
-        ) from None
-    return folder
-
-
-def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
-    if resume in (None, ""):
-        return None
-    if resume == "auto":
-        found = ckpt.newest(run_dir / "checkpoints")
-        if found is None:
-            log.info(
-                "trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints"
-            )
-        return found
-    path = Path(resume)
-    if not path.is_file():
-        raise UserError(
-            f"trainer.resume={resume}: no such checkpoint file. Give a .pt path, or auto with hydra.run.dir=THE_RUN_DIR."
-        )
-    return path
-
-
 def _finish(
     run: Run,
     state: TrainState,
@@ -377,8 +370,10 @@ def _finish(
     stopped_by: str | None,
     speed: Throughput,
     started: float,
+    error: str | None = None,
 ) -> float:
-    """Write summary.json and curves.png; raise for an interrupted or failed run."""
+    """Write summary.json and curves.png; raise for an interrupted run or one that failed
+    in the loop (the caller raises `error`, the failure it passes)."""
     final: dict[str, float] = {}
     for event in out.metrics.events:
         if any(key.startswith("val/") for key in event):
@@ -397,14 +392,24 @@ def _finish(
         "bad_samples": run.parts.bad_samples,
         "nonfinite_steps_skipped": state.skipped,
     }
+    if error:
+        summary["error"] = error
     if out.main:
-        write_json(out.run_dir / "summary.json", summary)
-        if out.metrics.events:
-            plot_curves(out.metrics.events, out.run_dir / "curves.png")
+        try:
+            write_json(out.run_dir / "summary.json", summary)
+            if out.metrics.events:
+                plot_curves(out.metrics.events, out.run_dir / "curves.png")
+        except OSError as problem:  # e.g. the disk that just filled up
+            log.warning(
+                "could not write summary.json or curves.png: %s", problem.strerror or problem
+            )
+    if error:
+        return math.nan
     if status == "interrupted":
-        raise UserError(
+        raise Interrupted(
+            stopped_by or "SIGTERM",
             f"Interrupted by {stopped_by} at step {state.step}; the checkpoint {out.checkpoints / 'last.pt'} is saved. "
-            f"Resume with: mmtrain train trainer.resume=auto hydra.run.dir={out.run_dir} (and the same overrides)."
+            f"Resume with: {resume_command(out.run_dir)}",
         )
     if status == "failed":
         raise UserError(

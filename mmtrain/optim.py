@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from mmtrain.errors import UserError
-from mmtrain.registry import register
+from mmtrain.registry import Bounds, register
 
 log = logging.getLogger("mmtrain")
 NO_DECAY_TYPES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -48,11 +49,11 @@ def param_groups(
 def adamw(
     *,
     model: nn.Module,
-    lr: float = 3e-4,
-    weight_decay: float = 0.05,
-    betas: Sequence[float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    backbone_lr_scale: float = 1.0,
+    lr: Annotated[float, Bounds(gt=0)] = 3e-4,
+    weight_decay: Annotated[float, Bounds(ge=0)] = 0.05,
+    betas: Annotated[Sequence[float], Bounds(ge=0, lt=1)] = (0.9, 0.999),
+    eps: Annotated[float, Bounds(gt=0)] = 1e-8,
+    backbone_lr_scale: Annotated[float, Bounds(ge=0)] = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups`; the fused kernel on CUDA."""
     if lr <= 0:
@@ -92,8 +93,8 @@ def cosine(
     *,
     optimizer: torch.optim.Optimizer,
     total_steps: int,
-    warmup_steps: int = 0,
-    min_lr_ratio: float = 0.0,
+    warmup_steps: Annotated[int, Bounds(ge=0)] = 0,
+    min_lr_ratio: Annotated[float, Bounds(ge=0, le=1)] = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for `warmup_steps`, then cosine decay to `min_lr_ratio * lr`."""
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
@@ -106,7 +107,10 @@ def cosine(
 
 @register("scheduler", "constant")
 def constant(
-    *, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+    *,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: Annotated[int, Bounds(ge=0)] = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for `warmup_steps`, then the optimizer's learning rate."""
     from transformers.optimization import get_constant_schedule_with_warmup

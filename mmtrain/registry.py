@@ -8,16 +8,21 @@
 Config keys become keyword arguments; runtime objects (a model, an optimizer) are passed
 as keyword arguments to `build`. Both are checked against the function's signature before
 it is called, so a typo fails with the accepted names instead of deep inside a constructor,
-and so does a value of the wrong type for a parameter annotated int, float, str or bool.
+and so does a value of the wrong type for a parameter annotated int, float, str or bool,
+a number that is NaN or infinite, and one outside the `Bounds` a parameter is annotated with:
+
+    def adamw(*, lr: Annotated[float, Bounds(gt=0)] = 3e-4, ...): ...
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mmtrain.errors import UserError
@@ -81,6 +86,55 @@ def _split(kind: str, cfg: Mapping[str, Any] | str) -> tuple[str, dict[str, Any]
 _WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric parameter accepts, as `typing.Annotated` metadata; for a sequence
+    of numbers (Adam's betas) it bounds each element."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def describe(self) -> str:
+        parts = [
+            f"{word} {limit:g}"
+            for word, limit in (
+                ("above", self.gt), ("at least", self.ge), ("below", self.lt), ("at most", self.le)
+            )
+            if limit is not None
+        ]  # fmt: skip
+        return " and ".join(parts)
+
+    def holds(self, value: float) -> bool:
+        return not (
+            (self.gt is not None and not value > self.gt)
+            or (self.ge is not None and not value >= self.ge)
+            or (self.lt is not None and not value < self.lt)
+            or (self.le is not None and not value <= self.le)
+        )
+
+
+def _out_of_range(value: Any, hint: Any) -> str | None:
+    """None when the number(s) in `value` are finite and inside the parameter's `Bounds`,
+    else what they should be, in words."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(
+            (a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Annotated), hint
+        )
+    bounds = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Bounds)), None)
+    values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    for item in values:
+        if not isinstance(item, int | float) or isinstance(item, bool):
+            continue
+        if not math.isfinite(item):
+            return "a finite number" + (f" {bounds.describe()}" if bounds else "")
+        if bounds is not None and not bounds.holds(item):
+            each = "numbers each " if values is value else ""
+            return f"{each}{bounds.describe()}"
+    return None
+
+
 def _wanted(value: Any, hint: Any) -> str | None:
     """None when `value` fits the annotation `hint`, else what it should be, in words. Only
     int, float, str, bool and their unions with None are judged; the factory checks the rest."""
@@ -92,6 +146,8 @@ def _wanted(value: Any, hint: Any) -> str | None:
         if None in wanted:
             return None
         return " or ".join(wanted) + (" or null" if type(None) in args else "")
+    if typing.get_origin(hint) is typing.Annotated:
+        return _wanted(value, typing.get_args(hint)[0])
     if hint not in _WORDS:
         return None
     number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -101,7 +157,7 @@ def _wanted(value: Any, hint: Any) -> str | None:
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)
     except Exception:  # an annotation that names a type only a type checker sees
         return {}
 
@@ -127,7 +183,7 @@ def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) 
         )
     hints = _hints(fn)
     for key, value in options.items():
-        wanted = _wanted(value, hints.get(key))
+        wanted = _wanted(value, hints.get(key)) or _out_of_range(value, hints.get(key))
         if wanted:
             raise UserError(f"Key {key!r} of {where} must be {wanted} (got {value!r}).")
     clash = [key for key in options if key in runtime]

@@ -68,8 +68,8 @@ def resume_from_step(
 
 def assert_same_weights(a: Path, b: Path) -> None:
     """Every tensor of the two checkpoints' models is equal (torch.equal), key by key."""
-    first = torch.load(a, map_location="cpu", weights_only=False)["model"]
-    second = torch.load(b, map_location="cpu", weights_only=False)["model"]
+    first = torch.load(a, map_location="cpu", weights_only=True)["model"]
+    second = torch.load(b, map_location="cpu", weights_only=True)["model"]
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name

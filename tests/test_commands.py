@@ -218,7 +218,7 @@ def test_pretrained_backbone_trains_with_its_own_tokenizer_and_vision_frozen(pre
     from safetensors.torch import load_file
 
     original = load_file(pretrained / "model.safetensors")
-    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]
+    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     vision = [k for k in original if k.startswith("vision_model.")]
     text = [k for k in original if k.startswith("text_model.encoder")]
     assert vision and all(torch.equal(original[k], trained[f"clip.{k}"]) for k in vision)

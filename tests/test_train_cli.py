@@ -37,7 +37,7 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert summary["final"]["val/accuracy"] == val[-1]["val/accuracy"]
     assert summary["samples_per_s"] > 0 and summary["wall_s"] > 0
 
-    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert {
         "model",
         "optimizer",
@@ -50,7 +50,7 @@ def test_train_writes_a_complete_run_directory(tmp_path):
         "config",
     } <= set(last)
     assert last["step"] == 24 and last["config"]["trainer"]["max_epochs"] == 3
-    best_ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    best_ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     assert best_ckpt["step"] == best["step"]
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -110,6 +110,14 @@ def load_run(run: str, overrides: list[str] = (), checkpoint: str | None = None)
     weights = Path(checkpoint).expanduser() if checkpoint else path / "checkpoints" / "best.pt"
     if not checkpoint and not weights.is_file():
         weights = path / "checkpoints" / "last.pt"
+    if not weights.is_file():
+        raise UserError(
+            f"checkpoint={checkpoint}: no such file; give a .pt file from a run's checkpoints/ folder."
+            if checkpoint
+            else f"run={run} has no checkpoint (checkpoints/best.pt or last.pt): the run stopped "
+            "before its first save. Give another file with checkpoint=PATH, or finish the run "
+            "(`mmtrain train trainer.resume=auto hydra.run.dir=RUN_DIR`, with its overrides)."
+        )
     saved = ckpt.load(weights)
     model_cfg = plain(cfg.model)
     spec = model_spec(cfg)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -148,6 +151,27 @@ class Collate:
         )
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Loader workers let the main process handle SIGINT/SIGTERM. Clusters, `timeout` and
+    terminals signal the whole process group; a worker that died of it would end the run with
+    an error instead of the main process's orderly stop (finish the step, save, exit).
+
+    So a worker leaves the process group, ignores SIGINT, and of SIGTERMs (which may still
+    come to every process of a job, as SLURM sends them) heeds only the main process's, the
+    DataLoader's own way to end it: a thread reads each one's sender. (A worker also exits on
+    its own when the main process is gone.)"""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # as asked: not a failure the DataLoader should report
+
+
 def make_loader(
     split: SplitData,
     collate: Collate,
@@ -181,7 +205,18 @@ def make_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_leave_stop_signals_to_the_main_process,
         # Its own generator: creating an iterator then never draws from the global RNG,
         # which would shift dropout noise between a resumed run and an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def close_workers(loader: DataLoader) -> None:
+    """End `loader`'s persistent worker processes now, the orderly way (the DataLoader's own
+    shutdown), rather than leaving them to the interpreter's exit."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None

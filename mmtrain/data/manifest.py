@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,11 @@ from mmtrain.errors import UserError
 from mmtrain.registry import register
 
 log = logging.getLogger("mmtrain")
-_INTEGER = re.compile(r"-?\d+")
+# A class id as text: no sign, no leading zeros ("00" and "0" are two class names).
+_INTEGER = re.compile(r"0|[1-9]\d*")
+# Characters that show nothing: controls, format characters (zero-width space, joiners,
+# BOM), separators, and code points with no assigned meaning.
+_INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"}
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Row:
     text: Any
     label: Any
     negatives: Any = None
+    problem: tuple[str, str] | None = None  # (reason, detail) when the line itself is broken
 
 
 def _read_error(path: Path, what: str) -> UserError:
@@ -77,6 +83,17 @@ def read_manifest(path: Path, columns: dict[str, str | None]) -> tuple[bytes, li
         try:
             for record in reader:
                 rows.append(Row(start, *(record.get(wanted.get(k)) for k in columns)))
+                # csv puts extra fields under None and fills missing ones with None: either
+                # means the row does not line up with the header, e.g. a caption with an
+                # unquoted comma, which would otherwise shift its tail into the label.
+                fields = sum(v is not None for k, v in record.items() if k is not None)
+                fields += len(record.get(None) or [])
+                if fields != len(header):
+                    rows[-1].problem = (
+                        "wrong number of fields",
+                        f"{fields} fields, the header has {len(header)}: quote captions "
+                        'that contain commas ("a red, round ball")',
+                    )
                 start = reader.line_num + 1
         except csv.Error as error:
             raise _read_error(path, f"line {reader.line_num}: {error}") from None
@@ -204,6 +221,8 @@ class Checker:
             )
         if not row.text.strip():
             return "empty text", "the text is empty"
+        if all(unicodedata.category(ch) in _INVISIBLE for ch in row.text):
+            return "empty text", f"the text {row.text!r} has no visible character"
         return None
 
 
@@ -238,8 +257,16 @@ def _load_split(
         text_problem = checker.text(row)
         if row.image is _NOT_JSON:
             problems.append(("invalid row", "the line is not a JSON object"))
+        elif row.problem is not None:
+            problems.append(row.problem)
         elif paths[-1] is None:
             problems.append(("missing image path", "the image path is empty or missing"))
+        elif paths[-1].is_dir():
+            problems.append(("not a file", f"{paths[-1]} is a directory, not an image file"))
+        elif paths[-1].exists() and not paths[-1].is_file():
+            problems.append(
+                ("not a file", f"{paths[-1]} is not a regular file (a device, pipe or socket)")
+            )
         elif not paths[-1].is_file():
             problems.append(
                 (
