@@ -5,7 +5,7 @@ PYTHON ?= python3
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: train test test-fast lint format clean
+.PHONY: train test test-fast test-gpu lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,13 @@ train: $(STAMP)  ## run `mmtrain train` (pass overrides with ARGS="optimizer.lr=
 	$(VENV)/bin/mmtrain train $(ARGS)
 
 test: $(STAMP)  ## the whole test suite, slow tests included (what CI runs)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "slow or not slow" $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not gpu" $(ARGS)
 
 test-fast: $(STAMP)  ## the default suite without tests marked slow
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-gpu: $(STAMP)  ## the CUDA tests (skipped without a GPU); benchmarks/gpu_check.sh runs them with the speed checks
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m gpu $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

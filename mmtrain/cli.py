@@ -179,10 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Let exceptions reach this function: user errors are printed below without a traceback.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _interrupt)
     # A log file on a full disk: say so once in the error below, not in a traceback per line.
     logging.raiseExceptions = False
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _dispatch(command, args, console)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _dispatch(command: str, args: list[str], console: Console) -> int:
+    """Run `command`; user errors, interruptions and write failures become messages."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

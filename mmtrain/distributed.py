@@ -43,7 +43,8 @@ def is_main() -> bool:
 def process_group(device: torch.device) -> Iterator[None]:
     """Join the job's process group (gloo on CPU, nccl on CUDA) for the duration, when
     torchrun or mmtrain.launch started this process as one of several."""
-    if world_size() == 1 or dist.is_initialized():
+    # torchrun's one-process jobs join a group too: the same code path as many processes.
+    if dist.is_initialized() or (world_size() == 1 and "TORCHELASTIC_RUN_ID" not in os.environ):
         yield
         return
     if device.type == "cuda":
@@ -53,6 +54,11 @@ def process_group(device: torch.device) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def backend() -> str:
+    """The process group's backend (gloo, nccl), or "none" in a single plain process."""
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
 
 
 def mean(value: float, device: torch.device) -> float:

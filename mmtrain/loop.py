@@ -162,8 +162,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         seed_everything(trainer.seed)
         world = distributed.world_size()
         log.info(
-            "run directory: %s (device %s, precision %s, %d process%s)",
-            run_dir, device, resolve_precision(trainer.precision, device), world, "es" if world > 1 else "",
+            "run directory: %s (device %s, precision %s, %d process%s, process group: %s)",
+            run_dir, device, resolve_precision(trainer.precision, device), world,
+            "es" if world > 1 else "", distributed.backend(),
         )  # fmt: skip
         # A resumed run keeps its label mapping (labels.json), on every rank.
         class_names = load_class_names(run_dir) if saved is not None else None
