@@ -25,7 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtrain import checkpoint as ckpt
 from mmtrain import distributed
-from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
+from mmtrain.build import (
+    Run,
+    build_loggers,
+    build_run,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from mmtrain.config import trainer_config, upgrade
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
@@ -177,7 +184,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         # A resumed run keeps its label mapping (labels.json), on every rank.
         class_names = load_class_names(run_dir) if saved is not None else None
         run = build_run(cfg, run_dir if main else None, device, class_names)
-        outputs = Outputs(run_dir, MetricsLog(run_dir, enabled=main), config, main)
+        sinks = build_loggers(cfg, run, run_dir, saved is not None) if main else []
+        outputs = Outputs(run_dir, MetricsLog(run_dir, enabled=main, sinks=sinks), config, main)
         if saved is not None:
             ckpt.restore(saved, run.model, run.optimizer, run.scheduler, run.scaler)
             outputs.metrics.truncate_after(state.step)
@@ -186,8 +194,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                 resume_from, state.step, state.epoch, state.batch,
             )  # fmt: skip
             del saved
-        status, stopped_by, speed = train_loop(run, state, outputs)
-        return _finish(run, state, outputs, status, stopped_by, speed, started)
+        try:
+            status, stopped_by, speed = train_loop(run, state, outputs)
+            return _finish(run, state, outputs, status, stopped_by, speed, started)
+        except BaseException as error:
+            outputs.metrics.close(error)  # the trackers' runs end as failed, not left open
+            raise
 
 
 def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | None, Throughput]:
@@ -298,6 +310,8 @@ def _validate(run: Run, state: TrainState, out: Outputs) -> None:
     model = run.model
     metrics = evaluate(model, model.metrics(run.device), run.val_loader, run.device, run.autocast)
     out.metrics.log(state.step, state.epoch, metrics)
+    if out.main:  # redrawn now, so the curves can be watched while the run trains
+        plot_curves(out.metrics.events, out.run_dir / "curves.png")
     log.info(
         "step %d validation: %s",
         state.step,
@@ -401,6 +415,7 @@ def _finish(
         write_json(out.run_dir / "summary.json", summary)
         if out.metrics.events:
             plot_curves(out.metrics.events, out.run_dir / "curves.png")
+    out.metrics.finish(status, summary)
     if status == "interrupted":
         raise UserError(
             f"Interrupted by {stopped_by} at step {state.step}; the checkpoint {out.checkpoints / 'last.pt'} is saved. "
