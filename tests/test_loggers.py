@@ -379,3 +379,25 @@ def test_under_ddp_only_rank_0_logs(tmp_path):
     assert [s for s, _ in tb_scalars(run_dir / "tensorboard")["train/loss"]] == steps
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows if r["train/loss"]] == steps
+
+
+def test_a_run_trained_with_trackers_evaluates_without_their_packages(tmp_path):
+    """eval/predict/export rebuild a run from its config; its logger entries are not needed."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "train", *TINY, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={run_dir}"
+    )
+    assert result.returncode == 0, result.stderr
+    config_file = run_dir / ".hydra" / "config.yaml"
+    config_file.write_text(config_file.read_text().replace("  csv:\n", "  wandb:\n"))
+    assert "logger:\n  wandb:\n" in config_file.read_text()
+    code = (
+        "import sys; sys.modules['wandb'] = None\n"
+        "from mmtrain.cli import main\n"
+        f"sys.exit(main(['eval', 'run={run_dir}']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "eval_val.json").is_file()
