@@ -325,10 +325,15 @@ def test_a_missing_tracker_package_fails_before_training_with_the_install_comman
         ),
         ("logger=tensorbord", "Could not find 'logger/tensorbord'"),
         ("+logger.neptune.project=x", "Unknown logger 'neptune'"),
+        (
+            "logger=mlflow logger.mlflow.tags=abc",
+            "logger.mlflow.tags must be a mapping (got 'abc')",
+        ),
+        ("logger=wandb logger.wandb.tags=abc", "logger.wandb.tags must be a list (got 'abc')"),
     ],
 )
 def test_a_bad_logger_config_fails_before_training(tmp_path, override, message):
-    result = run_cli("train", override, f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_cli("train", *override.split(), f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
