@@ -116,6 +116,12 @@ def entries(logger_cfg: Mapping[str, Any] | None) -> list[tuple[str, dict[str, A
             f"logger must be a mapping of sinks (got {logger_cfg!r}); pick options with "
             f"logger=tensorboard or logger=[tensorboard,mlflow] (registered: {', '.join(registry.names('logger'))})."
         )
+    for name, options in logger_cfg.items():
+        if options is not None and not isinstance(options, Mapping):
+            raise UserError(
+                f"logger.{name} must be a mapping of its keys (got {options!r}); "
+                f"set one key at a time (logger.{name}.KEY=VALUE), see `mmtrain list logger`."
+            )
     return [(str(name), dict(options or {})) for name, options in logger_cfg.items()]
 
 
@@ -130,7 +136,7 @@ def check(logger_cfg: Mapping[str, Any] | None) -> None:
             if value is not None and wanted and not isinstance(value, wanted[0]):
                 raise UserError(
                     f"logger.{name}.{key} must be a {wanted[1]} (got {value!r}), e.g. "
-                    f"{'logger.wandb.tags=[baseline,v2]' if wanted[0] is list else 'logger.mlflow.tags={team: vision}'}."
+                    f"'logger.{name}.{key}={'[a,b]' if wanted[0] is list else '{key: value}'}'."
                 )
         module = REQUIRES.get(name)
         if module and importlib.util.find_spec(module) is None:

@@ -344,6 +344,8 @@ def test_logger_entries_and_names():
     assert loggers.entries({"csv": None}) == [("csv", {})]
     with pytest.raises(UserError, match="logger must be a mapping"):
         loggers.entries("tensorboard")
+    with pytest.raises(UserError, match="logger.csv must be a mapping of its keys"):
+        loggers.entries({"csv": 5})
     assert loggers.mlflow_key("val/recall@1_i2t") == "val/recall_at_1_i2t"
 
 
