@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import mmtrain.components  # noqa: F401  (registers the built-in components)
-from mmtrain import distributed, registry
+from mmtrain import distributed, loggers, registry
 from mmtrain.config import (
     LoaderConfig,
     TrainerConfig,
@@ -74,6 +74,7 @@ def check(cfg: DictConfig) -> TrainerConfig:
         raise _no_negatives(loader, model["name"])
     registry.check("optimizer", plain(cfg.optimizer), runtime=("model",))
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
+    loggers.check(plain(cfg.get("logger")))
     return trainer
 
 
@@ -391,3 +392,12 @@ def build_run(
         monitor=monitor,
         mode=mode,
     )
+
+
+def build_loggers(cfg: DictConfig, run: Run, run_dir: Path, resumed: bool) -> list[loggers.Sink]:
+    """The experiment trackers of `cfg.logger` (rank 0 builds them), told the resolved
+    config and the metrics `run` will log; `resumed` reopens the runs they tracked."""
+    names = ["train/loss", *(f"val/{name}" for name in run.model.metric_names)]
+    config = plain(cfg)
+    info = loggers.RunInfo.of(run_dir, config, resumed, names)
+    return loggers.build(config.get("logger"), info)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape  # messages hold brackets: pip install 'mmtrain[wandb]'
 
 from mmtrain.errors import Interrupted, UserError
 
@@ -238,10 +239,10 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
             _console_logging()
             export_run(args)
     except UserError as error:
-        console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
     except (HydraException, OmegaConfBaseException) as error:
-        console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
     except OSError as error:  # e.g. Hydra creating a run directory where it cannot
         where = f" {error.filename}" if error.filename else ""

@@ -7,8 +7,8 @@ Their heavy dependencies (transformers' models, torchmetrics) are imported when 
 component is built, not here, so listing and checking stay fast.
 """
 
-from mmtrain import optim
+from mmtrain import loggers, optim
 from mmtrain.data import augment, manifest, negatives, shapes
 from mmtrain.models import classifier, contrastive, fusion
 
-MODULES = (optim, augment, manifest, negatives, shapes, classifier, contrastive, fusion)
+MODULES = (loggers, optim, augment, manifest, negatives, shapes, classifier, contrastive, fusion)

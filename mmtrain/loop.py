@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtrain import checkpoint as ckpt
 from mmtrain import distributed
-from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
+from mmtrain.build import (
+    Run,
+    build_loggers,
+    build_run,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from mmtrain.config import trainer_config, upgrade
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import Interrupted, UserError
@@ -170,7 +177,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         class_names = load_class_names(run_dir) if saved is not None else None
         run = build_run(cfg, run_dir if main else None, device, class_names)
         stack.callback(run.close)
-        outputs = Outputs(run_dir, MetricsLog(run_dir, enabled=main), config, main)
+        sinks = build_loggers(cfg, run, run_dir, saved is not None) if main else []
+        outputs = Outputs(run_dir, MetricsLog(run_dir, enabled=main, sinks=sinks), config, main)
+        # Whatever escapes, the trackers' runs end as failed or interrupted, not left open.
+        stack.push(lambda kind, error, trace: outputs.metrics.close(error) if error else None)
         if saved is not None:
             ckpt.restore(saved, run.model, run.optimizer, run.scheduler, run.scaler)
             outputs.metrics.truncate_after(state.step)
@@ -315,6 +325,9 @@ def _validate(run: Run, state: TrainState, out: Outputs, stop: StopSignal) -> bo
         return False
     state.validating = False
     out.metrics.log(state.step, state.epoch, metrics)
+    if out.main:  # redrawn now, so the curves can be watched while the run trains
+        with suppress(OSError):  # a full disk is reported by the checkpoint save below
+            plot_curves(out.metrics.events, out.run_dir / "curves.png")
     log.info(
         "step %d validation: %s",
         state.step,
@@ -404,6 +417,7 @@ def _finish(
             log.warning(
                 "could not write summary.json or curves.png: %s", problem.strerror or problem
             )
+    out.metrics.finish(status, summary)
     if error:
         return math.nan
     if status == "interrupted":

@@ -13,14 +13,20 @@ from typing import Any
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mmtrain.errors import Interrupted
+
 
 class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl and keeps them for the plot."""
+    """Appends one JSON object per event to metrics.jsonl, keeps them for the plot, and
+    passes each to the experiment trackers (`sinks`, see mmtrain.loggers)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, sinks: list[Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.events: list[dict[str, Any]] = []
+        self.sinks = list(sinks or [])
+        # (step, name) pairs the trackers already have: a resumed run logs them again.
+        self.sent: set[tuple[int, str]] = set()
         if enabled and self.path.exists():  # a resumed run continues its own history
             self.events = [
                 json.loads(line) for line in self.path.read_text().splitlines() if line.strip()
@@ -33,12 +39,38 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(event) + "\n")
+        fresh = {k: float(v) for k, v in metrics.items() if (step, k) not in self.sent}
+        if fresh:
+            for sink in self.sinks:
+                sink.log(step, epoch, fresh)
 
     def truncate_after(self, step: int) -> None:
-        """Forget events after `step` (a resumed run logs them again)."""
+        """Forget events after `step` (a resumed run logs them again, to the trackers only
+        what they do not have)."""
+        self.sent = {(e["step"], k) for e in self.events for k in e if k not in ("step", "epoch")}
         self.events = [event for event in self.events if event["step"] <= step]
         if self.enabled:
             self.path.write_text("".join(json.dumps(event) + "\n" for event in self.events))
+
+    def finish(self, status: str, summary: dict[str, Any]) -> None:
+        """Give each tracker the run's final status and summary, and close it."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.finish(status, summary)
+            except Exception as error:  # one tracker's failure must not keep the others open
+                logging.getLogger("mmtrain").warning(
+                    "could not close the %s tracker: %s", type(sink).__name__, error
+                )
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the trackers that `finish` did not: the run ended on an exception."""
+        if self.sinks:
+            status = (
+                "interrupted" if isinstance(error, KeyboardInterrupt | Interrupted) else "failed"
+            )
+            last = self.events[-1]["step"] if self.events else 0
+            self.finish(status, {"status": status, "steps": last, "error": repr(error)})
 
 
 def _plain(value: Any) -> Any:
@@ -80,8 +112,11 @@ def plot_curves(events: list[dict[str, Any]], path: Path) -> None:
         if axis.lines:
             axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    # Redrawn after every validation: a viewer never opens a half-written file.
+    partial = Path(path).with_suffix(".tmp.png")
+    figure.savefig(partial, dpi=110)
     plt.close(figure)
+    os.replace(partial, path)
 
 
 def progress_bar(enabled: bool, total: int, completed: int) -> Progress:

@@ -27,6 +27,7 @@ LAYERS = {
     "mmtrain.data": 3,
     "mmtrain.models": 3,
     "mmtrain.optim": 3,
+    "mmtrain.loggers": 3,
     "mmtrain.components": 4,
     "mmtrain.build": 5,
     "mmtrain.guard": 5,

@@ -30,6 +30,7 @@ GROUPS = {
     "optimizer": ["optimizer"],
     "scheduler": ["scheduler"],
     "trainer": [],
+    "logger": ["logger"],
     "experiment": [],
 }
 # Keyword arguments mmtrain supplies at run time, not config keys: left out of the tables.
@@ -38,6 +39,7 @@ RUNTIME = {
     "model": MODEL_RUNTIME,
     "optimizer": ("model",),
     "scheduler": ("optimizer", "total_steps"),
+    "logger": ("run",),
     "fusion": FUSION_ARGUMENTS,
     "image_augment": AUGMENT_RUNTIME[IMAGE],
     "text_augment": AUGMENT_RUNTIME[TEXT],

@@ -90,6 +90,7 @@ def load_run(run: str, overrides: list[str] = (), checkpoint: str | None = None)
             f"run={run}: {config_file} not found; give the directory of a finished `mmtrain train` run (it holds .hydra/, checkpoints/, tokenizer/)."
         )
     cfg = OmegaConf.create(upgrade(OmegaConf.to_container(OmegaConf.load(config_file))))
+    cfg.pop("logger", None)  # trackers follow training only: eval needs no W&B or MLflow
     if overrides:
         given = OmegaConf.from_dotlist(list(overrides))
         unknown = sorted(set(given) - set(cfg))
