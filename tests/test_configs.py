@@ -49,8 +49,13 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
 
 
 def test_head_input_size_follows_the_fusion():
-    for fusion, width in (("concat", 2 * 32), ("cross_attention", 32)):
-        cfg = _compose([f"model.fusion={fusion}", *TINY])
+    for fusion, width in (
+        ("concat", 2 * 32),
+        ("cross_attention", 32),
+        ("product", 32),
+        ("product model.fusion_difference=true", 2 * 32),
+    ):
+        cfg = _compose([*f"model.fusion={fusion}".split(), *TINY])
         parts = build_parts(cfg, None)
         assert parts.model.fusion.out_dim == width
         assert parts.model.head[1].in_features == width

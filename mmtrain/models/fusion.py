@@ -42,6 +42,23 @@ class Concat(nn.Module):
         return torch.cat([features.image_embed, features.text_embed], dim=-1)
 
 
+class Product(nn.Module):
+    """The element-wise product of the pooled, projected image and text embeddings (a
+    dot product before its sum), optionally beside their absolute difference."""
+
+    def __init__(self, embed_dim: int, with_difference: bool):
+        super().__init__()
+        self.with_difference = with_difference
+        self.out_dim = (2 if with_difference else 1) * embed_dim
+
+    def forward(self, features: Features) -> torch.Tensor:
+        image, text = features.image_embed, features.text_embed
+        product = image * text
+        if not self.with_difference:
+            return product
+        return torch.cat([product, (image - text).abs()], dim=-1)
+
+
 class CrossAttention(nn.Module):
     """Text tokens attend to each other and to the image patches; masked mean over text.
 
@@ -78,6 +95,13 @@ class CrossAttention(nn.Module):
 def concat(embed_dim: int) -> nn.Module:
     """Pooled projected features concatenated; out_dim = 2 * projection_dim."""
     return Concat(embed_dim)
+
+
+@register("fusion", "product")
+def product(embed_dim: int, with_difference: bool) -> nn.Module:
+    """Element-wise product of the projected features (plus |difference| with
+    model.fusion_difference=true); out_dim = projection_dim, or twice it."""
+    return Product(embed_dim, with_difference)
 
 
 @register("fusion", "cross_attention")
