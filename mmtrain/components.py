@@ -9,6 +9,6 @@ component is built, not here, so listing and checking stay fast.
 
 from mmtrain import optim
 from mmtrain.data import augment, manifest, negatives, shapes
-from mmtrain.models import classifier, contrastive, fusion
+from mmtrain.models import classifier, contrastive, fusion, zeroshot
 
-MODULES = (optim, augment, manifest, negatives, shapes, classifier, contrastive, fusion)
+MODULES = (optim, augment, manifest, negatives, shapes, classifier, contrastive, fusion, zeroshot)

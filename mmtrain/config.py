@@ -79,6 +79,7 @@ class TrainerConfig:
     nproc_per_node: int = 1
     seed: int = 42
     val_every_n_steps: int | None = None
+    val_before_training: bool = False
     log_every_n_steps: int = 20
     on_nonfinite: str = "stop"
     resume: str | None = None

@@ -25,7 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtrain import checkpoint as ckpt
 from mmtrain import distributed
-from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
+from mmtrain.build import (
+    Run,
+    build_run,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    val_metrics,
+)
 from mmtrain.config import trainer_config, upgrade
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
@@ -203,6 +210,8 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
     )  # fmt: skip
     run.model.train()
     bar = progress_bar(log.isEnabledFor(logging.INFO), run.max_steps, state.step)
+    if t.val_before_training and state.step == 0:
+        _validate(run, state, out)
     with StopSignal() as stop, bar:
         while state.step < run.max_steps and status == "completed" and not stop.received:
             # The epoch's order depends on (seed, epoch) alone; skip what was already read.
@@ -296,7 +305,8 @@ def _validate(run: Run, state: TrainState, out: Outputs) -> None:
     """Evaluate, log, keep best.pt when the monitored metric improved, and save last.pt."""
     # The unwrapped model: evaluation needs no gradient sync between ranks.
     model = run.model
-    metrics = evaluate(model, model.metrics(run.device), run.val_loader, run.device, run.autocast)
+    metrics = val_metrics(model, run.device, run.parts.zeroshot)
+    metrics = evaluate(model, metrics, run.val_loader, run.device, run.autocast)
     out.metrics.log(state.step, state.epoch, metrics)
     log.info(
         "step %d validation: %s",
