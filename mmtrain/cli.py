@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             from mmtrain.commands.evaluate import evaluate_run
 
             _console_logging()
-            evaluate_run(args)
+            evaluate_run(args, config_source()[0])
         elif command == "predict":
             from mmtrain.commands.predict import predict_run
 

@@ -146,3 +146,30 @@ class RetrievalMetrics:
             values["zeroshot_top1"] = float((top[:, 0] == labels).float().mean())
             values["zeroshot_top5"] = float((top == labels[:, None]).any(1).float().mean())
         return values
+
+
+def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, classes: int) -> torch.Tensor:
+    """[C, C] counts: row = true class, column = predicted class."""
+    pairs = labels.long().cpu() * classes + predicted.long().cpu()
+    return torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+
+
+def per_class_scores(confusion: torch.Tensor, names: list[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows: true
+    class, columns: predicted); a class never predicted has precision 0."""
+    confusion = confusion.double().cpu()
+    correct = confusion.diagonal()
+    predicted, support = confusion.sum(0), confusion.sum(1)
+    precision = torch.where(predicted > 0, correct / predicted.clamp_min(1), 0.0)
+    recall = torch.where(support > 0, correct / support.clamp_min(1), 0.0)
+    total = precision + recall
+    f1 = torch.where(total > 0, 2 * precision * recall / total.clamp_min(1e-12), 0.0)
+    return {
+        name: {
+            "precision": round(float(precision[i]), 6),
+            "recall": round(float(recall[i]), 6),
+            "f1": round(float(f1[i]), 6),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
