@@ -42,8 +42,9 @@ EMBED["both"] = EMBED["images"] + EMBED["texts"]
 
 
 def predict_run(args: list[str]) -> Path:
-    """`mmtrain predict run=RUN_DIR input=MANIFEST output=FILE(.jsonl|.csv)`: one output row
-    per input row, in order (bad rows under data.on_bad_sample=skip get their reason).
+    """`mmtrain predict run=RUN_DIR input=MANIFEST output=FILE`: one output row per input row,
+    in order (bad rows under data.on_bad_sample=skip get their reason), or with
+    output=.npy|.safetensors one embedding row per input row.
 
     The input is read as a manifest: with the run's own manifest settings (columns, image
     root, cache) when it trained on one, else with the defaults, and with any `data.KEY=`
