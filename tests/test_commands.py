@@ -307,6 +307,7 @@ def test_param_groups_scale_the_backbone_and_spare_biases_norms_and_temperature(
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+@pytest.mark.slow  # two CLI runs (~35 s on a loaded 2-core machine)
 def test_eval_of_an_untrained_pretrained_backbone_matches_the_runs_step_0(pretrained, tmp_path):
     shapes_data = [o for o in TINY if o.startswith("data.")]
     common = [

@@ -87,7 +87,7 @@ def test_each_fusion_learns_a_batch(fusion):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
 
 

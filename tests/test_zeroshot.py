@@ -229,7 +229,7 @@ def write_candidates(folder):
     return path
 
 
-def test_bad_zeroshot_and_predict_inputs_stop_with_a_message(run, tmp_path):
+def test_bad_zeroshot_inputs_stop_before_training(tmp_path):
     result = run_cli(
         "train",
         "model=clip_contrastive",
@@ -244,6 +244,11 @@ def test_bad_zeroshot_and_predict_inputs_stop_with_a_message(run, tmp_path):
     assert (
         result.returncode == 2 and "zeroshot" in result.stderr and "Traceback" not in result.stderr
     )
+    result = run_cli("eval", "split=val")
+    assert result.returncode == 2 and "Missing run=" in result.stderr and "out=DIR" in result.stderr
+
+
+def test_bad_predict_inputs_stop_with_a_message(run, tmp_path):
     val = next((run.parent / "data").glob("val.jsonl"))
     for args, message in (
         ([f"output={tmp_path / 'e.npy'}"], "add embed=images or embed=texts"),
@@ -257,5 +262,3 @@ def test_bad_zeroshot_and_predict_inputs_stop_with_a_message(run, tmp_path):
         result = run_cli("predict", f"run={run}", f"input={val}", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-    result = run_cli("eval", "split=val")
-    assert result.returncode == 2 and "Missing run=" in result.stderr and "out=DIR" in result.stderr
