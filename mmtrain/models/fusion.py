@@ -2,9 +2,9 @@
 
 A fusion is a registered factory returning a module with an `out_dim` attribute whose
 forward takes the `Features` of a batch. Its parameters are chosen from what the model
-offers (`FUSION_ARGUMENTS`): the feature sizes and the attention settings
-(`model.fusion_layers`, `model.fusion_heads`, `model.dropout`). A factory names only those it
-uses, and receives only those.
+offers (`FUSION_ARGUMENTS`): the feature sizes, the attention settings
+(`model.fusion_layers`, `model.fusion_heads`, `model.dropout`) and `with_difference`
+(`model.fusion_difference`). A factory names only those it uses, and receives only those.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from torch import nn
 from mmtrain.errors import UserError
 from mmtrain.registry import register
 
-FUSION_ARGUMENTS = ("image_dim", "text_dim", "embed_dim", "layers", "heads", "dropout")
+FUSION_ARGUMENTS = (
+    "image_dim", "text_dim", "embed_dim", "layers", "heads", "dropout", "with_difference",
+)  # fmt: skip
 
 
 @dataclass
