@@ -370,6 +370,10 @@ class Run:
     monitor: str  # the validation metric that picks best.pt and early stopping
     mode: str  # max | min
 
+    def val_metrics(self) -> Any:
+        """A fresh set of the model's validation metrics (zero-shot included, if any)."""
+        return val_metrics(self.model, self.device, self.parts.zeroshot)
+
 
 def build_run(
     cfg: DictConfig,

@@ -25,14 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtrain import checkpoint as ckpt
 from mmtrain import distributed
-from mmtrain.build import (
-    Run,
-    build_run,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-    val_metrics,
-)
+from mmtrain.build import Run, build_run, resolve_device, resolve_precision, seed_everything
 from mmtrain.config import trainer_config, upgrade
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
@@ -305,8 +298,7 @@ def _validate(run: Run, state: TrainState, out: Outputs) -> None:
     """Evaluate, log, keep best.pt when the monitored metric improved, and save last.pt."""
     # The unwrapped model: evaluation needs no gradient sync between ranks.
     model = run.model
-    metrics = val_metrics(model, run.device, run.parts.zeroshot)
-    metrics = evaluate(model, metrics, run.val_loader, run.device, run.autocast)
+    metrics = evaluate(model, run.val_metrics(), run.val_loader, run.device, run.autocast)
     out.metrics.log(state.step, state.epoch, metrics)
     log.info(
         "step %d validation: %s",
