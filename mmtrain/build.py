@@ -41,7 +41,9 @@ from mmtrain.data.negatives import NegativeSampler
 from mmtrain.data.source import SplitData, save_class_names
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
 from mmtrain.errors import UserError
+from mmtrain.metrics import RetrievalMetrics
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
+from mmtrain.models.zeroshot import ZeroShotTask, can_embed, load_templates
 
 log = logging.getLogger("mmtrain")
 AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -50,6 +52,7 @@ AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
 # those its factory has a parameter for.
 SOURCE_RUNTIME = ("image_size", "class_names", "num_classes")
 MODEL_RUNTIME = ("tokenizer", "spec")
+ZEROSHOT_RUNTIME = ("classes", "tokenizer", "max_length")
 
 
 def source_runtime(name: str) -> tuple[str, ...]:
@@ -72,6 +75,10 @@ def check(cfg: DictConfig) -> TrainerConfig:
     built = typing.get_type_hints(registry.get("model", model["name"])).get("return")
     if loader.hard_negatives and inspect.isclass(built) and not _takes_negatives(built.forward):
         raise _no_negatives(loader, model["name"])
+    zeroshot = zeroshot_options(cfg)
+    registry.check("zeroshot", zeroshot, runtime=ZEROSHOT_RUNTIME)
+    if "templates" in zeroshot:  # a missing template file fails now, not at the first validation
+        load_templates(zeroshot["templates"])
     registry.check("optimizer", plain(cfg.optimizer), runtime=("model",))
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
     loggers.check(plain(cfg.get("logger")))
@@ -99,6 +106,48 @@ def _no_negatives(loader: LoaderConfig, model: str) -> UserError:
         f"data.hard_negatives={loader.hard_negatives}, but model {model!r} takes no negative "
         "texts; use a contrastive model (model=clip_contrastive) or set data.hard_negatives=0."
     )
+
+
+def zeroshot_options(cfg: DictConfig) -> dict[str, Any]:
+    """The zeroshot group (runs written before it existed get its default, `prompts`)."""
+    return plain(cfg.zeroshot) if cfg.get("zeroshot") is not None else {"name": "prompts"}
+
+
+def build_zeroshot(
+    cfg: DictConfig, split: SplitData, tokenizer: Any, max_length: int, model: nn.Module
+) -> ZeroShotTask | None:
+    """Zero-shot classification of `split`'s images as the zeroshot group says, when the
+    model embeds images and texts and the split has image classes; else None."""
+    if not can_embed(model):
+        return None
+    task = registry.build(
+        "zeroshot",
+        zeroshot_options(cfg),
+        classes=split.zeroshot_classes(),
+        tokenizer=tokenizer,
+        max_length=max_length,
+    )
+    if task is not None:
+        log.info(
+            "zero-shot classification: %d classes, %d prompt templates",
+            len(task.class_names),
+            len(task.templates),
+        )
+    return task
+
+
+def val_metrics(model: nn.Module, device: torch.device, zeroshot: ZeroShotTask | None) -> Any:
+    """A fresh set of `model`'s validation metrics; with `zeroshot`, its classes embedded by
+    the model as it is now (prompts are re-embedded at every evaluation)."""
+    if zeroshot is None:
+        return model.metrics(device)
+    return model.metrics(device, zeroshot=zeroshot.classes(model, device))
+
+
+def metric_names(model: nn.Module, zeroshot: ZeroShotTask | None) -> list[str]:
+    """The `val/NAME` metrics an evaluation of `model` reports."""
+    names = [*model.metric_names, *(RetrievalMetrics.ZEROSHOT_NAMES if zeroshot else ())]
+    return [f"val/{name}" for name in names]
 
 
 def seed_everything(seed: int) -> None:
@@ -207,6 +256,7 @@ class Parts:
     augment: aug.ImageAugment
     # Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason: N}}.
     bad_samples: dict[str, Any]
+    zeroshot: ZeroShotTask | None = None  # zero-shot classification of the val split
 
 
 def build_parts(
@@ -281,6 +331,7 @@ def build_parts(
         train_collate=Collate(tokenizer, length, text_augment, negatives),
         augment=aug.ImageAugment(augment[aug.IMAGE], seed),
         bad_samples=bad_sample_counts(splits),
+        zeroshot=build_zeroshot(cfg, splits["val"], tokenizer, length, model),
     )
 
 
@@ -337,6 +388,10 @@ class Run:
         close_workers(self.train_loader)
         close_workers(self.val_loader)
 
+    def val_metrics(self) -> Any:
+        """A fresh set of the model's validation metrics (zero-shot included, if any)."""
+        return val_metrics(self.model, self.device, self.parts.zeroshot)
+
 
 def build_run(
     cfg: DictConfig,
@@ -368,7 +423,7 @@ def build_run(
     if trainer.compile:
         step_model = torch.compile(step_model)
     monitor, mode = monitored(cfg.model.name, trainer.checkpoint.monitor, trainer.checkpoint.mode)
-    metrics = [f"val/{name}" for name in model.metric_names]
+    metrics = metric_names(model, parts.zeroshot)
     if monitor not in metrics:
         raise UserError(
             f"trainer.checkpoint.monitor={monitor} is not a validation metric of model "

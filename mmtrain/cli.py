@@ -24,8 +24,10 @@ Usage:
   mmtrain train [KEY=VALUE ...]        train one run into outputs/DATE/TIME/
   mmtrain train -m KEY=a,b ...         sweep: one run per combination, in multirun/DATE/TIME/N/
   mmtrain train --help                 config groups, the composed config, examples
-  mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH]   metrics of a run's best checkpoint
+  mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH]   metrics and pictures of a run's best checkpoint
+  mmtrain eval out=DIR [GROUP=OPTION ...] [KEY=VALUE ...]        the same for a model never trained
   mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.jsonl|.csv   one prediction per input row
+  mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.npy|.safetensors   embeddings (contrastive)
   mmtrain export run=RUN_DIR out=DIR   a folder transformers loads (CLIPModel, AutoTokenizer)
   mmtrain validate [KEY=VALUE ...]     check the config and every data row; trains nothing
   mmtrain list [GROUP]                 registered components and config options
@@ -227,7 +229,7 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
             from mmtrain.commands.evaluate import evaluate_run
 
             _console_logging()
-            evaluate_run(args)
+            evaluate_run(args, config_source()[0])
         elif command == "predict":
             from mmtrain.commands.predict import predict_run
 

@@ -9,6 +9,17 @@ component is built, not here, so listing and checking stay fast.
 
 from mmtrain import loggers, optim
 from mmtrain.data import augment, manifest, negatives, shapes
-from mmtrain.models import classifier, contrastive, fusion
+from mmtrain.models import classifier, contrastive, fusion, zeroshot
 
-MODULES = (loggers, optim, augment, manifest, negatives, shapes, classifier, contrastive, fusion)
+MODULES = (
+    loggers,
+    optim,
+    augment,
+    manifest,
+    negatives,
+    shapes,
+    classifier,
+    contrastive,
+    fusion,
+    zeroshot,
+)

@@ -79,6 +79,7 @@ class TrainerConfig:
     nproc_per_node: int = 1
     seed: int = 42
     val_every_n_steps: int | None = None
+    val_before_training: bool = False
     log_every_n_steps: int = 20
     on_nonfinite: str = "stop"
     resume: str | None = None
@@ -202,6 +203,8 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     model, data = config.get("model") or {}, config.get("data") or {}
     if data.get("name") == "shapes":
         data.pop("on_bad_sample", None)
+    if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off
+        model.setdefault("fusion_difference", False)
     if "hard_negatives" not in model and "hard_negatives" in data:
         return config  # written by this release
     for key in ("hard_negatives", "negative_sampler"):

@@ -100,3 +100,28 @@ def gather_objects(items: list[Any]) -> list[Any]:
     gathered: list[list[Any]] = [[] for _ in range(world_size())]
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
+
+
+def maximum(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, as tensors (no pickling),
+    when ranks hold different numbers of rows: each pads to the longest, gathers, and the
+    padding is cut off again. Other dimensions must agree between ranks."""
+    if world_size() == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
+    longest = max(int(size) for size in sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)])

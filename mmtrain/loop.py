@@ -222,10 +222,11 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
     run.model.train()
     bar = progress_bar(log.isEnabledFor(logging.INFO), run.max_steps, state.step)
     with StopSignal() as stop, bar:
-        # A resumed run first does the validation a signal abandoned, as the run never
-        # stopped would have done it (no RNG is drawn in between).
-        if state.validating and _validate(run, state, out, stop) and _no_progress(run, state):
-            status = "stopped_early"
+        # Validation first: the starting point (val_before_training), or the validation a
+        # signal abandoned, which a resumed run does as the run never stopped did it.
+        first = t.val_before_training and state.step == 0 and state.best is None
+        if (state.validating or first) and _validate(run, state, out, stop):
+            status = "stopped_early" if _no_progress(run, state) else status
         while state.step < run.max_steps and status == "completed" and not stop.received:
             # The epoch's order depends on (seed, epoch) alone; skip what was already read.
             run.train_loader.sampler.set_epoch(state.epoch, start=state.batch * batch_size)
@@ -317,9 +318,7 @@ def _validate(run: Run, state: TrainState, out: Outputs, stop: StopSignal) -> bo
     False when a signal abandoned the evaluation (the state then says it is still due)."""
     # The unwrapped model: evaluation needs no gradient sync between ranks.
     model, state.validating = run.model, True
-    metrics = evaluate(
-        model, model.metrics(run.device), run.val_loader, run.device, run.autocast, stop
-    )
+    metrics = evaluate(model, run.val_metrics(), run.val_loader, run.device, run.autocast, stop)
     if metrics is None:
         log.warning("validation of step %d abandoned; it is done first on resume", state.step)
         return False

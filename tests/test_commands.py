@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TINY, read_jsonl, run_cli
 from manifest_files import MODEL_TINY, write_jsonl, write_learnable
+from PIL import Image
 
 from mmtrain.commands.load import load_run
 from mmtrain.data.tokenizer import build_word_tokenizer
@@ -43,6 +44,36 @@ def test_eval_reproduces_the_runs_own_validation(run):
     )
     for name in ("loss", "accuracy", "f1", "auroc"):
         assert written["metrics"][f"val/{name}"] == pytest.approx(logged[f"val/{name}"], abs=1e-5)
+
+
+def test_eval_writes_a_confusion_matrix_and_per_class_scores(run):
+    result = run_cli("eval", f"run={run}")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((run / "eval_val.json").read_text())
+    assert written["pictures"] == ["confusion_val.png"]
+    with Image.open(run / "confusion_val.png") as picture:
+        assert picture.format == "PNG" and min(picture.size) > 300
+    per_class = written["per_class"]
+    assert sorted(per_class) == ["blue", "green", "red"]
+    assert [per_class[c]["support"] for c in ("blue", "green", "red")] == [16, 16, 16]
+    right = sum(c["recall"] * c["support"] for c in per_class.values())
+    assert right / 48 == pytest.approx(written["metrics"]["val/accuracy"], abs=1e-4)
+    for scores in per_class.values():
+        p, r = scores["precision"], scores["recall"]
+        assert scores["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0, abs=1e-5)
+
+
+def test_a_classifier_run_has_no_embeddings_to_predict(run, tmp_path):
+    rows = [{"image": "x.png", "text": "a"}]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    for extra in (
+        [f"output={tmp_path / 'e.npy'}", "embed=images"],
+        [f"output={tmp_path / 'p.jsonl'}", "class_names=a,b"],
+    ):
+        result = run_cli(
+            "predict", f"run={run}", f"input={source}", *extra, "data.on_bad_sample=skip"
+        )
+        assert result.returncode == 2 and "only a contrastive model" in result.stderr, result.stderr
 
 
 def test_eval_of_a_missing_split_or_run_is_a_clear_error(run, tmp_path):
@@ -274,3 +305,28 @@ def test_param_groups_scale_the_backbone_and_spare_biases_norms_and_temperature(
         "lr": pytest.approx(1e-4),
     }
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.slow  # two CLI runs (~35 s on a loaded 2-core machine)
+def test_eval_of_an_untrained_pretrained_backbone_matches_the_runs_step_0(pretrained, tmp_path):
+    shapes_data = [o for o in TINY if o.startswith("data.")]
+    common = [
+        "model=clip_contrastive",
+        f"model.backbone={pretrained}",
+        *shapes_data,
+        "zeroshot.templates=photo",
+    ]
+    result = run_cli("eval", f"out={tmp_path / 'zs'}", *common)
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "zs" / "eval_val.json").read_text())
+    assert written["checkpoint"] is None and written["step"] == 0
+    assert "val/zeroshot_top1" in written["metrics"] and "retrieval_val.png" in written["pictures"]
+    result = run_cli(
+        "train", *common, "trainer.max_steps=1", "trainer.val_before_training=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["step"] == 0
+    for name, value in written["metrics"].items():
+        assert first[name] == pytest.approx(value, abs=1e-5), name

@@ -12,7 +12,7 @@ from mmtrain import registry
 from mmtrain.build import build_parts, check, data_loader, total_steps
 from mmtrain.config import plain, trainer_config
 
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "experiment"]
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "zeroshot", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 
@@ -49,11 +49,46 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
 
 
 def test_head_input_size_follows_the_fusion():
-    for fusion, width in (("concat", 2 * 32), ("cross_attention", 32)):
-        cfg = _compose([f"model.fusion={fusion}", *TINY])
+    for fusion, width in (
+        ("concat", 2 * 32),
+        ("cross_attention", 32),
+        ("product", 32),
+        ("product model.fusion_difference=true", 2 * 32),
+    ):
+        cfg = _compose([*f"model.fusion={fusion}".split(), *TINY])
         parts = build_parts(cfg, None)
         assert parts.model.fusion.out_dim == width
         assert parts.model.head[1].in_features == width
+
+
+def test_product_fusion_multiplies_the_projected_features():
+    from mmtrain.models.fusion import Features, product
+
+    image, text = torch.randn(3, 4), torch.randn(3, 4)
+    features = Features(None, image, None, text, None)
+    assert torch.equal(product(4, False)(features), image * text)
+    both = product(4, True)
+    assert both.out_dim == 8
+    assert torch.equal(both(features), torch.cat([image * text, (image - text).abs()], -1))
+
+
+@pytest.mark.parametrize(
+    "fusion", ["concat", "cross_attention", "product", "product model.fusion_difference=true"]
+)
+def test_each_fusion_learns_a_batch(fusion):
+    torch.manual_seed(0)
+    overrides = [*f"model.fusion={fusion}".split(), *TINY, "model.contrastive_weight=0"]
+    parts = build_parts(_compose([*overrides, "model.dropout=0", "data.train_size=32"]), None)
+    batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
+    optimizer = torch.optim.AdamW(parts.model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = parts.model(**batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_image_size_and_text_length_come_from_the_backbone(tmp_path):

@@ -20,6 +20,7 @@ LAYERS = {
     "mmtrain.registry": 1,
     "mmtrain.distributed": 1,
     "mmtrain.config": 1,
+    "mmtrain.retrieval": 1,
     "mmtrain.checkpoint": 2,
     "mmtrain.runlog": 2,
     "mmtrain.runlock": 2,

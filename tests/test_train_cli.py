@@ -91,7 +91,10 @@ def test_unknown_key_fails_before_anything_is_built(tmp_path):
 def test_unknown_fusion_lists_the_registered_ones(tmp_path):
     result = run_cli("train", *TINY, "model.fusion=gated", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
-    assert "Unknown fusion 'gated'" in result.stderr and "concat, cross_attention" in result.stderr
+    assert (
+        "Unknown fusion 'gated'" in result.stderr
+        and "concat, cross_attention, product" in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

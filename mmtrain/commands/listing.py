@@ -15,7 +15,7 @@ from rich.table import Table
 import mmtrain
 import mmtrain.components  # noqa: F401  (registers the built-in components)
 from mmtrain import registry
-from mmtrain.build import MODEL_RUNTIME, SOURCE_RUNTIME
+from mmtrain.build import MODEL_RUNTIME, SOURCE_RUNTIME, ZEROSHOT_RUNTIME
 from mmtrain.config import LOADER_KEYS, TrainerConfig
 from mmtrain.data.augment import IMAGE, TEXT
 from mmtrain.data.augment import RUNTIME as AUGMENT_RUNTIME
@@ -31,6 +31,7 @@ GROUPS = {
     "scheduler": ["scheduler"],
     "trainer": [],
     "logger": ["logger"],
+    "zeroshot": ["zeroshot"],
     "experiment": [],
 }
 # Keyword arguments mmtrain supplies at run time, not config keys: left out of the tables.
@@ -41,6 +42,7 @@ RUNTIME = {
     "scheduler": ("optimizer", "total_steps"),
     "logger": ("run",),
     "fusion": FUSION_ARGUMENTS,
+    "zeroshot": ZEROSHOT_RUNTIME,
     "image_augment": AUGMENT_RUNTIME[IMAGE],
     "text_augment": AUGMENT_RUNTIME[TEXT],
     "negatives": ("text", "rng", "k", "negatives"),

@@ -22,10 +22,12 @@ from mmtrain import checkpoint as ckpt
 from mmtrain import registry
 from mmtrain.build import (
     autocast_for,
+    build_parts,
     check,
     model_spec,
     resolve_device,
     resolve_precision,
+    seed_everything,
     text_length,
 )
 from mmtrain.config import loader_config, plain, trainer_config, upgrade
@@ -35,6 +37,7 @@ from mmtrain.errors import UserError
 from mmtrain.models.backbone import BackboneSpec
 
 log = logging.getLogger("mmtrain")
+CONFIG_GROUPS = ("data", "model", "optimizer", "scheduler", "trainer", "zeroshot", "experiment")
 
 
 @dataclass
@@ -47,15 +50,20 @@ class TrainedRun:
     tokenizer: Any
     class_names: list[str] | None
     model: nn.Module
-    checkpoint: Path
+    checkpoint: Path | None  # None: never trained (`mmtrain eval out=DIR`)
     step: int
 
 
 def parse_args(
-    args: list[str], required: tuple[str, ...], optional: tuple[str, ...], usage: str
+    args: list[str],
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+    usage: str,
+    groups: bool = False,
 ) -> tuple[dict[str, str], list[str]]:
     """Split `KEY=VALUE` arguments into this command's own keys and config overrides
-    (anything with a dot, e.g. data.batch_size=128); `-h`/`--help` prints `usage`."""
+    (anything with a dot, e.g. data.batch_size=128, and with `groups` a config group's
+    option, e.g. model=clip_contrastive); `-h`/`--help` prints `usage`."""
     if "-h" in args or "--help" in args:
         print(usage.strip())
         raise SystemExit(0)
@@ -67,7 +75,7 @@ def parse_args(
             raise UserError(f"Expected KEY=VALUE, got {arg!r}.")
         if key in required + optional:
             own[key] = value
-        elif "." in key:
+        elif "." in key or (groups and key in CONFIG_GROUPS):
             overrides.append(arg)
         else:
             raise UserError(
@@ -137,6 +145,30 @@ def load_run(run: str, overrides: list[str] = (), checkpoint: str | None = None)
     model.load_state_dict(saved["model"])
     log.info("loaded %s (step %d)", weights, saved["step"])
     return TrainedRun(path, cfg, spec, tokenizer, class_names, model.eval(), weights, saved["step"])
+
+
+def untrained_run(
+    overrides: list[str], out: Path, config_path: str | None
+) -> tuple[TrainedRun, dict[str, SplitData]]:
+    """A model built from conf/ and `overrides` without training (a pretrained
+    `model.backbone`'s weights, or fresh ones), its tokenizer and labels saved into `out`,
+    and the config's data splits."""
+    from hydra import compose, initialize_config_dir, initialize_config_module
+
+    path = config_path or str(Path(__file__).resolve().parents[2] / "conf")
+    if path.startswith("pkg://"):
+        context = initialize_config_module(path.removeprefix("pkg://"), version_base=None)
+    else:
+        context = initialize_config_dir(path, version_base=None)
+    with context:
+        cfg = compose("train", overrides=list(overrides))
+    seed_everything(check(cfg).seed)  # fresh heads start as a training run's would
+    parts = build_parts(cfg, out)
+    run = TrainedRun(
+        out, cfg, parts.spec, parts.tokenizer, parts.splits["train"].class_names,
+        parts.model.eval(), None, 0,
+    )  # fmt: skip
+    return run, parts.splits
 
 
 def on_device(run: TrainedRun) -> tuple[nn.Module, torch.device, Callable[[], Any]]:

@@ -92,14 +92,22 @@ def render_sample(seed: int, split: str, index: int, size: int) -> Sample:
 def render_split(seed: int, split: str, size: int, image_size: int) -> SplitData:
     """Render `size` samples of `split` at `image_size` pixels."""
     images = torch.empty(size, 3, image_size, image_size, dtype=torch.uint8)
-    texts, labels = [], []
+    texts, labels, drawn = [], [], []
     for index in range(size):
         sample = render_sample(seed, split, index, image_size)
         images[index] = torch.from_numpy(sample.image).permute(2, 0, 1)
         texts.append(sample.caption)
         labels.append(sample.label)
+        drawn.append(SHAPES.index(sample.truth["shape"]))
     labels = torch.tensor(labels)
-    return SplitData(images, texts, labels, class_names=["mismatch", "match"], paired=labels == 1)
+    return SplitData(
+        images,
+        texts,
+        labels,
+        class_names=["mismatch", "match"],
+        paired=labels == 1,
+        image_classes=(torch.tensor(drawn), list(SHAPES)),  # zero-shot: which shape is drawn
+    )
 
 
 @register("data", "shapes")

@@ -43,6 +43,9 @@ class SplitData:
     index: torch.Tensor | None = None
     bad_rows: list[BadRow] = field(default_factory=list)
     negatives: list[list[str]] | None = None  # per row, from a manifest's negative column
+    # What each row's image shows, (class ids, names), when `labels` say something else
+    # (shapes' labels say whether the caption matches; its image classes are the shapes).
+    image_classes: tuple[torch.Tensor, list[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.paired is None:
@@ -50,6 +53,13 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def zeroshot_classes(self) -> tuple[torch.Tensor, list[str]] | None:
+        """(class id of each row's image, class names) for zero-shot classification:
+        `image_classes` if set, else the labels when there are at least two classes."""
+        if self.image_classes is not None:
+            return self.image_classes
+        return (self.labels, self.class_names) if len(self.class_names) >= 2 else None
 
     def image(self, row: int) -> torch.Tensor:
         """The uint8 [3, H, W] image of row `row`."""

@@ -117,6 +117,7 @@ def clip_fusion(
     fusion: str = "cross_attention",
     fusion_layers: int = 1,
     fusion_heads: int = 4,
+    fusion_difference: bool = False,
     num_classes: int | None = None,
     head_hidden: int = 256,
     dropout: float = 0.1,
@@ -139,6 +140,7 @@ def clip_fusion(
         "layers": fusion_layers,
         "heads": fusion_heads,
         "dropout": dropout,
+        "with_difference": fusion_difference,
     }
     fuse = registry.build("fusion", fusion, **registry.accepted("fusion", fusion, offered))
     return ImageTextClassifier(

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmtrain import distributed, registry
-from mmtrain.metrics import RetrievalMetrics
+from mmtrain.metrics import RetrievalMetrics, ZeroShotClasses
 from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip, freeze_towers
 from mmtrain.models.objectives import MAX_LOGIT_SCALE
 
@@ -89,9 +89,12 @@ class ContrastiveCLIP(nn.Module):
         """The CLIP towers (scaled by optimizer.backbone_lr_scale); the temperature is not."""
         return [p for name, p in self.clip.named_parameters() if name != "logit_scale"]
 
-    def metrics(self, device: torch.device) -> RetrievalMetrics:
-        """Streaming recall@1/5 in both directions, and the loss (names: RetrievalMetrics.NAMES)."""
-        return RetrievalMetrics(device)
+    def metrics(
+        self, device: torch.device, zeroshot: ZeroShotClasses | None = None
+    ) -> RetrievalMetrics:
+        """Streaming recall@1/5 in both directions and the loss (names: RetrievalMetrics.NAMES),
+        with zero-shot top-1/top-5 against `zeroshot`'s classes when given."""
+        return RetrievalMetrics(device, zeroshot)
 
 
 @registry.register("model", "clip_contrastive")

@@ -2,9 +2,9 @@
 
 A fusion is a registered factory returning a module with an `out_dim` attribute whose
 forward takes the `Features` of a batch. Its parameters are chosen from what the model
-offers (`FUSION_ARGUMENTS`): the feature sizes and the attention settings
-(`model.fusion_layers`, `model.fusion_heads`, `model.dropout`). A factory names only those it
-uses, and receives only those.
+offers (`FUSION_ARGUMENTS`): the feature sizes, the attention settings
+(`model.fusion_layers`, `model.fusion_heads`, `model.dropout`) and `with_difference`
+(`model.fusion_difference`). A factory names only those it uses, and receives only those.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from torch import nn
 from mmtrain.errors import UserError
 from mmtrain.registry import register
 
-FUSION_ARGUMENTS = ("image_dim", "text_dim", "embed_dim", "layers", "heads", "dropout")
+FUSION_ARGUMENTS = (
+    "image_dim", "text_dim", "embed_dim", "layers", "heads", "dropout", "with_difference",
+)  # fmt: skip
 
 
 @dataclass
@@ -40,6 +42,23 @@ class Concat(nn.Module):
 
     def forward(self, features: Features) -> torch.Tensor:
         return torch.cat([features.image_embed, features.text_embed], dim=-1)
+
+
+class Product(nn.Module):
+    """The element-wise product of the pooled, projected image and text embeddings (a
+    dot product before its sum), optionally beside their absolute difference."""
+
+    def __init__(self, embed_dim: int, with_difference: bool):
+        super().__init__()
+        self.with_difference = with_difference
+        self.out_dim = (2 if with_difference else 1) * embed_dim
+
+    def forward(self, features: Features) -> torch.Tensor:
+        image, text = features.image_embed, features.text_embed
+        product = image * text
+        if not self.with_difference:
+            return product
+        return torch.cat([product, (image - text).abs()], dim=-1)
 
 
 class CrossAttention(nn.Module):
@@ -78,6 +97,13 @@ class CrossAttention(nn.Module):
 def concat(embed_dim: int) -> nn.Module:
     """Pooled projected features concatenated; out_dim = 2 * projection_dim."""
     return Concat(embed_dim)
+
+
+@register("fusion", "product")
+def product(embed_dim: int, with_difference: bool) -> nn.Module:
+    """Element-wise product of the projected features (plus |difference| with
+    model.fusion_difference=true); out_dim = projection_dim, or twice it."""
+    return Product(embed_dim, with_difference)
 
 
 @register("fusion", "cross_attention")
