@@ -24,7 +24,7 @@ Usage:
   mmtrain train --help                 config groups, the composed config, examples
   mmtrain eval run=RUN_DIR [split=val|test] [checkpoint=PATH]   metrics of a run's best checkpoint
   mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.jsonl|.csv   one prediction per input row
-  mmtrain export run=RUN_DIR out=DIR   a folder transformers loads (CLIPModel, AutoTokenizer)
+  mmtrain export run=RUN_DIR out=DIR   a folder transformers loads (CLIPModel or SiglipModel, AutoTokenizer)
   mmtrain validate [KEY=VALUE ...]     check the config and every data row; trains nothing
   mmtrain list [GROUP]                 registered components and config options
   mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric

@@ -51,8 +51,10 @@ def param_groups(
     groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            depth, layers = depths.get(id(param), (0, -1))
-            scale = layer_decay ** (layers + 1 - depth) if id(param) in depths else 1.0
+            scale = 1.0  # the head, the temperature, and every parameter without layer_decay
+            if id(param) in depths:
+                depth, layers = depths[id(param)]
+                scale = layer_decay ** (layers + 1 - depth)
             key = (id(param) in backbone, id(param) in no_decay, scale)
             groups.setdefault(key, []).append(param)
     return [

@@ -27,11 +27,10 @@ from mmtrain.models.backbone import (
 from mmtrain.models.feature_cache import replay_loss
 from mmtrain.models.objectives import MAX_LOGIT_SCALE, sigmoid_loss
 
-LOSSES = ("infonce", "sigmoid")
-
 
 class ContrastiveCLIP(nn.Module):
-    """Image and text towers trained so that each image's own caption scores highest."""
+    """Image and text towers trained so that each image's own caption scores highest: with
+    CLIP's InfoNCE (`loss="infonce"`) or SigLIP's pairwise sigmoid loss (`loss="sigmoid"`)."""
 
     monitor = ("val/recall@1_i2t", "max")
     metric_names = RetrievalMetrics.NAMES  # what validation reports, as val/NAME
