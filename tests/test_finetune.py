@@ -20,6 +20,9 @@ TWO_LAYERS = [
     "model.backbone_config.vision.num_hidden_layers=2",
     "model.backbone_config.text.num_hidden_layers=2",
 ]
+# Attention is invariant to the key projection's bias: its gradient is rounding noise, which
+# Adam scales up to a full step, differently in two runs that sum in another order.
+KEY_BIAS = "self_attn.k_proj.bias"
 SIGLIP_TINY = [o for o in TINY if "projection_dim" not in o]
 
 
@@ -141,37 +144,43 @@ def test_accumulated_contrastive_training_logs_the_whole_batch_loss(tmp_path):
     first = torch.load(tmp_path / "big" / "checkpoints" / "last.pt", weights_only=False)["model"]
     second = torch.load(tmp_path / "accumulated" / "checkpoints" / "last.pt", weights_only=False)
     for key, value in first.items():
-        assert torch.allclose(value, second["model"][key], atol=1e-4), key
+        if not key.endswith(KEY_BIAS):
+            assert torch.allclose(value, second["model"][key], atol=1e-4), key
 
 
 @pytest.mark.slow
-def test_accumulation_under_ddp_equals_the_single_process_batch(tmp_path):
-    """2 ranks x 2 micro-batches of 8 = the single process's batch of 32 (the same rows)."""
+def test_accumulation_under_ddp_equals_the_unaccumulated_global_batch(tmp_path):
+    """2 ranks x 2 micro-batches of 8 = 2 ranks x 16: each rank holds the same rows either way
+    (every other index of the epoch's permutation), and scores them against all 32."""
     import os
     import subprocess
 
     from conftest import ROOT
 
-    common = ["model=clip_contrastive", *TINY, "trainer.max_steps=1", "trainer.log_every_n_steps=1"]
-    result = run_cli("train", *common, f"hydra.run.dir={tmp_path / 'single'}")
-    assert result.returncode == 0, result.stderr
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29787",
-        "-m", "mmtrain", "train", "trainer.device=cpu", *common, "data.batch_size=8",
-        "trainer.accumulate_grad_batches=2", f"hydra.run.dir={tmp_path / 'ddp'}",
-    ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    common = ["model=clip_contrastive", *TINY, "trainer.max_steps=2", "trainer.log_every_n_steps=1"]
+    for name, batch, accumulate, port in (("plain", 16, 1, 29787), ("accumulated", 8, 2, 29797)):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            "-m", "mmtrain", "train", "trainer.device=cpu", *common, f"data.batch_size={batch}",
+            f"trainer.accumulate_grad_batches={accumulate}", f"hydra.run.dir={tmp_path / name}",
+        ]  # fmt: skip
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
     losses = [
         [e["train/loss"] for e in read_jsonl(tmp_path / d / "metrics.jsonl") if "train/loss" in e]
-        for d in ("single", "ddp")
+        for d in ("plain", "accumulated")
     ]
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
-    single = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=False)
-    ddp = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)
-    for key, value in single["model"].items():
-        assert torch.allclose(value, ddp["model"][key], atol=1e-5), key
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-5)
+    plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=False)
+    accumulated = torch.load(
+        tmp_path / "accumulated" / "checkpoints" / "last.pt", weights_only=False
+    )
+    for key, value in plain["model"].items():
+        if not key.endswith(KEY_BIAS):
+            assert torch.allclose(value, accumulated["model"][key], atol=1e-5), key
 
 
 # --- partial fine-tuning ----------------------------------------------------------------
