@@ -418,7 +418,7 @@ def add_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
     except ValueError as error:
         raise UserError(
             f"model.lora.target_modules={targets!r} matched no layer of the backbone ({error}). "
-            "Name attention projections such as [q_proj,v_proj], or leave it null for the default."
+            "Name attention projections such as q_proj and v_proj, or leave it null for the default."
         ) from None
     for name in ("logit_scale", "logit_bias"):
         param = getattr(model, name, None)
