@@ -147,7 +147,7 @@ class PeakMemory:
 
 
 class ClipVocab:
-    """Stands in for CLIP's 49,408-token tokenizer: the sizes and ids that build_clip reads."""
+    """Stands in for CLIP's 49,408-token tokenizer: the sizes and ids that build_backbone reads."""
 
     pad_token_id, bos_token_id, eos_token_id = 49407, 49406, 49407
 

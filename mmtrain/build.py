@@ -327,8 +327,10 @@ def build_parts(
         model=model,
         loader=loader,
         seed=seed,
-        collate=Collate(tokenizer, length),
-        train_collate=Collate(tokenizer, length, text_augment, negatives),
+        collate=Collate(tokenizer, length, pad_to_max_length=spec.pad_to_max_length),
+        train_collate=Collate(
+            tokenizer, length, text_augment, negatives, pad_to_max_length=spec.pad_to_max_length
+        ),
         augment=aug.ImageAugment(augment[aug.IMAGE], seed),
         bad_samples=bad_sample_counts(splits),
         zeroshot=build_zeroshot(cfg, splits["val"], tokenizer, length, model),

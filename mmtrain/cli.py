@@ -28,7 +28,7 @@ Usage:
   mmtrain eval out=DIR [GROUP=OPTION ...] [KEY=VALUE ...]        the same for a model never trained
   mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.jsonl|.csv   one prediction per input row
   mmtrain predict run=RUN_DIR input=MANIFEST output=FILE.npy|.safetensors   embeddings (contrastive)
-  mmtrain export run=RUN_DIR out=DIR   a folder transformers loads (CLIPModel, AutoTokenizer)
+  mmtrain export run=RUN_DIR out=DIR   a folder transformers loads (CLIPModel or SiglipModel, AutoTokenizer)
   mmtrain validate [KEY=VALUE ...]     check the config and every data row; trains nothing
   mmtrain list [GROUP]                 registered components and config options
   mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric

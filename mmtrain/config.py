@@ -191,6 +191,14 @@ def source_options(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in plain(cfg.data).items() if k not in LOADER_KEYS}
 
 
+# Model keys added after 0.2.0; a run written before them trained without them.
+FINE_TUNING_DEFAULTS = {
+    "unfreeze_last_layers": None,
+    "gradient_checkpointing": False,
+    "lora": {"r": None, "alpha": None, "dropout": 0.0, "target_modules": None},
+}
+
+
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     """A resolved config that mmtrain 0.1.0 wrote (a checkpoint's, a run's
     .hydra/config.yaml), in this release's keys; a config of this release comes back equal.
@@ -201,6 +209,9 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     """
     config = copy.deepcopy(config)
     model, data = config.get("model") or {}, config.get("data") or {}
+    if model.get("name") in ("clip_fusion", "clip_contrastive"):  # before the fine-tuning keys
+        for key, value in FINE_TUNING_DEFAULTS.items():
+            model.setdefault(key, copy.deepcopy(value))
     if data.get("name") == "shapes":
         data.pop("on_bad_sample", None)
     if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off

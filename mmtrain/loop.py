@@ -39,6 +39,7 @@ from mmtrain.config import trainer_config, upgrade
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import Interrupted, UserError
 from mmtrain.guard import StopSignal, checkpoint_to_resume, locked, peer_failure
+from mmtrain.models.feature_cache import accumulated_backward
 from mmtrain.runlog import MetricsLog, plot_curves, progress_bar, resume_command, write_json
 
 log = logging.getLogger("mmtrain")
@@ -214,6 +215,8 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
     t, world, rank = run.trainer, distributed.world_size(), distributed.rank()
     accumulate, batch_size = t.accumulate_grad_batches, run.parts.loader.batch_size
     trainable = [p for p in run.model.parameters() if p.requires_grad]
+    # Contrastive models score accumulated micro-batches against each other's negatives.
+    whole_batch, pending = accumulate > 1 and getattr(run.model, "accumulates_features", False), []
     status, total, interval = "completed", Throughput(), Throughput()
     log.info(
         "training %d steps (%d per epoch), monitoring %s (%s)",
@@ -240,12 +243,20 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
                 micro_batches, state.batch = micro_batches + 1, state.batch + 1
                 end_of_epoch = state.batch == batches_in_epoch
                 stepping = micro_batches == accumulate or end_of_epoch
-                # Under DDP, gradients are all-reduced only on the micro-batch that steps.
-                no_sync = nullcontext() if stepping or world == 1 else run.step_model.no_sync()
-                with run.autocast(), no_sync:
-                    loss = run.step_model(**batch)["loss"]
-                    run.scaler.scale(loss / accumulate).backward()
-                step_loss = step_loss + loss.detach()
+                if whole_batch:  # one contrastive loss over every micro-batch's embeddings
+                    pending.append(batch)
+                    if stepping:  # logged as the mean over micro-batches: the whole batch's loss
+                        loss = accumulated_backward(
+                            run.model, run.step_model, pending, run.autocast, run.scaler
+                        )
+                        step_loss, pending = loss * micro_batches, []
+                else:
+                    # Under DDP, gradients are all-reduced only on the micro-batch that steps.
+                    no_sync = nullcontext() if stepping or world == 1 else run.step_model.no_sync()
+                    with run.autocast(), no_sync:
+                        loss = run.step_model(**batch)["loss"]
+                        run.scaler.scale(loss / accumulate).backward()
+                    step_loss = step_loss + loss.detach()
                 step_samples += len(batch["images"]) * world  # global samples, for samples/s
                 if not stepping:
                     continue

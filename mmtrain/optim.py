@@ -17,12 +17,20 @@ NO_DECAY_TYPES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm1d, nn.B
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    backbone_lr_scale: float,
+    layer_decay: float | None = None,
 ) -> list[dict]:
-    """Trainable parameters in up to four groups: backbone or head, with or without decay.
+    """Trainable parameters grouped by backbone or head, with or without weight decay, and
+    learning-rate scale.
 
     Biases, norm and embedding weights and scalars (CLIP's temperature) get no weight decay;
-    the backbone's learning rate is `lr * backbone_lr_scale`.
+    the backbone's learning rate is `lr * backbone_lr_scale`. With `layer_decay` (BEiT, timm,
+    open_clip), a tower parameter's learning rate is further scaled by
+    `layer_decay ** (layers + 1 - layer_id)`: layer_id 0 for the embeddings, i + 1 for
+    transformer layer i, layers + 1 for what follows (final norm, pooling head, projection).
     """
     no_decay: set[int] = set()
     for module in model.modules():
@@ -31,17 +39,32 @@ def param_groups(
                 no_decay.add(id(param))
     backbone_fn = getattr(model, "backbone_parameters", None)
     backbone = {id(p) for p in backbone_fn()} if backbone_fn else set()
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    depths = {}
+    if layer_decay is not None:
+        if not 0 < layer_decay <= 1:
+            raise UserError(
+                f"optimizer.layer_decay must be in (0, 1], e.g. 0.75 (got {layer_decay}); "
+                "null turns it off."
+            )
+        if not hasattr(model, "layer_depths"):
+            raise UserError("optimizer.layer_decay needs a model with transformer towers.")
+        depths = model.layer_depths()
+    groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            groups.setdefault((id(param) in backbone, id(param) in no_decay), []).append(param)
+            scale = 1.0  # the head, the temperature, and every parameter without layer_decay
+            if id(param) in depths:
+                depth, layers = depths[id(param)]
+                scale = layer_decay ** (layers + 1 - depth)
+            key = (id(param) in backbone, id(param) in no_decay, scale)
+            groups.setdefault(key, []).append(param)
     return [
         {
             "params": params,
             "weight_decay": 0.0 if undecayed else weight_decay,
-            "lr": lr * (backbone_lr_scale if in_backbone else 1.0),
+            "lr": lr * (backbone_lr_scale if in_backbone else 1.0) * scale,
         }
-        for (in_backbone, undecayed), params in sorted(groups.items())
+        for (in_backbone, undecayed, scale), params in sorted(groups.items())
     ]
 
 
@@ -54,15 +77,17 @@ def adamw(
     betas: Annotated[Sequence[float], Bounds(ge=0, lt=1)] = (0.9, 0.999),
     eps: Annotated[float, Bounds(gt=0)] = 1e-8,
     backbone_lr_scale: Annotated[float, Bounds(ge=0)] = 1.0,
+    layer_decay: Annotated[float, Bounds(gt=0, le=1)] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA."""
+    """AdamW over `param_groups` (layer-wise lr decay with `layer_decay`); the fused kernel
+    on CUDA."""
     if lr <= 0:
         raise UserError(f"optimizer.lr must be positive (got {lr}).")
     if len(betas) != 2:
         raise UserError(
             f"optimizer.betas must be two numbers, e.g. [0.9,0.999] (got {list(betas)})."
         )
-    groups = param_groups(model, weight_decay, lr, backbone_lr_scale)
+    groups = param_groups(model, weight_decay, lr, backbone_lr_scale, layer_decay)
     if not groups:
         raise UserError(
             "No trainable parameters: model.freeze froze everything the optimizer could train."

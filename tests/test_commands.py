@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmtrain.commands.load import load_run
 from mmtrain.data.tokenizer import build_word_tokenizer
-from mmtrain.models.backbone import build_clip
+from mmtrain.models.backbone import build_backbone
 from mmtrain.optim import param_groups
 
 
@@ -226,7 +226,7 @@ def pretrained(tmp_path_factory):
         },
     }
     torch.manual_seed(0)
-    build_clip(None, config, tokenizer).save_pretrained(folder)
+    build_backbone(None, config, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
@@ -268,7 +268,7 @@ def test_param_groups_scale_the_backbone_and_spare_biases_norms_and_temperature(
     tokenizer = build_word_tokenizer(["a red circle"])
     from mmtrain.models.contrastive import ContrastiveCLIP
 
-    clip = build_clip(
+    clip = build_backbone(
         None,
         {
             "projection_dim": 8,

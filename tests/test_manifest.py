@@ -332,7 +332,7 @@ def test_a_pretrained_backbone_sets_size_normalisation_and_tokenizer(tmp_path, c
     from transformers import CLIPImageProcessor
 
     from mmtrain.data.tokenizer import build_word_tokenizer
-    from mmtrain.models.backbone import build_clip
+    from mmtrain.models.backbone import build_backbone
 
     folder = tmp_path / "pretrained"
     tokenizer = build_word_tokenizer(["a picture that is mostly red green blue"])
@@ -343,7 +343,7 @@ def test_a_pretrained_backbone_sets_size_normalisation_and_tokenizer(tmp_path, c
         "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "max_position_embeddings": 12},
     }  # fmt: skip
-    build_clip(None, config, tokenizer).save_pretrained(folder)
+    build_backbone(None, config, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(
         size={"shortest_edge": 40},

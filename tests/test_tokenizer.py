@@ -1,7 +1,7 @@
 import torch
 
 from mmtrain.data.tokenizer import EOS, build_word_tokenizer, save_tokenizer
-from mmtrain.models.backbone import build_clip
+from mmtrain.models.backbone import build_backbone
 
 CAPTIONS = [
     "a red circle in the top left",
@@ -40,7 +40,7 @@ def test_texts_are_wrapped_in_start_and_end_tokens():
 def test_text_tower_pools_at_the_end_of_text_token_so_captions_differ():
     torch.manual_seed(0)
     tokenizer = build_word_tokenizer(CAPTIONS)
-    clip = build_clip(None, CONFIG, tokenizer).eval()
+    clip = build_backbone(None, CONFIG, tokenizer).eval()
     assert clip.config.text_config.eos_token_id == tokenizer.eos_token_id
     batch = tokenizer(CAPTIONS[:2], padding="longest", return_tensors="pt")
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """mmtrain export run=RUN_DIR out=DIR [checkpoint=PATH]
 
-A folder that transformers loads (CLIPModel, AutoTokenizer, the image processor) from a
+A folder that transformers loads (CLIPModel or SiglipModel, AutoTokenizer, the image processor) from a
 finished run's best checkpoint (else last.pt, or checkpoint=PATH), plus the head's weights
 (head.safetensors) and its description (mmtrain_head.json).
 """
@@ -13,29 +13,24 @@ from pathlib import Path
 
 from mmtrain.commands.load import load_run, parse_args
 from mmtrain.config import plain
+from mmtrain.models.backbone import image_processor, plain_backbone
 
 log = logging.getLogger("mmtrain")
 
 
 def export_run(args: list[str]) -> Path:
-    """`mmtrain export run=RUN_DIR out=DIR`: a folder `CLIPModel.from_pretrained` and
+    """`mmtrain export run=RUN_DIR out=DIR`: a folder `AutoModel.from_pretrained` and
     `AutoTokenizer.from_pretrained` load, plus the head (safetensors) and its config."""
     from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor
 
     own, overrides = parse_args(args, ("run", "out"), ("checkpoint",), __doc__)
     run = load_run(own["run"], overrides, own.get("checkpoint"))
     out = Path(own["out"]).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    run.model.clip.save_pretrained(out)
+    # LoRA adapters are merged into the weights: the export loads as a plain model.
+    plain_backbone(run.model.clip).save_pretrained(out)
     run.tokenizer.save_pretrained(out)
-    size = run.spec.image_size
-    CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(run.spec.image_mean),
-        image_std=list(run.spec.image_std),
-    ).save_pretrained(out)
+    image_processor(run.spec).save_pretrained(out)
     head = {
         name: tensor.contiguous()
         for name, tensor in run.model.state_dict().items()

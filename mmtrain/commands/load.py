@@ -183,7 +183,8 @@ def on_device(run: TrainedRun) -> tuple[nn.Module, torch.device, Callable[[], An
 def batches(run: TrainedRun, split: SplitData) -> DataLoader:
     """The rows of `split` in order, in the run's batch size, without augmentation."""
     loader = loader_config(run.cfg)
-    collate = Collate(run.tokenizer, text_length(loader.max_text_length, run.spec))
+    length = text_length(loader.max_text_length, run.spec)
+    collate = Collate(run.tokenizer, length, pad_to_max_length=run.spec.pad_to_max_length)
     return make_loader(
         split,
         collate,

@@ -93,7 +93,8 @@ class EpochSampler(Sampler[int]):
 
 class Collate:
     """Stack images and labels; tokenize texts padded to the batch's longest, rounded up to
-    a multiple of 8 (tensor-core friendly) when the backbone's length allows. With
+    a multiple of 8 (tensor-core friendly) when the backbone's length allows, or to
+    `max_length` when `pad_to_max_length` (SigLIP pools its text at the last position). With
     `text_augment`, each text is augmented first (keyed by its row's epoch and index)."""
 
     def __init__(
@@ -102,8 +103,10 @@ class Collate:
         max_length: int,
         text_augment: TextAugment | None = None,
         negatives: Callable[[str, int, int, list[str] | None], list[str]] | None = None,
+        pad_to_max_length: bool = False,
     ):
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.padding = "max_length" if pad_to_max_length else "longest"
         self.text_augment, self.negatives = text_augment, negatives
         # Both depend on (seed, epoch, index): the sampler must pass the epoch along.
         self.needs_epoch = text_augment is not None or negatives is not None
@@ -143,7 +146,7 @@ class Collate:
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(
             texts,
-            padding="longest",
+            padding=self.padding,
             pad_to_multiple_of=self.multiple,
             truncation=True,
             max_length=self.max_length,

@@ -1,29 +1,64 @@
-"""CLIP backbones: loaded with `from_pretrained`, or built from a `CLIPConfig`.
+"""Dual-encoder backbones (CLIP, SigLIP): loaded with `from_pretrained`, or built from a config.
 
-The backbone decides the data's shape: image size, normalisation and the longest text it
-can position. `backbone_spec` reads those before any data or weights are loaded, so the data
-pipeline is aligned to the model instead of configured twice.
+The backbone decides the data's shape: image size, normalisation, the longest text it can
+position and how text is padded. `backbone_spec` reads those from the model's own config
+and processor before any weights are loaded, so the data pipeline is aligned to the model
+instead of configured twice.
+
+Everything here is generic over the families in `FAMILIES`: each is a `transformers` model
+with `vision_model` and `text_model` towers (pooled outputs, optional projections), a
+learned `logit_scale` and, for SigLIP, a `logit_bias`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmtrain.errors import UserError
 
-if TYPE_CHECKING:
-    from transformers import CLIPConfig, CLIPModel
-
 # The normalisation CLIP was trained with (transformers.image_utils.OPENAI_CLIP_MEAN/STD),
 # for backbones built from a config. Importing transformers' image utilities for these six
 # numbers would cost `mmtrain validate` two seconds.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one dual-encoder family of `transformers` is built, fed and read."""
+
+    model_class: str  # transformers class names
+    config_class: str
+    text_config_class: str
+    vision_config_class: str
+    image_processor_class: str
+    image_mean: tuple[float, float, float]  # for backbones built from a config
+    image_std: tuple[float, float, float]
+    # SigLIP pools the text at the last position and was trained on text padded to its full
+    # length without an attention mask; CLIP pools at the end-of-text token of padded text.
+    pad_to_max_length: bool
+    text_attention_mask: bool
+    top_level_keys: tuple[str, ...]  # model.backbone_config keys besides text and vision
+
+
+FAMILIES = {
+    "clip": Family(
+        "CLIPModel", "CLIPConfig", "CLIPTextConfig", "CLIPVisionConfig", "CLIPImageProcessor", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+        pad_to_max_length=False, text_attention_mask=True,
+        top_level_keys=("projection_dim", "logit_scale_init_value"),
+    ),
+    "siglip": Family(
+        "SiglipModel", "SiglipConfig", "SiglipTextConfig", "SiglipVisionConfig",
+        "SiglipImageProcessor", (0.5,) * 3, (0.5,) * 3,
+        pad_to_max_length=True, text_attention_mask=False, top_level_keys=(),
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -34,6 +69,8 @@ class BackboneSpec:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     max_text_length: int
+    pad_to_max_length: bool = False  # pad every text to max_text_length (SigLIP)
+    family: str = "clip"
 
 
 class PixelNormalize(nn.Module):
@@ -55,6 +92,17 @@ class PixelNormalize(nn.Module):
 
 
 FREEZE_CHOICES = ("none", "vision", "text", "both")
+TOWERS = ("vision_model", "text_model")
+# Attention projections of the towers' transformer layers, CLIP's and SigLIP's alike (a
+# regex, so SigLIP's attention-pooling head, whose out_proj nn.MultiheadAttention reads
+# directly, is left alone).
+LORA_TARGETS = r".*_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+def _transformers(name: str) -> Any:
+    import transformers
+
+    return getattr(transformers, name)
 
 
 def _load_error(backbone: str, error: Exception) -> UserError:
@@ -62,9 +110,18 @@ def _load_error(backbone: str, error: Exception) -> UserError:
         f"Could not load the backbone model.backbone={backbone!r}: {error}. "
         "The model hub may be unreachable (offline machine) or the name not cached. "
         "Pass a local directory instead: save one where the hub is reachable with "
-        "CLIPModel.from_pretrained(NAME).save_pretrained(DIR) and the processor's save_pretrained(DIR), "
+        "AutoModel.from_pretrained(NAME).save_pretrained(DIR) and AutoProcessor.from_pretrained(NAME).save_pretrained(DIR), "
         "then run with model.backbone=DIR; or use model.backbone=null to build one from model.backbone_config."
     )
+
+
+def _family(model_type: str, where: str) -> Family:
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"{where} is a {model_type!r} model; mmtrain trains the dual encoders "
+            f"{', '.join(FAMILIES)} (transformers CLIPModel, SiglipModel)."
+        )
+    return FAMILIES[model_type]
 
 
 def _check_keys(section: str, given: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -76,39 +133,55 @@ def _check_keys(section: str, given: dict[str, Any], defaults: dict[str, Any]) -
         )
 
 
-def _config_from_dict(backbone_config: dict[str, Any]) -> CLIPConfig:
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-
+def _config_from_dict(backbone_config: dict[str, Any]) -> Any:
+    """A CLIPConfig or SiglipConfig (`model_type`, default clip) from model.backbone_config."""
     options = dict(backbone_config)
+    model_type = options.pop("model_type", "clip")
+    family = _family(model_type, f"model.backbone_config.model_type={model_type!r}")
+    config_class = _transformers(family.config_class)
     vision = dict(options.pop("vision", {}) or {})
     text = dict(options.pop("text", {}) or {})
-    _check_keys("vision", vision, CLIPVisionConfig().to_dict())
-    _check_keys("text", text, CLIPTextConfig().to_dict())
-    top_level = {"projection_dim", "logit_scale_init_value"}
-    unknown = sorted(set(options) - top_level)
+    _check_keys("vision", vision, _transformers(family.vision_config_class)().to_dict())
+    _check_keys("text", text, _transformers(family.text_config_class)().to_dict())
+    unknown = sorted(set(options) - set(family.top_level_keys))
     if unknown:
         raise UserError(
             f"Unknown key {unknown[0]!r} in model.backbone_config. "
-            f"Accepted keys: text, vision, {', '.join(sorted(top_level))}."
+            f"Accepted keys: {', '.join(('model_type', 'text', 'vision', *family.top_level_keys))}."
         )
-    return CLIPConfig(text_config=text, vision_config=vision, **options)
+    if model_type == "siglip":  # the text head projects into the image embedding's space
+        text.setdefault("projection_size", vision.get("hidden_size", 768))
+    return config_class(text_config=text, vision_config=vision, **options)
+
+
+def _pretrained_config(backbone: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(backbone)
+    except (OSError, ValueError) as error:
+        raise _load_error(backbone, error) from None
+    _family(config.model_type, f"model.backbone={backbone!r}")
+    return config
 
 
 def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) -> BackboneSpec:
-    """Image size, mean/std and text length of the backbone, without loading weights."""
+    """Image size, mean/std, text length and padding of the backbone, without loading weights."""
     if backbone is None:
         config = _config_from_dict(backbone_config or {})
+        family = FAMILIES[config.model_type]
         return BackboneSpec(
             image_size=config.vision_config.image_size,
-            image_mean=OPENAI_CLIP_MEAN,
-            image_std=OPENAI_CLIP_STD,
+            image_mean=family.image_mean,
+            image_std=family.image_std,
             max_text_length=config.text_config.max_position_embeddings,
+            pad_to_max_length=family.pad_to_max_length,
+            family=config.model_type,
         )
-    from transformers import CLIPConfig, CLIPImageProcessor
-
+    config = _pretrained_config(backbone)
+    family = FAMILIES[config.model_type]
     try:
-        config = CLIPConfig.from_pretrained(backbone)
-        processor = CLIPImageProcessor.from_pretrained(backbone)
+        processor = _transformers(family.image_processor_class).from_pretrained(backbone)
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
     crop = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
@@ -118,6 +191,21 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
         image_mean=tuple(processor.image_mean),
         image_std=tuple(processor.image_std),
         max_text_length=config.text_config.max_position_embeddings,
+        pad_to_max_length=family.pad_to_max_length,
+        family=config.model_type,
+    )
+
+
+def image_processor(spec: BackboneSpec) -> Any:
+    """The family's image processor for `spec` (what `mmtrain export` writes)."""
+    size = spec.image_size
+    processor_class = _transformers(FAMILIES[spec.family].image_processor_class)
+    if spec.family == "clip":
+        sizes = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    else:
+        sizes = {"size": {"height": size, "width": size}}
+    return processor_class(
+        image_mean=list(spec.image_mean), image_std=list(spec.image_std), **sizes
     )
 
 
@@ -127,11 +215,11 @@ def load_tokenizer(backbone: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(backbone)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         raise _load_error(backbone, error) from None
 
 
-def init_sincos_positions(clip: CLIPModel) -> None:
+def init_sincos_positions(model: nn.Module) -> None:
     """Set the vision tower's position embeddings to a 2D sine-cosine grid (still trainable).
 
     Learned position embeddings start as small noise, and a ViT trained from scratch on a
@@ -139,38 +227,41 @@ def init_sincos_positions(clip: CLIPModel) -> None:
     tower stayed at chance telling left from right). A fixed 2D grid, as in MAE and MoCo v3,
     gives every patch its place from the first step.
     """
-    embeddings = clip.vision_model.embeddings
+    embeddings = model.vision_model.embeddings
     grid = int(math.isqrt(embeddings.num_patches))
+    table_rows = embeddings.position_embedding.weight.shape[0]  # CLIP adds a class token
+    first = table_rows - embeddings.num_patches
     dim = embeddings.embed_dim
     quarter = dim // 4
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     angles = [axis.flatten().float()[:, None] * omega for axis in (xs, ys)]
-    table = torch.zeros(embeddings.num_patches + 1, dim)  # row 0 is the class token
-    table[1:, : 4 * quarter] = torch.cat(
+    table = torch.zeros(table_rows, dim)
+    table[first:, : 4 * quarter] = torch.cat(
         [f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1
     )
     with torch.no_grad():
         embeddings.position_embedding.weight.copy_(table)
 
 
-def build_clip(
+def build_backbone(
     backbone: str | None,
     backbone_config: dict[str, Any] | None,
     tokenizer: Any,
     position_init: str = "sincos",
-) -> CLIPModel:
-    """A CLIPModel: pretrained weights, or random weights from `backbone_config`.
+) -> nn.Module:
+    """A CLIPModel or SiglipModel: pretrained weights, or random weights from `backbone_config`.
 
     A backbone built from a config takes its vocabulary size and special-token ids from the
     tokenizer, so the text tower pools at the tokenizer's end-of-text token, and (with
     `position_init="sincos"`) 2D sine-cosine vision position embeddings.
     """
-    from transformers import CLIPModel
-
     if backbone is not None:
+        family = FAMILIES[_pretrained_config(backbone).model_type]
         try:
-            return CLIPModel.from_pretrained(backbone, attn_implementation="sdpa")
+            return _transformers(family.model_class).from_pretrained(
+                backbone, attn_implementation="sdpa"
+            )
         except (OSError, ValueError) as error:
             raise _load_error(backbone, error) from None
     config = _config_from_dict(backbone_config or {})
@@ -181,21 +272,196 @@ def build_clip(
     text.eos_token_id = tokenizer.eos_token_id
     if position_init not in ("sincos", "random"):
         raise UserError(f"model.position_init={position_init!r} is not one of: sincos, random.")
-    clip = CLIPModel._from_config(config, attn_implementation="sdpa")
+    family = FAMILIES[config.model_type]
+    model = _transformers(family.model_class)._from_config(config, attn_implementation="sdpa")
+    if config.model_type == "siglip":
+        with torch.no_grad():  # the paper's initial temperature 10 and bias -10
+            model.logit_scale.fill_(math.log(10.0))
+            model.logit_bias.fill_(-10.0)
     if position_init == "sincos":
-        init_sincos_positions(clip)
-    return clip
+        init_sincos_positions(model)
+    return model
 
 
-def freeze_towers(clip: nn.Module, freeze: str) -> None:
+def encode_image(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch token states, projected pooled embedding) of normalised images."""
+    out = model.vision_model(pixel_values=pixel_values)
+    projection = getattr(model, "visual_projection", None)
+    pooled = out.pooler_output
+    return out.last_hidden_state, projection(pooled) if projection is not None else pooled
+
+
+def encode_text(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states, projected pooled embedding) of tokenized text."""
+    family = FAMILIES[model.config.model_type]
+    mask = attention_mask if family.text_attention_mask else None
+    out = model.text_model(input_ids=input_ids, attention_mask=mask)
+    projection = getattr(model, "text_projection", None)
+    pooled = out.pooler_output
+    return out.last_hidden_state, projection(pooled) if projection is not None else pooled
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    """The towers' token widths and the shared embedding size."""
+    config = model.config
+    embed = getattr(config, "projection_dim", None) or config.vision_config.hidden_size
+    return {
+        "image_dim": config.vision_config.hidden_size,
+        "text_dim": config.text_config.hidden_size,
+        "embed_dim": embed,
+    }
+
+
+def freeze_towers(model: nn.Module, freeze: str) -> None:
     """Stop gradients through the vision tower, the text tower, both, or neither."""
     if freeze not in FREEZE_CHOICES:
         raise UserError(f"model.freeze={freeze!r} is not one of {', '.join(FREEZE_CHOICES)}.")
-    towers = {
-        "vision": [clip.vision_model, clip.visual_projection],
-        "text": [clip.text_model, clip.text_projection],
-    }
     for side in ("vision", "text"):
         if freeze in (side, "both"):
-            for module in towers[side]:
-                module.requires_grad_(False)
+            for name, param in model.named_parameters():
+                if _tower_of(name) == f"{side}_model":
+                    param.requires_grad_(False)
+
+
+def _tower_of(name: str) -> str | None:
+    """The tower a backbone parameter belongs to (projections count with their tower)."""
+    if "vision_model." in name or "visual_projection." in name:
+        return "vision_model"
+    if "text_model." in name or "text_projection." in name:
+        return "text_model"
+    return None
+
+
+_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """BEiT's layer id of a tower parameter: 0 for the embeddings (and anything before the
+    first layer), i + 1 for transformer layer i, num_layers + 1 after the last layer (final
+    norm, pooling head, projection)."""
+    match = _LAYER.search(name)
+    if match:
+        return int(match.group(2)) + 1
+    if ".embeddings." in name or "pre_layrnorm" in name:
+        return 0
+    return num_layers + 1
+
+
+def tower_depths(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """{id(param): (layer id, the tower's layer count)} of every tower parameter."""
+    counts = {
+        "vision_model": model.config.vision_config.num_hidden_layers,
+        "text_model": model.config.text_config.num_hidden_layers,
+    }
+    depths = {}
+    for name, param in model.named_parameters():
+        tower = _tower_of(name)
+        if tower is not None:
+            depths[id(param)] = (layer_depth(name, counts[tower]), counts[tower])
+    return depths
+
+
+def unfreeze_last(model: nn.Module, layers: int, freeze: str) -> None:
+    """Train only the last `layers` transformer layers of each tower and what follows them
+    (final norm, pooling head, projection); towers frozen by `freeze` stay frozen."""
+    counts = [
+        model.config.vision_config.num_hidden_layers,
+        model.config.text_config.num_hidden_layers,
+    ]
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        raise UserError(
+            f"model.unfreeze_last_layers must be a non-negative integer or null (got {layers!r})."
+        )
+    if layers > max(counts):
+        raise UserError(
+            f"model.unfreeze_last_layers={layers}, but the towers have {counts[0]} (vision) and "
+            f"{counts[1]} (text) layers; use at most {max(counts)}, or null to train every layer."
+        )
+    depths = tower_depths(model)
+    for param in model.parameters():
+        if id(param) in depths and param.requires_grad:
+            depth, count = depths[id(param)]
+            param.requires_grad_(depth > count - layers)
+    freeze_towers(model, freeze)
+
+
+def add_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    """The backbone with LoRA adapters (peft) on its attention projections: only the adapters
+    train in the towers; the temperature (and SigLIP's bias) stay trainable."""
+    known = {"r", "alpha", "dropout", "target_modules"}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise UserError(
+            f"Unknown key {unknown[0]!r} in model.lora; accepted: {', '.join(sorted(known))}."
+        )
+    r = lora.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"model.lora.r must be a positive integer, the adapters' rank (got {r!r}).")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError(
+            "model.lora needs the peft library: pip install 'mmtrain[peft]' "
+            "(or set model.lora.r=null to fine-tune without adapters)."
+        ) from None
+    targets = lora.get("target_modules") or LORA_TARGETS
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora.get("alpha") or r,
+        lora_dropout=lora.get("dropout") or 0.0,
+        target_modules=list(targets) if not isinstance(targets, str) else targets,
+    )
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(
+            f"model.lora.target_modules={targets!r} matched no layer of the backbone ({error}). "
+            "Name attention projections such as q_proj and v_proj, or leave it null for the default."
+        ) from None
+    for name in ("logit_scale", "logit_bias"):
+        param = getattr(model, name, None)
+        if isinstance(param, nn.Parameter):
+            param.requires_grad_(True)
+    return wrapped
+
+
+def prepare_backbone(
+    model: nn.Module,
+    freeze: str,
+    unfreeze_last_layers: int | None,
+    gradient_checkpointing: bool,
+    lora: dict[str, Any] | None,
+) -> nn.Module:
+    """Apply the memory levers: frozen towers or layers, LoRA adapters and gradient
+    checkpointing (transformers' own, non-reentrant so frozen inputs still backpropagate)."""
+    if unfreeze_last_layers is None:
+        freeze_towers(model, freeze)
+    else:
+        unfreeze_last(model, unfreeze_last_layers, freeze)
+    if gradient_checkpointing:
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if lora and lora.get("r") is not None:
+        if unfreeze_last_layers is not None or freeze != "none":
+            raise UserError(
+                "model.lora trains adapters instead of the backbone's weights; it does not combine "
+                "with model.freeze or model.unfreeze_last_layers. Set model.lora.r=null or leave "
+                "those at their defaults (none, null)."
+            )
+        model = add_lora(model, dict(lora))
+    return model
+
+
+def plain_backbone(model: nn.Module) -> nn.Module:
+    """The transformers model itself: LoRA adapters merged into its weights, when present
+    (what `mmtrain export` saves, so the export loads as a plain CLIPModel/SiglipModel)."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model

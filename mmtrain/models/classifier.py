@@ -15,7 +15,16 @@ from torch.nn import functional as F
 from mmtrain import registry
 from mmtrain.errors import UserError
 from mmtrain.metrics import ClassificationMetrics
-from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip, freeze_towers
+from mmtrain.models.backbone import (
+    BackboneSpec,
+    PixelNormalize,
+    build_backbone,
+    encode_image,
+    encode_text,
+    prepare_backbone,
+    tower_depths,
+    widths,
+)
 from mmtrain.models.fusion import Features
 from mmtrain.models.objectives import contrastive_loss
 
@@ -49,7 +58,8 @@ class ImageTextClassifier(nn.Module):
         self.contrastive_weight = contrastive_weight
         # Without the contrastive term, the temperature (and, for token-level fusions, the
         # projections) get no gradient: DDP must then look for unused parameters.
-        self.has_unused_parameters = contrastive_weight == 0
+        # SigLIP's learned bias is never used here.
+        self.has_unused_parameters = contrastive_weight == 0 or hasattr(clip, "logit_bias")
         self.head = nn.Sequential(
             nn.LayerNorm(fusion.out_dim),
             nn.Linear(fusion.out_dim, head_hidden),
@@ -63,15 +73,9 @@ class ImageTextClassifier(nn.Module):
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> Features:
         """Run both towers once, keeping token states and projected pooled embeddings."""
-        vision = self.clip.vision_model(pixel_values=self.normalize(images))
-        text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        return Features(
-            image_tokens=vision.last_hidden_state,
-            image_embed=self.clip.visual_projection(vision.pooler_output),
-            text_tokens=text.last_hidden_state,
-            text_embed=self.clip.text_projection(text.pooler_output),
-            text_mask=attention_mask,
-        )
+        image_tokens, image_embed = encode_image(self.clip, self.normalize(images))
+        text_tokens, text_embed = encode_text(self.clip, input_ids, attention_mask)
+        return Features(image_tokens, image_embed, text_tokens, text_embed, attention_mask)
 
     def forward(
         self,
@@ -102,6 +106,10 @@ class ImageTextClassifier(nn.Module):
         """The CLIP towers' parameters (scaled by optimizer.backbone_lr_scale)."""
         return list(self.clip.parameters())
 
+    def layer_depths(self) -> dict[int, tuple[int, int]]:
+        """{id(param): (layer id, layers)} of the towers (for optimizer.layer_decay)."""
+        return tower_depths(self.clip)
+
     def metrics(self, device: torch.device) -> ClassificationMetrics:
         """A fresh set of streaming validation metrics (names: ClassificationMetrics.NAMES)."""
         return ClassificationMetrics(self.num_classes, device)
@@ -124,6 +132,9 @@ def clip_fusion(
     contrastive_weight: float = 0.5,
     position_init: str = "sincos",
     freeze: str = "none",
+    unfreeze_last_layers: int | None = None,
+    gradient_checkpointing: bool = False,
+    lora: dict[str, Any] | None = None,
 ) -> ImageTextClassifier:
     """A CLIP classifier on `fusion` of image and text features; the head's input size is
     the fusion's `out_dim`."""
@@ -131,18 +142,16 @@ def clip_fusion(
         raise UserError(f"model.num_classes must be at least 2 (got {num_classes}).")
     if contrastive_weight < 0:
         raise UserError(f"model.contrastive_weight must be >= 0 (got {contrastive_weight}).")
-    clip = build_clip(backbone, backbone_config, tokenizer, position_init)
-    freeze_towers(clip, freeze)
+    clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
     offered = {
-        "image_dim": clip.config.vision_config.hidden_size,
-        "text_dim": clip.config.text_config.hidden_size,
-        "embed_dim": clip.config.projection_dim,
+        **widths(clip),
         "layers": fusion_layers,
         "heads": fusion_heads,
         "dropout": dropout,
         "with_difference": fusion_difference,
     }
     fuse = registry.build("fusion", fusion, **registry.accepted("fusion", fusion, offered))
+    clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
     return ImageTextClassifier(
         clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec
     )

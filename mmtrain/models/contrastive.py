@@ -1,4 +1,5 @@
-"""`clip_contrastive`: CLIP's own objective, symmetric InfoNCE with a learned temperature.
+"""`clip_contrastive`: CLIP's own objective, symmetric InfoNCE with a learned temperature;
+`siglip_contrastive`: SigLIP's sigmoid pairwise loss with a learned temperature and bias.
 
 Hard-negative texts, when the data pipeline draws them (`data.hard_negatives=K`), arrive in
 the batch as `negative_input_ids` and are appended to each image's logits."""
@@ -12,34 +13,69 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmtrain import distributed, registry
+from mmtrain.errors import UserError
 from mmtrain.metrics import RetrievalMetrics, ZeroShotClasses
-from mmtrain.models.backbone import BackboneSpec, PixelNormalize, build_clip, freeze_towers
-from mmtrain.models.objectives import MAX_LOGIT_SCALE
+from mmtrain.models.backbone import (
+    BackboneSpec,
+    PixelNormalize,
+    build_backbone,
+    encode_image,
+    encode_text,
+    prepare_backbone,
+    tower_depths,
+)
+from mmtrain.models.feature_cache import replay_loss
+from mmtrain.models.objectives import MAX_LOGIT_SCALE, sigmoid_loss
 
 
 class ContrastiveCLIP(nn.Module):
-    """Image and text towers trained so that each image's own caption scores highest."""
+    """Image and text towers trained so that each image's own caption scores highest: with
+    CLIP's InfoNCE (`loss="infonce"`) or SigLIP's pairwise sigmoid loss (`loss="sigmoid"`)."""
 
     monitor = ("val/recall@1_i2t", "max")
     metric_names = RetrievalMetrics.NAMES  # what validation reports, as val/NAME
-    has_unused_parameters = False  # DDP: every parameter gets a gradient each step
+    # trainer.accumulate_grad_batches scores every micro-batch against the negatives of all
+    # of them (mmtrain.models.feature_cache), not each against its own.
+    accumulates_features = True
 
-    def __init__(self, clip: nn.Module, spec: BackboneSpec):
+    def __init__(self, clip: nn.Module, spec: BackboneSpec, loss: str = "infonce"):
         super().__init__()
-        self.clip = clip
+        self.clip = clip  # the dual encoder: a CLIPModel or SiglipModel
+        self.loss = loss
         self.normalize = PixelNormalize(spec)
+        # DDP: every parameter gets a gradient each step, except SigLIP's bias under InfoNCE.
+        self.has_unused_parameters = loss != "sigmoid" and hasattr(clip, "logit_bias")
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of uint8 images."""
-        pooled = self.clip.vision_model(pixel_values=self.normalize(images)).pooler_output
-        return F.normalize(self.clip.visual_projection(pooled).float(), dim=-1)
+        return F.normalize(encode_image(self.clip, self.normalize(images))[1].float(), dim=-1)
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised text embeddings."""
-        pooled = self.clip.text_model(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).pooler_output
-        return F.normalize(self.clip.text_projection(pooled).float(), dim=-1)
+        return F.normalize(encode_text(self.clip, input_ids, attention_mask)[1].float(), dim=-1)
+
+    def embed(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
+        """The batch's embeddings the loss is computed from: image, text (and negatives)."""
+        embeds = {
+            "image": self.embed_images(images),
+            "text": self.embed_texts(input_ids, attention_mask),
+        }
+        if negative_input_ids is not None:
+            embeds["negatives"] = self.embed_texts(negative_input_ids, negative_attention_mask)
+        return embeds
+
+    def loss_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters the loss itself uses: the temperature (and SigLIP's bias)."""
+        names = ("logit_scale", "logit_bias") if self.loss == "sigmoid" else ("logit_scale",)
+        return {name: getattr(self.clip, name) for name in names}
 
     def forward(
         self,
@@ -49,13 +85,31 @@ class ContrastiveCLIP(nn.Module):
         paired: torch.Tensor | None = None,
         negative_input_ids: torch.Tensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
+        cached_grads: dict[str, torch.Tensor] | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """The loss over the batch's genuine pairs (`paired`), with embeddings and similarity
-        scores of every row."""
-        image = self.embed_images(images)
-        text = self.embed_texts(input_ids, attention_mask)
-        scale = self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        scores of every row. With `cached_grads` (feature-cached accumulation), the loss is
+        a surrogate whose gradient is the whole accumulated batch's."""
+        embeds = self.embed(
+            images, input_ids, attention_mask, negative_input_ids, negative_attention_mask
+        )
+        if cached_grads is not None:
+            return {"loss": replay_loss(embeds, cached_grads, self.loss_parameters())}
+        image, text = embeds["image"], embeds["text"]
+        return {
+            "loss": self.objective(embeds, paired),
+            "image_embeds": image,
+            "text_embeds": text,
+            "similarity": (image * text).sum(-1),
+        }
+
+    def objective(
+        self, embeds: dict[str, torch.Tensor], paired: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The contrastive loss of a batch's embeddings (see `embed`); `paired` marks the rows
+        whose text truly describes the image."""
+        image, text = embeds["image"], embeds["text"]
         if paired is None:
             paired = torch.ones(len(image), dtype=torch.bool, device=image.device)
         keep = paired.bool()
@@ -68,26 +122,32 @@ class ContrastiveCLIP(nn.Module):
         offset = distributed.rank() * len(image) if self.training else 0
         own = offset + torch.arange(len(image), device=image.device)
         targets = (all_keep.cumsum(0) - 1)[own][keep]  # own text's column among kept texts
+        log_scale = self.clip.logit_scale
+        if self.loss == "infonce":
+            log_scale = log_scale.clamp(max=MAX_LOGIT_SCALE)
+        scale = log_scale.exp()
         image_to_text = scale * image[keep] @ all_texts[all_keep].T
+        extra = None
+        if "negatives" in embeds:
+            negatives = embeds["negatives"].view(len(image), -1, image.shape[-1])  # [B, K, D]
+            extra = (scale * torch.einsum("bd,bkd->bk", image, negatives))[keep]
+        if self.loss == "sigmoid":
+            return sigmoid_loss(image_to_text, targets, self.clip.logit_bias, extra)
         text_to_image = scale * text[keep] @ all_images[all_keep].T
-        if negative_input_ids is not None:
-            negatives = self.embed_texts(negative_input_ids, negative_attention_mask)
-            negatives = negatives.view(len(image), -1, negatives.shape[-1])  # [B, K, D]
-            extra = scale * torch.einsum("bd,bkd->bk", image, negatives)
-            image_to_text = torch.cat([image_to_text, extra[keep]], dim=1)
-        loss = (
+        if extra is not None:
+            image_to_text = torch.cat([image_to_text, extra], dim=1)
+        return (
             F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)
         ) / 2
-        return {
-            "loss": loss,
-            "image_embeds": image,
-            "text_embeds": text,
-            "similarity": (image * text).sum(-1),
-        }
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        """The CLIP towers (scaled by optimizer.backbone_lr_scale); the temperature is not."""
-        return [p for name, p in self.clip.named_parameters() if name != "logit_scale"]
+        """The towers (scaled by optimizer.backbone_lr_scale); the temperature and bias are not."""
+        loss_parameters = {id(p) for p in self.loss_parameters().values()}
+        return [p for p in self.clip.parameters() if id(p) not in loss_parameters]
+
+    def layer_depths(self) -> dict[int, tuple[int, int]]:
+        """{id(param): (layer id, layers)} of the towers (for optimizer.layer_decay)."""
+        return tower_depths(self.clip)
 
     def metrics(
         self, device: torch.device, zeroshot: ZeroShotClasses | None = None
@@ -95,6 +155,29 @@ class ContrastiveCLIP(nn.Module):
         """Streaming recall@1/5 in both directions and the loss (names: RetrievalMetrics.NAMES),
         with zero-shot top-1/top-5 against `zeroshot`'s classes when given."""
         return RetrievalMetrics(device, zeroshot)
+
+
+def _dual_encoder(
+    tokenizer: Any,
+    spec: BackboneSpec,
+    loss: str,
+    backbone: str | None,
+    backbone_config: dict[str, Any] | None,
+    position_init: str,
+    freeze: str,
+    unfreeze_last_layers: int | None,
+    gradient_checkpointing: bool,
+    lora: dict[str, Any] | None,
+) -> ContrastiveCLIP:
+    clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
+    if loss == "sigmoid" and not hasattr(clip, "logit_bias"):
+        raise UserError(
+            f"model=siglip_contrastive needs a SigLIP backbone (it learns SigLIP's logit bias), "
+            f"but the backbone is a {clip.config.model_type!r} model; use model=clip_contrastive "
+            "for it, or a SigLIP model.backbone (or model.backbone_config.model_type=siglip)."
+        )
+    clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
+    return ContrastiveCLIP(clip, spec, loss)
 
 
 @registry.register("model", "clip_contrastive")
@@ -106,8 +189,34 @@ def clip_contrastive(
     backbone_config: dict[str, Any] | None = None,
     position_init: str = "sincos",
     freeze: str = "none",
+    unfreeze_last_layers: int | None = None,
+    gradient_checkpointing: bool = False,
+    lora: dict[str, Any] | None = None,
 ) -> ContrastiveCLIP:
-    """CLIP trained with symmetric InfoNCE over the batch (hard negatives from the data)."""
-    clip = build_clip(backbone, backbone_config, tokenizer, position_init)
-    freeze_towers(clip, freeze)
-    return ContrastiveCLIP(clip, spec)
+    """A dual encoder trained with symmetric InfoNCE over the batch (hard negatives from the
+    data)."""
+    return _dual_encoder(
+        tokenizer, spec, "infonce", backbone, backbone_config, position_init,
+        freeze, unfreeze_last_layers, gradient_checkpointing, lora,
+    )  # fmt: skip
+
+
+@registry.register("model", "siglip_contrastive")
+def siglip_contrastive(
+    *,
+    tokenizer: Any,
+    spec: BackboneSpec,
+    backbone: str | None = None,
+    backbone_config: dict[str, Any] | None = None,
+    position_init: str = "sincos",
+    freeze: str = "none",
+    unfreeze_last_layers: int | None = None,
+    gradient_checkpointing: bool = False,
+    lora: dict[str, Any] | None = None,
+) -> ContrastiveCLIP:
+    """A SigLIP dual encoder trained with the sigmoid pairwise loss (Zhai et al., 2023): every
+    image-text pair of the batch is a binary decision, with a learned temperature and bias."""
+    return _dual_encoder(
+        tokenizer, spec, "sigmoid", backbone, backbone_config, position_init,
+        freeze, unfreeze_last_layers, gradient_checkpointing, lora,
+    )  # fmt: skip
