@@ -64,16 +64,13 @@ def test_eval_writes_a_confusion_matrix_and_per_class_scores(run):
 
 
 def test_a_classifier_run_has_no_embeddings_to_predict(run, tmp_path):
-    rows = [{"image": "x.png", "text": "a"}]
-    source = write_jsonl(tmp_path / "in.jsonl", rows)
-    for extra in (
-        [f"output={tmp_path / 'e.npy'}", "embed=images"],
-        [f"output={tmp_path / 'p.jsonl'}", "class_names=a,b"],
-    ):
-        result = run_cli(
-            "predict", f"run={run}", f"input={source}", *extra, "data.on_bad_sample=skip"
-        )
-        assert result.returncode == 2 and "only a contrastive model" in result.stderr, result.stderr
+    source = write_jsonl(tmp_path / "in.jsonl", [{"image": "x.png", "text": "a"}])
+    result = run_cli(
+        "predict", f"run={run}", f"input={source}", f"output={tmp_path / 'e.npy'}",
+        "embed=images", "data.on_bad_sample=skip",
+    )  # fmt: skip
+    assert result.returncode == 2 and "only a contrastive model" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_eval_of_a_missing_split_or_run_is_a_clear_error(run, tmp_path):
