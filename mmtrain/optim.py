@@ -76,13 +76,13 @@ def adamw(
     weight_decay: Annotated[float, Bounds(ge=0)] = 0.05,
     betas: Annotated[Sequence[float], Bounds(ge=0, lt=1)] = (0.9, 0.999),
     eps: Annotated[float, Bounds(gt=0)] = 1e-8,
-    backbone_lr_scale: Annotated[float, Bounds(ge=0)] = 1.0,
+    backbone_lr_scale: Annotated[float, Bounds(ge=0)] | str = "auto",
     layer_decay: Annotated[float, Bounds(gt=0, le=1)] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups` (layer-wise lr decay with `layer_decay`); the fused kernel
-    on CUDA."""
-    if lr <= 0:
-        raise UserError(f"optimizer.lr must be positive (got {lr}).")
+    on CUDA. `backbone_lr_scale=auto` is the fine-tuning recipe for a pretrained backbone
+    (`FINETUNE_BACKBONE_SCALE`) and 1.0 for one trained from scratch or through adapters."""
+    backbone_lr_scale = _backbone_scale(model, backbone_lr_scale, lr)
     if len(betas) != 2:
         raise UserError(
             f"optimizer.betas must be two numbers, e.g. [0.9,0.999] (got {list(betas)})."
@@ -94,6 +94,32 @@ def adamw(
         )
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=on_cuda or None)
+
+
+# Pretrained towers fine-tune at about 1e-5 to 5e-5 (CLIP/SigLIP fine-tuning practice): with
+# the default lr of 1e-3 for the new layers, 0.02 gives them 2e-5. A from-scratch rate would
+# wreck the pretrained features in the first hundred steps.
+FINETUNE_BACKBONE_SCALE = 0.02
+
+
+def _backbone_scale(model: nn.Module, scale: float | str, lr: float) -> float:
+    """optimizer.backbone_lr_scale, with `auto` resolved (and said in the log)."""
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise UserError(
+                f"optimizer.backbone_lr_scale={scale} is not valid; give a number >= 0 or auto."
+            )
+        if not getattr(model, "finetunes_pretrained_towers", False):
+            return 1.0
+        scale = FINETUNE_BACKBONE_SCALE
+        log.info(
+            "fine-tuning recipe for the pretrained backbone: towers at lr %.1e, new layers at "
+            "lr %.1e (optimizer.backbone_lr_scale=auto -> %g), after the scheduler's warmup; no "
+            "weight decay on norms, biases and the temperature. Override with "
+            "optimizer.backbone_lr_scale=NUMBER.",
+            lr * scale, lr, scale,
+        )  # fmt: skip
+    return scale
 
 
 def _checked_warmup(warmup_steps: int, total_steps: int) -> int:

@@ -5,12 +5,15 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, read_jsonl, run_cli
+from conftest import CONF, TINY, read_jsonl, run_cli
+from hydra import compose, initialize_config_dir
 from manifest_files import MODEL_TINY, write_jsonl, write_learnable
+from omegaconf import OmegaConf
 from PIL import Image
 
 from mmtrain.commands.load import load_run
 from mmtrain.data.tokenizer import build_word_tokenizer
+from mmtrain.errors import UserError
 from mmtrain.models.backbone import build_backbone
 from mmtrain.optim import param_groups
 
@@ -193,6 +196,11 @@ def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
     assert torch.equal(head["head.4.weight"], trained.state_dict()["head.4.weight"])
 
 
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("train", overrides=overrides)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny CLIP saved as a pretrained model would be: model, tokenizer, image processor."""
@@ -240,6 +248,7 @@ def test_pretrained_backbone_trains_with_its_own_tokenizer_and_vision_frozen(pre
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "train.log").read_text()
     assert " frozen" in log and "built a word-level tokenizer" not in log
+    assert "fine-tuning recipe for the pretrained backbone: towers at lr 2.0e-05" in log
     assert json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text()) == json.loads(
         (pretrained / "tokenizer.json").read_text()
     )
@@ -327,3 +336,46 @@ def test_eval_of_an_untrained_pretrained_backbone_matches_the_runs_step_0(pretra
     assert first["step"] == 0
     for name, value in written["metrics"].items():
         assert first[name] == pytest.approx(value, abs=1e-5), name
+
+
+@pytest.mark.parametrize(
+    ("backbone", "options", "towers", "head"),
+    [
+        ("pretrained", {}, 2e-5, 1e-3),  # the fine-tuning recipe
+        (None, {}, 1e-3, 1e-3),  # from scratch: one rate
+        ("pretrained", {"backbone_lr_scale": 0.1}, 1e-4, 1e-3),  # overridden
+        ("pretrained", {"lr": 5e-4}, 1e-5, 5e-4),  # the recipe follows lr
+    ],
+)
+def test_a_pretrained_backbone_gets_the_fine_tuning_rates(
+    pretrained, backbone, options, towers, head
+):
+    from mmtrain import registry
+    from mmtrain.build import model_spec
+    from mmtrain.models.backbone import load_tokenizer
+
+    tiny = [o for o in TINY if o.startswith("model.")] if backbone is None else []
+    overrides = [
+        *tiny,
+        *([f"model.backbone={pretrained}"] if backbone else []),
+        "model.num_classes=2",
+    ]
+    cfg = _compose(overrides)
+    tokenizer = (
+        load_tokenizer(str(pretrained)) if backbone else build_word_tokenizer(["a red circle"])
+    )
+    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items()}
+    model = registry.build("model", model_cfg, tokenizer=tokenizer, spec=model_spec(cfg))
+    optimizer = registry.build("optimizer", {"name": "adamw", "lr": 1e-3, **options}, model=model)
+    by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    backbone_ids = {id(p) for p in model.backbone_parameters() if p.requires_grad}
+    assert backbone_ids and all(by_id[i] == pytest.approx(towers) for i in backbone_ids)
+    head_rates = [lr for i, lr in by_id.items() if i not in backbone_ids]
+    assert head_rates and all(lr == pytest.approx(head) for lr in head_rates)
+
+
+def test_a_bad_backbone_lr_scale_is_refused(pretrained):
+    from mmtrain.build import check
+
+    with pytest.raises(UserError, match="Key 'backbone_lr_scale' of optimizer 'adamw' must be"):
+        check(_compose(["optimizer.backbone_lr_scale=-1"]))

@@ -13,7 +13,7 @@ from PIL import Image
 from mmtrain.data.tokenizer import build_word_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.metrics import RetrievalMetrics, ZeroShotClasses, per_class_scores
-from mmtrain.models.backbone import BackboneSpec, build_clip
+from mmtrain.models.backbone import BackboneSpec, build_backbone
 from mmtrain.models.contrastive import ContrastiveCLIP
 from mmtrain.models.zeroshot import load_templates, prompt_embeddings, prompts
 
@@ -62,7 +62,7 @@ def test_class_embedding_is_the_renormalised_mean_of_its_prompts():
     torch.manual_seed(0)
     tokenizer = build_word_tokenizer(["a photo of a red cat", "a drawing of the blue dog"])
     model = ContrastiveCLIP(
-        build_clip(None, TINY_CLIP, tokenizer), BackboneSpec(16, (0.5,) * 3, (0.5,) * 3, 77)
+        build_backbone(None, TINY_CLIP, tokenizer), BackboneSpec(16, (0.5,) * 3, (0.5,) * 3, 77)
     )
     templates = ["a photo of a {}", "a drawing of the {}"]
     got = prompt_embeddings(model, tokenizer, 16, ["cat", "dog"], templates, torch.device("cpu"))

@@ -152,6 +152,9 @@ def clip_fusion(
     }
     fuse = registry.build("fusion", fusion, **registry.accepted("fusion", fusion, offered))
     clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
-    return ImageTextClassifier(
+    model = ImageTextClassifier(
         clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec
     )
+    # What optimizer.backbone_lr_scale=auto asks: pretrained towers that train themselves.
+    model.finetunes_pretrained_towers = backbone is not None and not (lora and lora.get("r"))
+    return model

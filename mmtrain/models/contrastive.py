@@ -177,7 +177,10 @@ def _dual_encoder(
             "for it, or a SigLIP model.backbone (or model.backbone_config.model_type=siglip)."
         )
     clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
-    return ContrastiveCLIP(clip, spec, loss)
+    model = ContrastiveCLIP(clip, spec, loss)
+    # What optimizer.backbone_lr_scale=auto asks: pretrained towers that train themselves.
+    model.finetunes_pretrained_towers = backbone is not None and not (lora and lora.get("r"))
+    return model
 
 
 @registry.register("model", "clip_contrastive")
