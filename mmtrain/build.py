@@ -47,8 +47,8 @@ log = logging.getLogger("mmtrain")
 AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
 # Facts a data source may need that are not its config keys: the backbone's image size, a
 # finished run's label names (labels.json), the model's number of classes. A source gets
-# those its factory has a parameter for.
-SOURCE_RUNTIME = ("image_size", "class_names", "num_classes")
+# those its factory has a parameter for; `mmtrain validate` also asks it to verify its cache.
+SOURCE_RUNTIME = ("image_size", "class_names", "num_classes", "verify_cache")
 MODEL_RUNTIME = ("tokenizer", "spec")
 
 
@@ -126,15 +126,19 @@ def model_spec(cfg: DictConfig) -> BackboneSpec:
 
 
 def build_data(
-    cfg: DictConfig, spec: BackboneSpec, class_names: list[str] | None = None
+    cfg: DictConfig,
+    spec: BackboneSpec,
+    class_names: list[str] | None = None,
+    verify_cache: bool = False,
 ) -> dict[str, SplitData]:
     """The data source's splits at the backbone's image size; `class_names` (a run's
-    labels.json) fixes the label mapping."""
+    labels.json) fixes the label mapping; `verify_cache` checks every cached pixel."""
     log.info("building data %s at %d px", cfg.data.name, spec.image_size)
     available = {
         "image_size": spec.image_size,
         "class_names": class_names,
         "num_classes": cfg.model.get("num_classes"),
+        "verify_cache": verify_cache,
     }
     runtime = registry.accepted("data", cfg.data.name, available)
     splits = registry.build("data", source_options(cfg), **runtime)

@@ -33,8 +33,10 @@ def decodes(monkeypatch):
     return calls
 
 
-def _load(train, val, size=16, **options):
-    return manifest(image_size=size, train=str(train), val=str(val), **options)
+def _load(train, val, size=16, cache_workers=0, **options):
+    return manifest(
+        image_size=size, train=str(train), val=str(val), cache_workers=cache_workers, **options
+    )
 
 
 def _cache_files(folder):

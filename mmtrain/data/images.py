@@ -7,7 +7,10 @@ transparency, CMYK, an EXIF rotation), the result is uint8 RGB [3, size, size].
 
 from __future__ import annotations
 
+import signal
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -70,3 +73,58 @@ def load_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
     # ValueError, struct.error...): every one of them means this file cannot be used.
     except Exception as error:
         raise ImageProblem("unreadable image", f"{path}: {type(error).__name__}: {error}") from None
+
+
+def decode_rows(
+    array_path: str, first: int, paths: list[str | None], size: int, max_pixels: int
+) -> list[tuple[tuple[str, str] | None, int]]:
+    """Decode `paths` into rows first.. of the .npy array at `array_path` (opened here, so a
+    worker process needs nothing but the path); per row, its problem and the crc32 of its
+    pixels. Runs in the cache's worker processes."""
+    array = np.load(array_path, mmap_mode="r+")
+    results = []
+    for offset, path in enumerate(paths):
+        problem = None
+        if path is not None:
+            try:
+                array[first + offset] = load_image(Path(path), size, max_pixels)
+            except ImageProblem as error:
+                problem = (error.reason, error.detail)
+        results.append((problem, zlib.crc32(array[first + offset])))
+    array.flush()
+    return results
+
+
+def decode_chunks(
+    pipe: Any,
+    array_path: str,
+    chunks: list[tuple[int, list[str | None]]],
+    size: int,
+    max_pixels: int,
+) -> None:
+    """A cache worker process: decode each (first row, paths) chunk into the array and send
+    (first row, results) through `pipe`. SIGINT (Ctrl-C reaches the whole group) is left to
+    the parent, which stops the build; SIGTERM ends the worker at once, without a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for first, paths in chunks:
+        pipe.send((first, decode_rows(array_path, first, paths, size, max_pixels)))
+    pipe.close()
+
+
+def image_header_problem(path: Path, max_pixels: int) -> tuple[str, str] | None:
+    """None, or (reason, detail) when the file's header already shows it cannot be used."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError:
+        return "missing file", f"{path} does not exist"
+    except Exception as error:  # PIL's many types for a broken file, as in load_image
+        return "unreadable image", f"{path}: {type(error).__name__}: {error}"
+    if width * height > max_pixels:
+        return (
+            "image too large",
+            f"{path} is {width}x{height} = {width * height:,} pixels, over "
+            f"data.max_image_pixels={max_pixels:,}; shrink the file or raise the limit",
+        )
+    return None

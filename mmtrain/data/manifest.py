@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmtrain.data.cache import cached_images
+from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
 from mmtrain.data.source import BadRow, SplitData
 from mmtrain.errors import UserError
 from mmtrain.registry import register
@@ -229,6 +229,7 @@ def _load_split(
     cache_dir: Path,
     max_image_pixels: int,
     with_negatives: bool = False,
+    cache: dict[str, Any] | None = None,
 ) -> SplitData:
     paths, problems, labels = [], [], []
     for row in rows:
@@ -252,7 +253,14 @@ def _load_split(
             problems.append(text_problem or label_problem)
             continue
         paths[-1] = None  # nothing to decode for this row
-    cache = cached_images(paths, manifest_bytes, cache_dir, image_size, max_image_pixels)
+    cache = cache or {}
+    if cache.get("enabled", True):
+        cache = cached_images(
+            paths, manifest_bytes, cache_dir, image_size, max_image_pixels,
+            cache.get("workers", 0), cache.get("verify", False),
+        )  # fmt: skip
+    else:
+        cache = decoded_on_read(paths, image_size, max_image_pixels)
     bad: list[BadRow] = []
     good: list[int] = []
     for position, (row, problem) in enumerate(zip(rows, problems, strict=True)):
@@ -288,15 +296,20 @@ def manifest(
     cache_dir: str | None = None,
     max_image_pixels: int = 100_000_000,
     on_bad_sample: str = "error",
+    cache: bool = True,
+    cache_workers: int | None = None,
     class_names: list[str] | None = None,
     num_classes: int | None = None,
+    verify_cache: bool = False,
 ) -> dict[str, SplitData]:
     """Image-text pairs from CSV or JSONL manifests (`train`, `val`, optional `test`).
 
     `image_size` comes from the backbone. `class_names` (from a run's labels.json) fixes
     the label mapping instead of deriving it from the training labels; with it, `train`
     may be left out (`mmtrain predict` reads one manifest as `val`). Decoded images are
-    cached in `cache_dir` (default: `.mmtrain_cache/` beside each manifest).
+    cached in `cache_dir` (default: `.mmtrain_cache/` beside each manifest) by
+    `cache_workers` processes (null: one per CPU, at most 8), or decoded by the loader every
+    epoch with `cache=False`; `verify_cache` (`mmtrain validate`) checks every cached pixel.
     """
     if on_bad_sample not in ("error", "skip"):
         raise UserError(
@@ -362,6 +375,7 @@ def manifest(
             folder,
             max_image_pixels,
             bool(negative_column),
+            cache_options(cache, cache_workers, verify_cache),
         )
         if splits[split].bad_rows:
             log.info(
