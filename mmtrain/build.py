@@ -48,7 +48,7 @@ AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
 # Facts a data source may need that are not its config keys: the backbone's image size, a
 # finished run's label names (labels.json), the model's number of classes. A source gets
 # those its factory has a parameter for; `mmtrain validate` also asks it to verify its cache.
-SOURCE_RUNTIME = ("image_size", "class_names", "num_classes", "verify_cache")
+SOURCE_RUNTIME = ("image_size", "class_names", "num_classes", "full_check")
 MODEL_RUNTIME = ("tokenizer", "spec")
 
 
@@ -129,16 +129,16 @@ def build_data(
     cfg: DictConfig,
     spec: BackboneSpec,
     class_names: list[str] | None = None,
-    verify_cache: bool = False,
+    full_check: bool = False,
 ) -> dict[str, SplitData]:
     """The data source's splits at the backbone's image size; `class_names` (a run's
-    labels.json) fixes the label mapping; `verify_cache` checks every cached pixel."""
+    labels.json) fixes the label mapping; `full_check` (validate) checks every cached pixel or decoded sample."""
     log.info("building data %s at %d px", cfg.data.name, spec.image_size)
     available = {
         "image_size": spec.image_size,
         "class_names": class_names,
         "num_classes": cfg.model.get("num_classes"),
-        "verify_cache": verify_cache,
+        "full_check": full_check,
     }
     runtime = registry.accepted("data", cfg.data.name, available)
     splits = registry.build("data", source_options(cfg), **runtime)
@@ -196,8 +196,12 @@ class Parts:
     # Applied on the training device to each training batch: (batch, key) -> batch with
     # key = (step, micro-batch, rank); deterministic in (seed, key).
     augment: aug.ImageAugment
-    # Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason: N}}.
-    bad_samples: dict[str, Any]
+
+    @property
+    def bad_samples(self) -> dict[str, Any]:
+        """Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason:
+        N}}; asked at the end, as streamed splits count theirs while training."""
+        return bad_sample_counts(self.splits)
 
 
 def build_parts(
@@ -271,7 +275,6 @@ def build_parts(
         collate=Collate(tokenizer, length),
         train_collate=Collate(tokenizer, length, text_augment, negatives),
         augment=aug.ImageAugment(augment[aug.IMAGE], seed),
-        bad_samples=bad_sample_counts(splits),
     )
 
 

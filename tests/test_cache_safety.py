@@ -74,7 +74,7 @@ def test_overwritten_pixels_are_found_by_verify_and_rebuilt(tmp_path, caplog):
     array.flush()
     del array
     with caplog.at_level(logging.WARNING, logger="mmtrain"):
-        checked = _load(train, val, verify_cache=True)
+        checked = _load(train, val, full_check=True)
     assert "fail their checksum (4)" in caplog.text and str(data) in caplog.text
     assert torch.equal(checked["train"].images, good)
 

@@ -31,6 +31,14 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
     if (group, option) == ("data", "manifest"):  # TINY's data keys are shapes' own
         train, val = write_learnable(tmp_path / "data", train=12, val=6)
         overrides = [f"{group}={option}", f"data.train={train}", f"data.val={val}", *MODEL_TINY]
+    if (group, option) == ("data", "webdataset"):
+        from mmtrain.commands.shards import write_shards
+
+        train, val = write_learnable(tmp_path / "data", train=12, val=6)
+        for split, manifest in (("train", train), ("val", val)):
+            write_shards([str(manifest), str(tmp_path / split), "shard_size=6"])
+        shards = [f"data.{s}='{tmp_path / s}/{{00000..00000}}.tar'" for s in ("train", "val")]
+        overrides = [f"{group}={option}", *shards, "data.batch_size=4", *MODEL_TINY]
     cfg = _compose(overrides)
     check(cfg)
     parts = build_parts(cfg, tmp_path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -47,15 +47,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
-    """uint8 [3, size, size] of the file at `path`; raises ImageProblem for a bad file."""
+def load_image(path: Path | IO[bytes], size: int, max_pixels: int, name: str = "") -> np.ndarray:
+    """uint8 [3, size, size] of the file at `path` (or a file object, called `name` in
+    messages); raises ImageProblem for a bad file."""
+    name = name or str(path)
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageProblem(
                     "image too large",
-                    f"{path} is {width}x{height} = {width * height:,} pixels, over "
+                    f"{name} is {width}x{height} = {width * height:,} pixels, over "
                     f"data.max_image_pixels={max_pixels:,}; shrink the file or raise the limit",
                 )
             # JPEGs much larger than the model's size decode at 1/2, 1/4 or 1/8 scale (never
@@ -68,11 +70,11 @@ def load_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
     except ImageProblem:
         raise
     except FileNotFoundError:
-        raise ImageProblem("missing file", f"{path} does not exist") from None
+        raise ImageProblem("missing file", f"{name} does not exist") from None
     # PIL raises many types for broken files (OSError for truncated data, SyntaxError,
     # ValueError, struct.error...): every one of them means this file cannot be used.
     except Exception as error:
-        raise ImageProblem("unreadable image", f"{path}: {type(error).__name__}: {error}") from None
+        raise ImageProblem("unreadable image", f"{name}: {type(error).__name__}: {error}") from None
 
 
 def decode_rows(

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmtrain.data.augment import TextAugment
+from mmtrain.data.shards import StreamSplit, stream_loader
 from mmtrain.data.source import SplitData
 
 Row = tuple[int, torch.Tensor, str, int, bool, int | None, list[str] | None]
@@ -162,7 +163,12 @@ def make_loader(
     world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader over `split` whose order is set by an EpochSampler (see `loader.sampler`);
-    with `world_size` > 1, this rank's share of it."""
+    with `world_size` > 1, this rank's share of it. A streamed split gets a `StreamLoader`."""
+    if isinstance(split, StreamSplit):
+        return stream_loader(
+            split, collate, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+            seed=seed, pin_memory=pin_memory, rank=rank, world_size=world_size,
+        )  # fmt: skip
     sampler = EpochSampler(
         len(split),
         shuffle=shuffle,

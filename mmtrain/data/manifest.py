@@ -207,6 +207,28 @@ class Checker:
         return None
 
 
+def check_row(checker: Checker, row: Row) -> tuple[Path | None, int | None, tuple[str, str] | None]:
+    """(image path to decode, class id, problem) of one row, from every check but the
+    image's decoding; the path is None when there is nothing to decode."""
+    label, label_problem = checker.label(row)
+    path = checker.path(row)
+    if row.image is _NOT_JSON:
+        return None, label, ("invalid row", "the line is not a JSON object")
+    if path is None:
+        return None, label, ("missing image path", "the image path is empty or missing")
+    if not path.is_file():
+        return (
+            None,
+            label,
+            (
+                "missing file",
+                f"{path} does not exist (image paths are relative to "
+                f"data.image_root, else to the manifest's folder: {checker.root})",
+            ),
+        )
+    return path, label, checker.text(row) or label_problem
+
+
 def _bad_row_report(bad: list[BadRow]) -> str:
     counts = Counter(row.reason for row in bad)
     summary = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
@@ -233,26 +255,10 @@ def _load_split(
 ) -> SplitData:
     paths, problems, labels = [], [], []
     for row in rows:
-        label, label_problem = checker.label(row)
-        paths.append(checker.path(row))
+        image, label, problem = check_row(checker, row)
+        paths.append(image)
         labels.append(label)
-        text_problem = checker.text(row)
-        if row.image is _NOT_JSON:
-            problems.append(("invalid row", "the line is not a JSON object"))
-        elif paths[-1] is None:
-            problems.append(("missing image path", "the image path is empty or missing"))
-        elif not paths[-1].is_file():
-            problems.append(
-                (
-                    "missing file",
-                    f"{paths[-1]} does not exist (image paths are relative to "
-                    f"data.image_root, else to the manifest's folder: {checker.root})",
-                )
-            )
-        else:
-            problems.append(text_problem or label_problem)
-            continue
-        paths[-1] = None  # nothing to decode for this row
+        problems.append(problem)
     cache = cache or {}
     if cache.get("enabled", True):
         cache = cached_images(
@@ -300,7 +306,7 @@ def manifest(
     cache_workers: int | None = None,
     class_names: list[str] | None = None,
     num_classes: int | None = None,
-    verify_cache: bool = False,
+    full_check: bool = False,
 ) -> dict[str, SplitData]:
     """Image-text pairs from CSV or JSONL manifests (`train`, `val`, optional `test`).
 
@@ -309,7 +315,7 @@ def manifest(
     may be left out (`mmtrain predict` reads one manifest as `val`). Decoded images are
     cached in `cache_dir` (default: `.mmtrain_cache/` beside each manifest) by
     `cache_workers` processes (null: one per CPU, at most 8), or decoded by the loader every
-    epoch with `cache=False`; `verify_cache` (`mmtrain validate`) checks every cached pixel.
+    epoch with `cache=False`; `full_check` (`mmtrain validate`) checks every cached pixel.
     """
     if on_bad_sample not in ("error", "skip"):
         raise UserError(
@@ -375,7 +381,7 @@ def manifest(
             folder,
             max_image_pixels,
             bool(negative_column),
-            cache_options(cache, cache_workers, verify_cache),
+            cache_options(cache, cache_workers, full_check),
         )
         if splits[split].bad_rows:
             log.info(
