@@ -196,6 +196,9 @@ class Parts:
     # Applied on the training device to each training batch: (batch, key) -> batch with
     # key = (step, micro-batch, rank); deterministic in (seed, key).
     augment: aug.ImageAugment
+    # random_resized_crop's options when the training images are whole pictures (a cache):
+    # the loader cuts the box from the whole picture instead of the device from the centre.
+    load_crop: dict[str, Any] | None = None
 
     @property
     def bad_samples(self) -> dict[str, Any]:
@@ -252,6 +255,12 @@ def build_parts(
         save_class_names(class_names, run_dir)
     length = text_length(loader.max_text_length, spec)
     augment = aug.parse(loader.augment)
+    load_crop = None
+    if splits["train"].aspects is not None:
+        for entry in [e for e in augment[aug.IMAGE] if e[0] == "random_resized_crop"]:
+            augment[aug.IMAGE].remove(entry)
+            load_crop = entry[2]
+            log.info("random_resized_crop: cut at load time from the whole cached pictures")
     for kind, entries in augment.items():
         if entries:
             log.info("training %s: %s", kind.replace("_", " "), ", ".join(e[0] for e in entries))
@@ -275,6 +284,7 @@ def build_parts(
         collate=Collate(tokenizer, length),
         train_collate=Collate(tokenizer, length, text_augment, negatives),
         augment=aug.ImageAugment(augment[aug.IMAGE], seed),
+        load_crop=load_crop,
     )
 
 
@@ -291,6 +301,7 @@ def data_loader(parts: Parts, split: str, *, train: bool, pin_memory: bool) -> D
         pin_memory=pin_memory,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
+        crop=parts.load_crop if train else None,
     )
 
 

@@ -8,7 +8,7 @@ component is built, not here, so listing and checking stay fast.
 """
 
 from mmtrain import optim
-from mmtrain.data import augment, manifest, negatives, shapes, shards
+from mmtrain.data import augment, hf, manifest, negatives, shapes, shards
 from mmtrain.models import classifier, contrastive, fusion
 
-MODULES = (optim, augment, manifest, negatives, shapes, shards, classifier, contrastive, fusion)
+MODULES = (optim, augment, hf, manifest, negatives, shapes, shards, classifier, contrastive, fusion)

@@ -24,6 +24,7 @@ from mmtrain.errors import UserError
 
 
 def _load(train, val, workers=0, **options):
+    options = {"cache_scale": 1.0, **options}
     return manifest(image_size=16, train=str(train), val=str(val), cache_workers=workers, **options)
 
 

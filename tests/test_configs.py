@@ -39,6 +39,12 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
             write_shards([str(manifest), str(tmp_path / split), "shard_size=6"])
         shards = [f"data.{s}='{tmp_path / s}/{{00000..00000}}.tar'" for s in ("train", "val")]
         overrides = [f"{group}={option}", *shards, "data.batch_size=4", *MODEL_TINY]
+    if (group, option) == ("data", "hf"):
+        from test_hf import write_parquet
+
+        folder = write_parquet(tmp_path / "pq", train=12, val=6)
+        cache = f"data.cache_dir={tmp_path / 'cache'}"
+        overrides = [f"{group}={option}", f"data.path={folder}", cache, *MODEL_TINY]
     cfg = _compose(overrides)
     check(cfg)
     parts = build_parts(cfg, tmp_path)

@@ -2,9 +2,13 @@
 
 The cache of one manifest at one resolution is a pair of files in the cache folder:
 
-    KEY.npy    uint8 [N, 3, S, S], one image per manifest row (zeros where it failed)
-    KEY.json   the index: shape, byte size, per row the crc32 of its pixels and null or the
-               [reason, detail] of its image problem; the source
+    KEY.npy    uint8 [N, 3, L, L], one whole image per manifest row, squeezed into a square
+               of L = the model's size x data.cache_scale (zeros where it failed)
+    KEY.json   the index: shape, byte size, per row the crc32 of its pixels, its picture's
+               width/height and null or the [reason, detail] of its image problem
+
+The loader cuts the model's input from each whole image at load time (`geometry`): the
+processor's centre square, or training's random_resized_crop box anywhere in the picture.
 
 KEY hashes the manifest's bytes, each image's resolved path, size and mtime, the resolution
 and the decoding settings: change any of them and the next run builds a new cache. Both
@@ -45,8 +49,9 @@ import torch
 from mmtrain.data.images import (
     ImageProblem,
     decode_chunks,
-    image_header_problem,
-    load_image,
+    image_header,
+    load_whole,
+    source_file,
 )
 from mmtrain.errors import UserError
 
@@ -56,7 +61,7 @@ except ImportError:  # Windows: no lock; the atomic renames still keep the cache
     fcntl = None
 
 log = logging.getLogger("mmtrain")
-FORMAT = 2  # bump when the decoding or the index changes, so old caches are not reused
+FORMAT = 3  # bump when the decoding or the index changes, so old caches are not reused
 _CHUNK = 64  # rows per task of a worker process
 _TEMP = ".tmp"  # temporary files are named .KEY.PID.tmp.npy / .json
 
@@ -69,6 +74,7 @@ class CachedImages:
     problems: list[tuple[str, str] | None]
     path: Path
     built: bool  # True when this call decoded the images, False when it reused a cache
+    aspects: torch.Tensor | None = None  # per row, its picture's width / height
 
 
 class Damaged(Exception):
@@ -82,6 +88,9 @@ def cache_key(
     digest = hashlib.sha256(f"mmtrain-cache-{FORMAT}:{size}:{max_pixels}:".encode())
     digest.update(hashlib.sha256(manifest_bytes).digest())
     for path in paths:
+        if isinstance(path, bytes):  # an image's encoded bytes (a dataset's): its content
+            digest.update(b"\n" + hashlib.sha256(path).digest())
+            continue
         try:
             stat = os.stat(path) if path is not None else None
         except OSError:
@@ -109,8 +118,11 @@ def _open(data: Path, meta: Path, size: int, verify: bool) -> CachedImages:
     try:
         record = json.loads(meta.read_text())
         rows, problems, crcs = record["rows"], record["problems"], record["crc32"]
+        aspects = torch.tensor(record["aspect"], dtype=torch.float64)
         shape = tuple(record["shape"])
-        if not (len(problems) == len(crcs) == rows and shape == (rows, 3, size, size)):
+        if not (
+            len(problems) == len(crcs) == len(aspects) == rows and shape == (rows, 3, size, size)
+        ):
             raise ValueError("its lists and shape disagree")
         problems = [tuple(p) if p else None for p in problems]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -130,7 +142,7 @@ def _open(data: Path, meta: Path, size: int, verify: bool) -> CachedImages:
         if wrong:
             shown = ", ".join(map(str, wrong[:10])) + (" ..." if len(wrong) > 10 else "")
             raise Damaged(f"the pixels of {len(wrong)} row(s) fail their checksum ({shown})")
-    return CachedImages(torch.from_numpy(array), problems, data, built=False)
+    return CachedImages(torch.from_numpy(array), problems, data, built=False, aspects=aspects)
 
 
 def _reuse(data: Path, meta: Path, size: int, verify: bool) -> CachedImages | None:
@@ -222,10 +234,10 @@ def _progress(total: int) -> tuple[object, object]:
 
 def _decode_into(
     array_path: Path, paths: Sequence[Path | None], size: int, max_pixels: int, workers: int
-) -> tuple[list[tuple[str, str] | None], list[int]]:
-    """Decode every path into the array file; (problems, crc32s) per row. `workers` > 0:
-    that many worker processes; 0: threads of this process."""
-    names = [str(p) if p is not None else None for p in paths]
+) -> tuple[list[tuple[str, str] | None], list[int], list[float]]:
+    """Decode every path whole into the array file; (problems, crc32s, aspects) per row.
+    `workers` > 0: that many worker processes; 0: threads of this process."""
+    names = [p if p is None or isinstance(p, bytes) else str(p) for p in paths]
     chunks = [(first, names[first : first + _CHUNK]) for first in range(0, len(names), _CHUNK)]
     results: list[list[tuple[tuple[str, str] | None, int]]] = []
     bar, task = _progress(len(paths))
@@ -241,14 +253,14 @@ def _decode_into(
         else:
             array = np.load(array_path, mmap_mode="r+")
 
-            def one(row: int) -> tuple[tuple[str, str] | None, int]:
-                problem = None
+            def one(row: int) -> tuple[tuple[str, str] | None, int, float]:
+                problem, aspect = None, 1.0
                 if paths[row] is not None:
                     try:
-                        array[row] = load_image(paths[row], size, max_pixels)
+                        array[row], aspect = load_whole(source_file(paths[row]), size, max_pixels)
                     except ImageProblem as error:
                         problem = (error.reason, error.detail)
-                return problem, zlib.crc32(array[row])
+                return problem, zlib.crc32(array[row]), aspect
 
             # PIL releases the GIL while it decodes and resizes: threads decode in parallel.
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -260,7 +272,7 @@ def _decode_into(
             array.flush()
             del array
     flat = [item for chunk in results for item in chunk]
-    return [p for p, _ in flat], [c for _, c in flat]
+    return [p for p, _, _ in flat], [c for _, c, _ in flat], [a for _, _, a in flat]
 
 
 def _in_processes(
@@ -283,7 +295,7 @@ def _in_processes(
             mine = chunks[worker::workers]
             process = context.Process(
                 target=decode_chunks,
-                args=(writer, str(array_path), mine, size, max_pixels),
+                args=(writer, str(array_path), mine, max_pixels),
                 daemon=True,
             )
             process.start()
@@ -337,13 +349,17 @@ def cached_images(
     cache_dir: Path,
     size: int,
     max_pixels: int,
-    workers: int = 0,
+    workers: int | None = 0,
     verify: bool = False,
+    scale: float = 1.0,
 ) -> CachedImages:
     """The decoded images of `paths` (None: a row without an image, left as zeros), from
     the cache in `cache_dir` when it is up to date and whole, else decoded now by `workers`
-    processes (0: threads of this process) and cached. `verify` checks every row's
-    checksum of a cache that is reused."""
+    processes (0: threads of this process; None: chosen by the number of images) and cached. `verify` checks every row's
+    checksum of a cache that is reused. Images are kept whole at `size` x `scale`."""
+    size = max(size, round(size * scale))
+    if workers is None:  # automatic: processes pay off beyond a few hundred images
+        workers = 0 if len(paths) < 256 else min(8, os.cpu_count() or 1)
     key = cache_key(manifest_bytes, paths, size, max_pixels)
     data, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     found = _reuse(data, meta, size, verify)
@@ -378,7 +394,7 @@ def cached_images(
                 array = np.lib.format.open_memmap(temp_data, mode="w+", dtype=np.uint8, shape=shape)
                 array.flush()
                 del array
-                problems, crcs = _decode_into(temp_data, paths, size, max_pixels, workers)
+                problems, crcs, aspects = _decode_into(temp_data, paths, size, max_pixels, workers)
                 record = {
                     "format": FORMAT,
                     "rows": len(paths),
@@ -388,7 +404,8 @@ def cached_images(
                     "max_image_pixels": max_pixels,
                     "problems": problems,
                     "crc32": crcs,
-                    "first_image": str(next((p for p in paths if p is not None), "")),
+                    "aspect": aspects,
+                    "first_image": str(next((p for p in paths if isinstance(p, Path)), "")),
                 }
                 temp_meta.write_text(json.dumps(record))
                 for temp in (temp_data, temp_meta):
@@ -414,8 +431,14 @@ def cached_images(
     return cached
 
 
-def cache_options(cache: bool, workers: int | None, verify: bool) -> dict[str, Any]:
-    """`data.cache` and `data.cache_workers`, checked, as the options `cached_images` takes."""
+def cache_options(cache: bool, workers: int | None, scale: float, verify: bool) -> dict[str, Any]:
+    """`data.cache`, `data.cache_workers` and `data.cache_scale`, checked, as the options
+    `cached_images` takes."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 1 <= scale <= 4:
+        raise UserError(
+            f"data.cache_scale must be a number from 1 to 4 (got {scale!r}): the cached image's "
+            "side as a multiple of the model's input size."
+        )
     if not isinstance(cache, bool):
         raise UserError(f"data.cache must be true or false (got {cache!r}).")
     if workers is not None and (
@@ -425,9 +448,7 @@ def cache_options(cache: bool, workers: int | None, verify: bool) -> dict[str, A
             f"data.cache_workers must be an integer >= 0 or null (got {workers!r}); 0 decodes "
             "with threads of the training process, null uses one process per CPU (at most 8)."
         )
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
-    return {"enabled": cache, "workers": workers, "verify": verify}
+    return {"enabled": cache, "workers": workers, "verify": verify, "scale": float(scale)}
 
 
 class DecodedOnRead:
@@ -436,6 +457,7 @@ class DecodedOnRead:
 
     def __init__(self, paths: Sequence[Path | None], size: int, max_pixels: int):
         self.paths, self.size, self.max_pixels = list(paths), size, max_pixels
+        self.shape = (len(self.paths), 3, size, size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -446,7 +468,7 @@ class DecodedOnRead:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
         try:
             return torch.from_numpy(
-                np.ascontiguousarray(load_image(path, self.size, self.max_pixels))
+                np.ascontiguousarray(load_whole(source_file(path), self.size, self.max_pixels)[0])
             )
         except ImageProblem as problem:
             raise UserError(
@@ -455,13 +477,19 @@ class DecodedOnRead:
             ) from None
 
 
-def decoded_on_read(paths: Sequence[Path | None], size: int, max_pixels: int) -> CachedImages:
-    """`paths` decoded when read, with only their headers checked now (cheap: no pixels)."""
+def decoded_on_read(
+    paths: Sequence[Path | None], size: int, max_pixels: int, scale: float = 1.0
+) -> CachedImages:
+    """`paths` decoded (whole, at `size` x `scale`) when read, with only their headers
+    checked now (cheap: no pixels)."""
 
-    def header(path: Path | None) -> tuple[str, str] | None:
-        return None if path is None else image_header_problem(path, max_pixels)
+    def header(path: Path | None) -> tuple[tuple[str, str] | None, float]:
+        return (None, 1.0) if path is None else image_header(path, max_pixels)
 
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        problems = list(pool.map(header, paths))
+        found = list(pool.map(header, paths))
     log.info("data.cache=false: %d images are decoded by the loader every epoch", len(paths))
-    return CachedImages(DecodedOnRead(paths, size, max_pixels), problems, Path(), built=False)  # type: ignore[arg-type]
+    images = DecodedOnRead(paths, max(size, round(size * scale)), max_pixels)
+    aspects = torch.tensor([aspect for _, aspect in found], dtype=torch.float64)
+    problems = [problem for problem, _ in found]
+    return CachedImages(images, problems, Path(), built=False, aspects=aspects)  # type: ignore[arg-type]

@@ -263,10 +263,10 @@ def _load_split(
     if cache.get("enabled", True):
         cache = cached_images(
             paths, manifest_bytes, cache_dir, image_size, max_image_pixels,
-            cache.get("workers", 0), cache.get("verify", False),
+            cache.get("workers", 0), cache.get("verify", False), cache.get("scale", 1.0),
         )  # fmt: skip
     else:
-        cache = decoded_on_read(paths, image_size, max_image_pixels)
+        cache = decoded_on_read(paths, image_size, max_image_pixels, cache.get("scale", 1.0))
     bad: list[BadRow] = []
     good: list[int] = []
     for position, (row, problem) in enumerate(zip(rows, problems, strict=True)):
@@ -284,6 +284,8 @@ def _load_split(
         class_names=checker.class_names,
         index=index,
         bad_rows=bad,
+        aspects=cache.aspects,
+        image_size=image_size,
     )
 
 
@@ -304,6 +306,7 @@ def manifest(
     on_bad_sample: str = "error",
     cache: bool = True,
     cache_workers: int | None = None,
+    cache_scale: float = 1.143,
     class_names: list[str] | None = None,
     num_classes: int | None = None,
     full_check: bool = False,
@@ -314,7 +317,8 @@ def manifest(
     the label mapping instead of deriving it from the training labels; with it, `train`
     may be left out (`mmtrain predict` reads one manifest as `val`). Decoded images are
     cached in `cache_dir` (default: `.mmtrain_cache/` beside each manifest) by
-    `cache_workers` processes (null: one per CPU, at most 8), or decoded by the loader every
+    `cache_workers` processes (null: one per CPU, at most 8, or threads for < 256 images), whole at `cache_scale` x the
+    model's size (the loader cuts the model's input), or decoded by the loader every
     epoch with `cache=False`; `full_check` (`mmtrain validate`) checks every cached pixel.
     """
     if on_bad_sample not in ("error", "skip"):
@@ -381,7 +385,7 @@ def manifest(
             folder,
             max_image_pixels,
             bool(negative_column),
-            cache_options(cache, cache_workers, full_check),
+            cache_options(cache, cache_workers, cache_scale, full_check),
         )
         if splits[split].bad_rows:
             log.info(

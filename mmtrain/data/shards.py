@@ -200,6 +200,7 @@ class StreamSplit:
         self.class_names = checker.class_names
         self._texts = texts
         self.negatives = None
+        self.aspects = None  # images are decoded to the model's input as they stream
         self.found_bad: list[BadRow] = []  # filled by `check_all` (mmtrain validate)
         # Bad samples met while streaming, per reason: shared with the loader workers.
         self.counts = multiprocessing.get_context("fork").Array("q", len(REASONS))

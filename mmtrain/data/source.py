@@ -43,6 +43,10 @@ class SplitData:
     index: torch.Tensor | None = None
     bad_rows: list[BadRow] = field(default_factory=list)
     negatives: list[list[str]] | None = None  # per row, from a manifest's negative column
+    # Set when `images` holds whole pictures (a cache): per stored image its width/height,
+    # and the model's input size the loader cuts them to (`mmtrain.data.geometry`).
+    aspects: torch.Tensor | None = None
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.paired is None:
@@ -52,8 +56,14 @@ class SplitData:
         return len(self.texts)
 
     def image(self, row: int) -> torch.Tensor:
-        """The uint8 [3, H, W] image of row `row`."""
+        """The uint8 [3, H, W] image of row `row` as stored."""
         return self.images[row if self.index is None else int(self.index[row])]
+
+    def aspect(self, row: int) -> float:
+        """Width / height of row `row`'s picture (1 when images are stored as cut)."""
+        if self.aspects is None:
+            return 1.0
+        return float(self.aspects[row if self.index is None else int(self.index[row])])
 
 
 def save_class_names(class_names: list[str], run_dir: Path) -> Path:
