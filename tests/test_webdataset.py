@@ -106,6 +106,12 @@ def test_samples_per_epoch_and_too_many_readers(tmp_path):
     assert len(loader) == 8 and len({i for b in _epoch(loader, 0) for i in b}) == 40
     with pytest.raises(UserError, match="8 shard\\(s\\) for 16 readers"):
         _loader(train, workers=8, world=2)
+    # Evaluation reads every sample once, also with more readers than shards.
+    collate = Collate(build_word_tokenizer(["sample 1"]), 16)
+    val = webdataset(image_size=16, train=str(tmp_path / "train" / "00000.tar"),
+                     val=str(tmp_path / "train" / "00001.tar"))["val"]  # fmt: skip
+    loader = make_loader(val, collate, batch_size=4, num_workers=3, shuffle=False, seed=0)
+    assert sorted(i for batch in loader for i in batch["index"].tolist()) == list(range(10))
 
 
 def test_labels_from_json_names_classes_file_or_num_classes(tmp_path, caplog):

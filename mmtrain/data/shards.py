@@ -365,7 +365,7 @@ class StreamLoader:
         readers = stream.world_size * max(1, num_workers)
         self.workers = max(1, num_workers)
         split = stream.split
-        if len(split.shards) < readers:
+        if stream.train and len(split.shards) < readers:  # evaluation: idle readers are fine
             raise UserError(
                 f"The {split.split} split has {len(split.shards)} shard(s) for {readers} readers "
                 f"(ranks x data.num_workers); each reader needs its own shards. Set "
