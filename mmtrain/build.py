@@ -49,8 +49,8 @@ log = logging.getLogger("mmtrain")
 AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
 # Facts a data source may need that are not its config keys: the backbone's image size, a
 # finished run's label names (labels.json), the model's number of classes. A source gets
-# those its factory has a parameter for.
-SOURCE_RUNTIME = ("image_size", "class_names", "num_classes")
+# those its factory has a parameter for; `mmtrain validate` also asks it to verify its cache.
+SOURCE_RUNTIME = ("image_size", "class_names", "num_classes", "full_check")
 MODEL_RUNTIME = ("tokenizer", "spec")
 ZEROSHOT_RUNTIME = ("classes", "tokenizer", "max_length")
 
@@ -188,15 +188,19 @@ def model_spec(cfg: DictConfig) -> BackboneSpec:
 
 
 def build_data(
-    cfg: DictConfig, spec: BackboneSpec, class_names: list[str] | None = None
+    cfg: DictConfig,
+    spec: BackboneSpec,
+    class_names: list[str] | None = None,
+    full_check: bool = False,
 ) -> dict[str, SplitData]:
     """The data source's splits at the backbone's image size; `class_names` (a run's
-    labels.json) fixes the label mapping."""
+    labels.json) fixes the label mapping; `full_check` (validate) checks every cached pixel or decoded sample."""
     log.info("building data %s at %d px", cfg.data.name, spec.image_size)
     available = {
         "image_size": spec.image_size,
         "class_names": class_names,
         "num_classes": cfg.model.get("num_classes"),
+        "full_check": full_check,
     }
     runtime = registry.accepted("data", cfg.data.name, available)
     splits = registry.build("data", source_options(cfg), **runtime)
@@ -254,9 +258,16 @@ class Parts:
     # Applied on the training device to each training batch: (batch, key) -> batch with
     # key = (step, micro-batch, rank); deterministic in (seed, key).
     augment: aug.ImageAugment
-    # Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason: N}}.
-    bad_samples: dict[str, Any]
     zeroshot: ZeroShotTask | None = None  # zero-shot classification of the val split
+    # random_resized_crop's options when the training images are whole pictures (a cache):
+    # the loader cuts the box from the whole picture instead of the device from the centre.
+    load_crop: dict[str, Any] | None = None
+
+    @property
+    def bad_samples(self) -> dict[str, Any]:
+        """Rows dropped under data.on_bad_sample=skip: {"skipped": N, "by_reason": {reason:
+        N}}; asked at the end, as streamed splits count theirs while training."""
+        return bad_sample_counts(self.splits)
 
 
 def build_parts(
@@ -307,6 +318,12 @@ def build_parts(
         save_class_names(class_names, run_dir)
     length = text_length(loader.max_text_length, spec)
     augment = aug.parse(loader.augment)
+    load_crop = None
+    if splits["train"].aspects is not None:
+        for entry in [e for e in augment[aug.IMAGE] if e[0] == "random_resized_crop"]:
+            augment[aug.IMAGE].remove(entry)
+            load_crop = entry[2]
+            log.info("random_resized_crop: cut at load time from the whole cached pictures")
     for kind, entries in augment.items():
         if entries:
             log.info("training %s: %s", kind.replace("_", " "), ", ".join(e[0] for e in entries))
@@ -332,8 +349,8 @@ def build_parts(
             tokenizer, length, text_augment, negatives, pad_to_max_length=spec.pad_to_max_length
         ),
         augment=aug.ImageAugment(augment[aug.IMAGE], seed),
-        bad_samples=bad_sample_counts(splits),
         zeroshot=build_zeroshot(cfg, splits["val"], tokenizer, length, model),
+        load_crop=load_crop,
     )
 
 
@@ -350,6 +367,7 @@ def data_loader(parts: Parts, split: str, *, train: bool, pin_memory: bool) -> D
         pin_memory=pin_memory,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
+        crop=parts.load_crop if train else None,
     )
 
 

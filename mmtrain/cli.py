@@ -32,6 +32,7 @@ Usage:
   mmtrain validate [KEY=VALUE ...]     check the config and every data row; trains nothing
   mmtrain list [GROUP]                 registered components and config options
   mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric
+  mmtrain shards MANIFEST OUT_DIR [shard_size=N ...]   webdataset tar shards from a manifest
 
 Examples:
   mmtrain train                                     the built-in default (synthetic shapes, CPU)
@@ -40,7 +41,7 @@ Examples:
   mmtrain validate data=manifest data.train=train.csv data.val=val.csv
   mmtrain train --config-dir ./conf experiment=mine   your own config groups beside mmtrain's
 """
-COMMANDS = ("train", "eval", "predict", "export", "validate", "list", "report")
+COMMANDS = ("train", "eval", "predict", "export", "validate", "list", "report", "shards")
 # `validate` writes nothing: no run directory, no log file, console logging only.
 VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=console")
 log = logging.getLogger("mmtrain")
@@ -225,6 +226,10 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
             from mmtrain.commands.report import report
 
             report(args)
+        elif command == "shards":
+            from mmtrain.commands.shards import write_shards
+
+            write_shards(args)
         elif command == "eval":
             from mmtrain.commands.evaluate import evaluate_run
 

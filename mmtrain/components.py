@@ -8,16 +8,18 @@ component is built, not here, so listing and checking stay fast.
 """
 
 from mmtrain import loggers, optim
-from mmtrain.data import augment, manifest, negatives, shapes
+from mmtrain.data import augment, hf, manifest, negatives, shapes, shards
 from mmtrain.models import classifier, contrastive, fusion, zeroshot
 
 MODULES = (
     loggers,
     optim,
     augment,
+    hf,
     manifest,
     negatives,
     shapes,
+    shards,
     classifier,
     contrastive,
     fusion,

@@ -23,18 +23,25 @@ from mmtrain.errors import UserError
 def decodes(monkeypatch):
     """Counts the images decoded (the cache's calls of load_image)."""
     calls = []
-    real = cache_module.load_image
+    real = cache_module.load_whole
 
     def counting(path, size, max_pixels):
         calls.append(path)
         return real(path, size, max_pixels)
 
-    monkeypatch.setattr(cache_module, "load_image", counting)
+    monkeypatch.setattr(cache_module, "load_whole", counting)
     return calls
 
 
-def _load(train, val, size=16, **options):
-    return manifest(image_size=size, train=str(train), val=str(val), **options)
+def _load(train, val, size=16, cache_workers=0, cache_scale=1.0, **options):
+    return manifest(
+        image_size=size,
+        train=str(train),
+        val=str(val),
+        cache_workers=cache_workers,
+        cache_scale=cache_scale,
+        **options,
+    )
 
 
 def _cache_files(folder):
@@ -83,7 +90,7 @@ def test_reused_by_another_process(tmp_path, decodes):
         "def spy(*a, **k):\n"
         "    out = real(*a, **k); built.append(out.built); return out\n"
         "m.cached_images = spy\n"
-        f"m.manifest(image_size=16, train={str(train)!r}, val={str(val)!r})\n"
+        f"m.manifest(image_size=16, train={str(train)!r}, val={str(val)!r}, cache_scale=1.0)\n"
         "print('built', built)\n"
     )
     result = subprocess.run(

@@ -33,6 +33,20 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
     if (group, option) == ("data", "manifest"):  # TINY's data keys are shapes' own
         train, val = write_learnable(tmp_path / "data", train=12, val=6)
         overrides = [f"{group}={option}", f"data.train={train}", f"data.val={val}", *MODEL_TINY]
+    if (group, option) == ("data", "webdataset"):
+        from mmtrain.commands.shards import write_shards
+
+        train, val = write_learnable(tmp_path / "data", train=12, val=6)
+        for split, manifest in (("train", train), ("val", val)):
+            write_shards([str(manifest), str(tmp_path / split), "shard_size=6"])
+        shards = [f"data.{s}='{tmp_path / s}/{{00000..00000}}.tar'" for s in ("train", "val")]
+        overrides = [f"{group}={option}", *shards, "data.batch_size=4", *MODEL_TINY]
+    if (group, option) == ("data", "hf"):
+        from test_hf import write_parquet
+
+        folder = write_parquet(tmp_path / "pq", train=12, val=6)
+        cache = f"data.cache_dir={tmp_path / 'cache'}"
+        overrides = [f"{group}={option}", f"data.path={folder}", cache, *MODEL_TINY]
     cfg = _compose(overrides)
     check(cfg)
     parts = build_parts(cfg, tmp_path)

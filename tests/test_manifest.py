@@ -60,7 +60,12 @@ def test_csv_and_jsonl_with_own_columns_and_image_root(tmp_path):
     assert train_split.class_names == ["blue", "green", "red"]  # sorted training labels
     assert train_split.texts == [r["text"] for r in rows]
     assert train_split.labels.tolist() == [["blue", "green", "red"].index(r["label"]) for r in rows]
-    assert train_split.images.dtype == torch.uint8 and train_split.images.shape == (6, 3, 16, 16)
+    assert train_split.images.dtype == torch.uint8 and train_split.images.shape == (
+        6,
+        3,
+        18,
+        18,
+    )  # whole, x1.143
     for row, image in zip(rows, train_split.images, strict=True):
         assert np.abs(_mean_colour(image) - COLOURS[row["label"]]).max() < 20
     assert splits["val"].texts == [r["text"] for r in rows[:3]]
@@ -126,7 +131,7 @@ def test_skip_drops_bad_rows_counts_them_and_changes_no_row(tmp_path, caplog):
     assert train.labels.tolist() == [2, 0, 1, 2, 0, 1]  # blue=0, green=1, red=2
     assert splits["val"].texts == ["a red one", "fine", "fine too"]
     images = torch.stack([train.image(i) for i in range(len(train))])
-    assert images.shape == (6, 3, 16, 16)
+    assert images.shape == (6, 3, 18, 18)  # whole pictures at 16 x data.cache_scale
     grey = images[2]
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])  # grey stays grey
     assert _mean_colour(images[3])[0] > 150  # the CMYK red is still red
@@ -254,8 +259,9 @@ def test_text_length_beyond_the_backbone_is_capped_with_a_warning(tmp_path, capl
         "data.max_text_length=500 exceeds the backbone's 16 text positions; using 16" in caplog.text
     )
     assert parts.collate.max_length == 16
-    assert parts.splits["train"].images.shape[-2:] == (32, 32)  # the backbone's size
+    assert parts.splits["train"].image_size == 32  # the backbone's size
     batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
+    assert batch["images"].shape[-2:] == (32, 32)  # cut from the whole cached pictures
     assert batch["images"].dtype == torch.uint8 and batch["input_ids"].shape[1] <= 16
 
 
@@ -359,7 +365,7 @@ def test_a_pretrained_backbone_sets_size_normalisation_and_tokenizer(tmp_path, c
     )
     with caplog.at_level(logging.WARNING, logger="mmtrain"):
         parts = build_parts(cfg, None)
-    assert parts.splits["train"].images.shape[-2:] == (40, 40)  # the processor's crop size
+    assert parts.splits["train"].image_size == 40  # the processor's crop size
     assert parts.spec.image_mean == (0.5, 0.5, 0.5) and parts.spec.image_std == (0.25,) * 3
     assert torch.allclose(parts.model.normalize.mean.flatten(), torch.full((3,), 127.5))
     assert parts.tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not rebuilt

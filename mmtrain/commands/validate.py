@@ -27,7 +27,7 @@ def validate_data(cfg: DictConfig, console: Console | None = None) -> list[BadRo
         cfg = cfg.copy()
         OmegaConf.update(cfg, "data.on_bad_sample", "skip")
     spec = model_spec(cfg)
-    splits = build_data(cfg, spec)
+    splits = build_data(cfg, spec, full_check=True)  # a damaged cache is rebuilt
     bad = [row for split in splits.values() for row in split.bad_rows]
     if console.is_terminal:
         _print_tables(console, cfg, splits, bad, spec.image_size)

@@ -2,14 +2,24 @@
 
 The cache of one manifest at one resolution is a pair of files in the cache folder:
 
-    KEY.npy    uint8 [N, 3, S, S], one image per manifest row (zeros where it failed)
-    KEY.json   per row, null or the [reason, detail] of its image problem; sizes; source
+    KEY.npy    uint8 [N, 3, L, L], one whole image per manifest row, squeezed into a square
+               of L = the model's size x data.cache_scale (zeros where it failed)
+    KEY.json   the index: shape, byte size, per row the crc32 of its pixels, its picture's
+               width/height and null or the [reason, detail] of its image problem
+
+The loader cuts the model's input from each whole image at load time (`geometry`): the
+processor's centre square, or training's random_resized_crop box anywhere in the picture.
 
 KEY hashes the manifest's bytes, each image's resolved path, size and mtime, the resolution
 and the decoding settings: change any of them and the next run builds a new cache. Both
 files are written to temporary names and renamed into place (the .json last, so its
 presence means the .npy is complete); a lock file makes concurrent sweep jobs wait for the
 one that is building instead of decoding the same images twice.
+
+The cache checks itself: opening it checks the index and the array's size, `verify=True`
+(`mmtrain validate`) also every row's checksum. A damaged cache is named in the log,
+discarded and rebuilt. SIGTERM/SIGINT during a build stop it, remove its temporary files
+and exit with 143/130; temporaries left by a killed process are removed at the next start.
 """
 
 from __future__ import annotations
@@ -17,19 +27,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
+import shutil
+import signal
 import tempfile
+import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from mmtrain.data.images import ImageProblem, load_image
+from mmtrain.data.images import (
+    ImageProblem,
+    decode_chunks,
+    image_header,
+    load_whole,
+    source_file,
+)
 from mmtrain.errors import UserError
 
 try:
@@ -38,8 +61,9 @@ except ImportError:  # Windows: no lock; the atomic renames still keep the cache
     fcntl = None
 
 log = logging.getLogger("mmtrain")
-FORMAT = 1  # bump when the decoding changes, so old caches are not reused
-_CHUNK = 1024
+FORMAT = 3  # bump when the decoding or the index changes, so old caches are not reused
+_CHUNK = 64  # rows per task of a worker process
+_TEMP = ".tmp"  # temporary files are named .KEY.PID.tmp.npy / .json
 
 
 @dataclass
@@ -50,6 +74,11 @@ class CachedImages:
     problems: list[tuple[str, str] | None]
     path: Path
     built: bool  # True when this call decoded the images, False when it reused a cache
+    aspects: torch.Tensor | None = None  # per row, its picture's width / height
+
+
+class Damaged(Exception):
+    """A cache whose files do not match their index; the message says how."""
 
 
 def cache_key(
@@ -59,6 +88,9 @@ def cache_key(
     digest = hashlib.sha256(f"mmtrain-cache-{FORMAT}:{size}:{max_pixels}:".encode())
     digest.update(hashlib.sha256(manifest_bytes).digest())
     for path in paths:
+        if isinstance(path, bytes):  # an image's encoded bytes (a dataset's): its content
+            digest.update(b"\n" + hashlib.sha256(path).digest())
+            continue
         try:
             stat = os.stat(path) if path is not None else None
         except OSError:
@@ -81,36 +113,234 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _open(data: Path, meta: Path) -> CachedImages:
-    problems = [tuple(p) if p else None for p in json.loads(meta.read_text())["problems"]]
-    # Copy-on-write: a writable view (torch wants one) that never changes the file.
-    array = np.load(data, mmap_mode="c")
-    return CachedImages(torch.from_numpy(array), problems, data, built=False)
+def _open(data: Path, meta: Path, size: int, verify: bool) -> CachedImages:
+    """The cache in `data`/`meta`; raises Damaged when its files disagree with the index."""
+    try:
+        record = json.loads(meta.read_text())
+        rows, problems, crcs = record["rows"], record["problems"], record["crc32"]
+        aspects = torch.tensor(record["aspect"], dtype=torch.float64)
+        shape = tuple(record["shape"])
+        if not (
+            len(problems) == len(crcs) == len(aspects) == rows and shape == (rows, 3, size, size)
+        ):
+            raise ValueError("its lists and shape disagree")
+        problems = [tuple(p) if p else None for p in problems]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise Damaged(f"its index {meta.name} is unreadable ({error})") from None
+    actual, expected = data.stat().st_size, record["bytes"]
+    if actual != expected:
+        raise Damaged(f"{data.name} is {actual:,} bytes, its index says {expected:,}")
+    try:
+        # Copy-on-write: a writable view (torch wants one) that never changes the file.
+        array = np.load(data, mmap_mode="c")
+    except (OSError, ValueError) as error:
+        raise Damaged(f"{data.name} is not a readable array ({error})") from None
+    if array.shape != shape or array.dtype != np.uint8:
+        raise Damaged(f"{data.name} holds {array.dtype} {array.shape}, not uint8 {shape}")
+    if verify:
+        wrong = [row for row in range(rows) if zlib.crc32(array[row]) != crcs[row]]
+        if wrong:
+            shown = ", ".join(map(str, wrong[:10])) + (" ..." if len(wrong) > 10 else "")
+            raise Damaged(f"the pixels of {len(wrong)} row(s) fail their checksum ({shown})")
+    return CachedImages(torch.from_numpy(array), problems, data, built=False, aspects=aspects)
+
+
+def _reuse(data: Path, meta: Path, size: int, verify: bool) -> CachedImages | None:
+    """The cache if it is there and whole; None (after discarding it) when it is damaged."""
+    if not (meta.is_file() and data.is_file()):
+        return None
+    try:
+        return _open(data, meta, size, verify)
+    except Damaged as damage:
+        log.warning("the image cache %s is damaged: %s; discarding and rebuilding it", data, damage)
+        for path in (meta, data):  # the index first: without it the array is never trusted
+            path.unlink(missing_ok=True)
+        return None
+
+
+def remove_stale_temporaries(cache_dir: Path) -> None:
+    """Remove temporary files of builds whose process is gone (killed with SIGKILL, or a
+    machine that went down); a live build's files are left alone."""
+    for path in cache_dir.glob(f".*{_TEMP}.*"):
+        pid = path.name.split(".")[2] if path.name.count(".") >= 4 else ""
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        size = path.stat().st_size if path.exists() else 0
+        path.unlink(missing_ok=True)
+        log.info("removed %s (%s bytes), left by a cache build that was killed", path, f"{size:,}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived during a cache build."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM/SIGINT into `Interrupted` while a build runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress(total: int) -> tuple[object, object]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]caching images"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.0f} images/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),  # standard output is a command's result (validate)
+        disable=not log.isEnabledFor(logging.INFO),
+        transient=False,
+    )
+    return bar, bar.add_task("cache", total=total, rate=0.0)
 
 
 def _decode_into(
-    out: np.ndarray, paths: Sequence[Path | None], size: int, max_pixels: int, threads: int
-) -> list[tuple[str, str] | None]:
-    def one(row: int) -> tuple[str, str] | None:
-        if paths[row] is None:
-            return None
-        try:
-            out[row] = load_image(paths[row], size, max_pixels)
-        except ImageProblem as problem:
-            return problem.reason, problem.detail
-        return None
+    array_path: Path, paths: Sequence[Path | None], size: int, max_pixels: int, workers: int
+) -> tuple[list[tuple[str, str] | None], list[int], list[float]]:
+    """Decode every path whole into the array file; (problems, crc32s, aspects) per row.
+    `workers` > 0: that many worker processes; 0: threads of this process."""
+    names = [p if p is None or isinstance(p, bytes) else str(p) for p in paths]
+    chunks = [(first, names[first : first + _CHUNK]) for first in range(0, len(names), _CHUNK)]
+    results: list[list[tuple[tuple[str, str] | None, int]]] = []
+    bar, task = _progress(len(paths))
+    started, done = time.perf_counter(), 0
+    with bar:
+        if workers > 0:
+            for chunk in _in_processes(array_path, chunks, size, max_pixels, workers):
+                results.append(chunk)
+                done += len(chunk[1])
+                bar.update(task, completed=done, rate=done / (time.perf_counter() - started))
+            results.sort(key=lambda chunk: chunk[0])
+            results = [chunk[1] for chunk in results]
+        else:
+            array = np.load(array_path, mmap_mode="r+")
 
-    problems: list[tuple[str, str] | None] = []
-    started, reported = time.perf_counter(), time.perf_counter()
-    # PIL releases the GIL while it decodes and resizes, so threads decode in parallel.
-    with ThreadPoolExecutor(threads) as pool:
-        for first in range(0, len(paths), _CHUNK):
-            problems += pool.map(one, range(first, min(first + _CHUNK, len(paths))))
-            if time.perf_counter() - reported > 10:
-                reported = time.perf_counter()
-                rate = len(problems) / (reported - started)
-                log.info("  decoded %d/%d images (%.0f/s)", len(problems), len(paths), rate)
-    return problems
+            def one(row: int) -> tuple[tuple[str, str] | None, int, float]:
+                problem, aspect = None, 1.0
+                if paths[row] is not None:
+                    try:
+                        array[row], aspect = load_whole(source_file(paths[row]), size, max_pixels)
+                    except ImageProblem as error:
+                        problem = (error.reason, error.detail)
+                return problem, zlib.crc32(array[row]), aspect
+
+            # PIL releases the GIL while it decodes and resizes: threads decode in parallel.
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                for first, chunk in chunks:
+                    results.append(list(pool.map(one, range(first, first + len(chunk)))))
+                    done += len(chunk)
+                    rate = done / (time.perf_counter() - started)
+                    bar.update(task, completed=done, rate=rate)
+            array.flush()
+            del array
+    flat = [item for chunk in results for item in chunk]
+    return [p for p, _, _ in flat], [c for _, c, _ in flat], [a for _, _, a in flat]
+
+
+def _in_processes(
+    array_path: Path,
+    chunks: list[tuple[int, list[str | None]]],
+    size: int,
+    max_pixels: int,
+    workers: int,
+) -> Iterator[tuple[int, list[tuple[tuple[str, str] | None, int]]]]:
+    """(first row, per row (problem, crc32)) of each chunk, decoded by `workers` processes
+    that each take every workers-th chunk. On any exit (an interrupt too) every worker is
+    killed and reaped before this returns, so no process outlives the build."""
+    # spawn: a fresh interpreter that imports only PIL and numpy (no torch, no threads to
+    # copy), so workers start fast and safely.
+    context = multiprocessing.get_context("spawn")
+    processes, pipes = [], []
+    try:
+        for worker in range(min(workers, len(chunks))):
+            reader, writer = context.Pipe(duplex=False)
+            mine = chunks[worker::workers]
+            process = context.Process(
+                target=decode_chunks,
+                args=(writer, str(array_path), mine, max_pixels),
+                daemon=True,
+            )
+            process.start()
+            writer.close()
+            processes.append(process)
+            pipes.append(reader)
+        waiting = dict(zip(pipes, processes, strict=True))
+        received = 0
+        while received < len(chunks):
+            for ready in multiprocessing.connection.wait(list(waiting)):
+                try:
+                    yield ready.recv()
+                    received += 1
+                except EOFError:  # the worker ended; fine only if it sent all its chunks
+                    process = waiting.pop(ready)
+                    process.join()
+                    if process.exitcode != 0:
+                        raise RuntimeError(
+                            f"a cache worker process died (exit code {process.exitcode}); "
+                            "out of memory? Lower data.cache_workers."
+                        ) from None
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join()
+
+
+def _check_space(cache_dir: Path, needed: int, rows: int, size: int) -> None:
+    free = shutil.disk_usage(cache_dir).free
+    log.info(
+        "the image cache of %d rows at %d px takes %s on disk (%s free in %s)",
+        rows, size, _gb(needed), _gb(free), cache_dir,
+    )  # fmt: skip
+    if needed > free:
+        raise UserError(
+            f"The image cache needs {_gb(needed)} but {cache_dir} has {_gb(free)} free. Free "
+            "space, point data.cache_dir at a larger disk, or set data.cache=false (images "
+            "are then decoded by the loader workers every epoch)."
+        )
+
+
+def _gb(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
 def cached_images(
@@ -119,14 +349,22 @@ def cached_images(
     cache_dir: Path,
     size: int,
     max_pixels: int,
-    threads: int | None = None,
+    workers: int | None = 0,
+    verify: bool = False,
+    scale: float = 1.0,
 ) -> CachedImages:
     """The decoded images of `paths` (None: a row without an image, left as zeros), from
-    the cache in `cache_dir` when it is up to date, else decoded now and cached."""
+    the cache in `cache_dir` when it is up to date and whole, else decoded now by `workers`
+    processes (0: threads of this process; None: chosen by the number of images) and cached. `verify` checks every row's
+    checksum of a cache that is reused. Images are kept whole at `size` x `scale`."""
+    size = max(size, round(size * scale))
+    if workers is None:  # automatic: processes pay off beyond a few hundred images
+        workers = 0 if len(paths) < 256 else min(8, os.cpu_count() or 1)
     key = cache_key(manifest_bytes, paths, size, max_pixels)
     data, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if meta.is_file() and data.is_file():
-        return _open(data, meta)
+    found = _reuse(data, meta, size, verify)
+    if found is not None:
+        return found
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".probe-"):
@@ -138,45 +376,120 @@ def cached_images(
             "that reads this data)."
         ) from None
     with _locked(cache_dir / f"{key}.lock"):
-        if meta.is_file() and data.is_file():  # another job built it while we waited
-            return _open(data, meta)
+        found = _reuse(data, meta, size, verify)  # another job built it while we waited
+        if found is not None:
+            return found
+        remove_stale_temporaries(cache_dir)
+        shape = (len(paths), 3, size, size)
+        _check_space(cache_dir, int(np.prod(shape)), len(paths), size)
         log.info(
-            "decoding %d images at %d px into the cache %s (once; later runs reuse it)",
-            len(paths),
-            size,
-            data,
-        )
+            "decoding %d images at %d px into the cache %s with %s (once; later runs reuse it)",
+            len(paths), size, data, f"{workers} worker processes" if workers else "threads",
+        )  # fmt: skip
         started = time.perf_counter()
-        handle, temp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}-", suffix=".npy")
-        os.close(handle)
+        temp_data = cache_dir / f".{key}.{os.getpid()}{_TEMP}.npy"
+        temp_meta = cache_dir / f".{key}.{os.getpid()}{_TEMP}.json"
         try:
-            array = np.lib.format.open_memmap(
-                temp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size)
-            )
-            problems = _decode_into(
-                array, paths, size, max_pixels, threads or min(16, os.cpu_count() or 1)
-            )
-            array.flush()
-            del array
-            os.chmod(temp, 0o644)  # mkstemp's 0600 would hide the cache from other users
-            os.replace(temp, data)
+            with _interruptible():
+                array = np.lib.format.open_memmap(temp_data, mode="w+", dtype=np.uint8, shape=shape)
+                array.flush()
+                del array
+                problems, crcs, aspects = _decode_into(temp_data, paths, size, max_pixels, workers)
+                record = {
+                    "format": FORMAT,
+                    "rows": len(paths),
+                    "shape": list(shape),
+                    "bytes": temp_data.stat().st_size,
+                    "size": size,
+                    "max_image_pixels": max_pixels,
+                    "problems": problems,
+                    "crc32": crcs,
+                    "aspect": aspects,
+                    "first_image": str(next((p for p in paths if isinstance(p, Path)), "")),
+                }
+                temp_meta.write_text(json.dumps(record))
+                for temp in (temp_data, temp_meta):
+                    os.chmod(temp, 0o644)  # readable by the other users of a shared cache
+                os.replace(temp_data, data)
+                os.replace(temp_meta, meta)
+        except Interrupted as stop:
+            log.error(
+                "%s received while building the image cache: stopped; its temporary files are "
+                "removed. Nothing was trained.", stop,
+            )  # fmt: skip
+            raise SystemExit(128 + stop.signum) from None
         finally:
-            if os.path.exists(temp):
-                os.unlink(temp)
-        record = {
-            "format": FORMAT,
-            "rows": len(paths),
-            "size": size,
-            "max_image_pixels": max_pixels,
-            "problems": problems,
-            "first_image": str(next((p for p in paths if p is not None), "")),
-        }
-        handle, temp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}-", suffix=".json")
-        with os.fdopen(handle, "w") as out:
-            json.dump(record, out)
-        os.chmod(temp, 0o644)
-        os.replace(temp, meta)
-        log.info("  cached %d images in %.1f s", len(paths), time.perf_counter() - started)
-    cached = _open(data, meta)
+            for temp in (temp_data, temp_meta):
+                temp.unlink(missing_ok=True)
+        seconds = time.perf_counter() - started
+        log.info(
+            "  cached %d images in %.1f s (%.0f images/s)",
+            len(paths), seconds, len(paths) / max(seconds, 1e-9),
+        )  # fmt: skip
+    cached = _open(data, meta, size, verify=False)
     cached.built = True
     return cached
+
+
+def cache_options(cache: bool, workers: int | None, scale: float, verify: bool) -> dict[str, Any]:
+    """`data.cache`, `data.cache_workers` and `data.cache_scale`, checked, as the options
+    `cached_images` takes."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 1 <= scale <= 4:
+        raise UserError(
+            f"data.cache_scale must be a number from 1 to 4 (got {scale!r}): the cached image's "
+            "side as a multiple of the model's input size."
+        )
+    if not isinstance(cache, bool):
+        raise UserError(f"data.cache must be true or false (got {cache!r}).")
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 0
+    ):
+        raise UserError(
+            f"data.cache_workers must be an integer >= 0 or null (got {workers!r}); 0 decodes "
+            "with threads of the training process, null uses one process per CPU (at most 8)."
+        )
+    return {"enabled": cache, "workers": workers, "verify": verify, "scale": float(scale)}
+
+
+class DecodedOnRead:
+    """Images decoded from their files each time one is read (data.cache=false): what the
+    loader workers do every epoch instead of reading a cache."""
+
+    def __init__(self, paths: Sequence[Path | None], size: int, max_pixels: int):
+        self.paths, self.size, self.max_pixels = list(paths), size, max_pixels
+        self.shape = (len(self.paths), 3, size, size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        path = self.paths[row]
+        if path is None:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        try:
+            return torch.from_numpy(
+                np.ascontiguousarray(load_whole(source_file(path), self.size, self.max_pixels)[0])
+            )
+        except ImageProblem as problem:
+            raise UserError(
+                f"{problem.reason}: {problem.detail} (data.cache=false decodes images while "
+                "training, so this was not found before; run `mmtrain validate` to check them all)"
+            ) from None
+
+
+def decoded_on_read(
+    paths: Sequence[Path | None], size: int, max_pixels: int, scale: float = 1.0
+) -> CachedImages:
+    """`paths` decoded (whole, at `size` x `scale`) when read, with only their headers
+    checked now (cheap: no pixels)."""
+
+    def header(path: Path | None) -> tuple[tuple[str, str] | None, float]:
+        return (None, 1.0) if path is None else image_header(path, max_pixels)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        found = list(pool.map(header, paths))
+    log.info("data.cache=false: %d images are decoded by the loader every epoch", len(paths))
+    images = DecodedOnRead(paths, max(size, round(size * scale)), max_pixels)
+    aspects = torch.tensor([aspect for _, aspect in found], dtype=torch.float64)
+    problems = [problem for problem, _ in found]
+    return CachedImages(images, problems, Path(), built=False, aspects=aspects)  # type: ignore[arg-type]

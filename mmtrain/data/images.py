@@ -7,7 +7,13 @@ transparency, CMYK, an EXIF rotation), the result is uint8 RGB [3, size, size].
 
 from __future__ import annotations
 
+import io
+import signal
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -44,29 +50,119 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
-    """uint8 [3, size, size] of the file at `path`; raises ImageProblem for a bad file."""
+def load_image(path: Path | IO[bytes], size: int, max_pixels: int, name: str = "") -> np.ndarray:
+    """uint8 [3, size, size] of the file at `path` (or a file object, called `name` in
+    messages), the processor's centre crop; raises ImageProblem for a bad file."""
+    with _decoded(path, size, max_pixels, name) as image:
+        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+        return np.asarray(image).transpose(2, 0, 1)
+
+
+def load_whole(
+    path: Path | IO[bytes], side: int, max_pixels: int, name: str = ""
+) -> tuple[np.ndarray, float]:
+    """(uint8 [3, side, side], width / height): the whole picture squeezed into a square, and
+    its true shape, so that any box of it can be cut later (`mmtrain.data.geometry`)."""
+    with _decoded(path, side, max_pixels, name) as image:
+        aspect = image.width / image.height
+        image = image.resize((side, side), Image.Resampling.BICUBIC)
+        return np.asarray(image).transpose(2, 0, 1), aspect
+
+
+@contextmanager
+def _decoded(
+    path: Path | IO[bytes], size: int, max_pixels: int, name: str
+) -> Iterator[Image.Image]:
+    """The picture in the file, RGB and upright; ImageProblem for a file that cannot be used."""
+    name = name or str(path)
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageProblem(
                     "image too large",
-                    f"{path} is {width}x{height} = {width * height:,} pixels, over "
+                    f"{name} is {width}x{height} = {width * height:,} pixels, over "
                     f"data.max_image_pixels={max_pixels:,}; shrink the file or raise the limit",
                 )
             # JPEGs much larger than the model's size decode at 1/2, 1/4 or 1/8 scale (never
             # below `size`): the same picture for a fraction of the decoding time.
             image.draft(None, (size, size))
             image.load()
-            image = to_rgb(ImageOps.exif_transpose(image))
-            image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
-            return np.asarray(image).transpose(2, 0, 1)
+            rgb = to_rgb(ImageOps.exif_transpose(image))
     except ImageProblem:
         raise
     except FileNotFoundError:
-        raise ImageProblem("missing file", f"{path} does not exist") from None
+        raise ImageProblem("missing file", f"{name} does not exist") from None
     # PIL raises many types for broken files (OSError for truncated data, SyntaxError,
     # ValueError, struct.error...): every one of them means this file cannot be used.
     except Exception as error:
-        raise ImageProblem("unreadable image", f"{path}: {type(error).__name__}: {error}") from None
+        raise ImageProblem("unreadable image", f"{name}: {type(error).__name__}: {error}") from None
+    yield rgb
+
+
+def source_file(source: str | Path | bytes) -> Path | IO[bytes]:
+    """What PIL opens: a path, or an image's encoded bytes (a dataset's) as a file object."""
+    return io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+
+
+def decode_rows(
+    array_path: str, first: int, paths: list[str | bytes | None], max_pixels: int
+) -> list[tuple[tuple[str, str] | None, int, float]]:
+    """Decode `paths` whole into rows first.. of the .npy array at `array_path` (opened
+    here, so a worker process needs nothing but the path); per row, its problem, the crc32
+    of its pixels and its width/height. Runs in the cache's worker processes."""
+    array = np.load(array_path, mmap_mode="r+")
+    results = []
+    for offset, path in enumerate(paths):
+        problem, aspect = None, 1.0
+        if path is not None:
+            try:
+                array[first + offset], aspect = load_whole(
+                    source_file(path), array.shape[-1], max_pixels, _name(path, first + offset)
+                )
+            except ImageProblem as error:
+                problem = (error.reason, error.detail)
+        results.append((problem, zlib.crc32(array[first + offset]), aspect))
+    array.flush()
+    return results
+
+
+def _name(source: str | Path | bytes, row: int) -> str:
+    return f"the image of row {row}" if isinstance(source, bytes) else str(source)
+
+
+def decode_chunks(
+    pipe: Any,
+    array_path: str,
+    chunks: list[tuple[int, list[str | None]]],
+    max_pixels: int,
+) -> None:
+    """A cache worker process: decode each (first row, paths) chunk into the array and send
+    (first row, results) through `pipe`. SIGINT (Ctrl-C reaches the whole group) is left to
+    the parent, which stops the build; SIGTERM ends the worker at once, without a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for first, paths in chunks:
+        pipe.send((first, decode_rows(array_path, first, paths, max_pixels)))
+    pipe.close()
+
+
+def image_header(path: Path | bytes, max_pixels: int) -> tuple[tuple[str, str] | None, float]:
+    """(None or (reason, detail) when the file's header already shows it cannot be used,
+    the upright picture's width / height), reading no pixels."""
+    try:
+        with Image.open(source_file(path)) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF turns it by 90 degrees
+                width, height = height, width
+    except FileNotFoundError:
+        return ("missing file", f"{path} does not exist"), 1.0
+    except Exception as error:  # PIL's many types for a broken file, as in load_image
+        return ("unreadable image", f"{path}: {type(error).__name__}: {error}"), 1.0
+    if width * height > max_pixels:
+        return (
+            "image too large",
+            f"{path} is {width}x{height} = {width * height:,} pixels, over "
+            f"data.max_image_pixels={max_pixels:,}; shrink the file or raise the limit",
+        ), 1.0
+    return None, width / max(height, 1)

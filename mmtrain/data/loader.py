@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -12,7 +13,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmtrain.data import geometry
 from mmtrain.data.augment import TextAugment
+from mmtrain.data.shards import StreamSplit, stream_loader
 from mmtrain.data.source import SplitData
 
 Row = tuple[int, torch.Tensor, str, int, bool, int | None, list[str] | None]
@@ -23,10 +26,27 @@ class PairDataset(Dataset):
 
     A key is a row index, or (epoch, index) from a sampler with `tag_epoch`: the epoch is
     passed on so that text augmentation can depend on (seed, epoch, index) alone.
+    A split of whole pictures is cut to the model's size here: the centre square, or with
+    `crop` (random_resized_crop's options) a random box keyed by (seed, epoch, index).
     """
 
-    def __init__(self, split: SplitData):
-        self.split = split
+    def __init__(self, split: SplitData, crop: dict[str, Any] | None = None, seed: int = 0):
+        self.split, self.crop, self.seed = split, crop, seed
+
+    def _image(self, index: int, epoch: int | None) -> torch.Tensor:
+        split = self.split
+        image = split.image(index)
+        if split.aspects is None:
+            return image
+        aspect = split.aspect(index)
+        box = geometry.centre_square(aspect)
+        if self.crop is not None:
+            rng = random.Random(f"{self.seed}:{epoch}:{index}:random_resized_crop")
+            if rng.random() < self.crop.get("p", 0.5):
+                scale = tuple(self.crop.get("scale", (0.08, 1.0)))
+                ratio = tuple(self.crop.get("ratio", (3 / 4, 4 / 3)))
+                box = geometry.random_box(aspect, rng, scale, ratio)
+        return geometry.crop(image, box, split.image_size)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -36,7 +56,7 @@ class PairDataset(Dataset):
         split = self.split
         return (
             index,
-            split.image(index),
+            self._image(index, epoch),
             split.texts[index],
             int(split.labels[index]),
             bool(split.paired[index]),
@@ -187,20 +207,27 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    crop: dict[str, Any] | None = None,
 ) -> DataLoader:
     """A DataLoader over `split` whose order is set by an EpochSampler (see `loader.sampler`);
-    with `world_size` > 1, this rank's share of it."""
+    with `world_size` > 1, this rank's share of it. `crop`: random_resized_crop's options,
+    cut at load time from a split of whole pictures. A streamed split gets a `StreamLoader`."""
+    if isinstance(split, StreamSplit):
+        return stream_loader(
+            split, collate, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+            seed=seed, pin_memory=pin_memory, rank=rank, world_size=world_size,
+        )  # fmt: skip
     sampler = EpochSampler(
         len(split),
         shuffle=shuffle,
         seed=seed,
         rank=rank,
         world_size=world_size,
-        tag_epoch=collate.needs_epoch,
+        tag_epoch=collate.needs_epoch or crop is not None,
         pad=shuffle,
     )
     return DataLoader(
-        PairDataset(split),
+        PairDataset(split, crop, seed),
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mmtrain.data.cache import cached_images
+from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
 from mmtrain.data.source import BadRow, SplitData
 from mmtrain.errors import UserError
 from mmtrain.registry import register
@@ -226,6 +226,38 @@ class Checker:
         return None
 
 
+def check_row(checker: Checker, row: Row) -> tuple[Path | None, int | None, tuple[str, str] | None]:
+    """(image path to decode, class id, problem) of one row, from every check but the
+    image's decoding; the path is None when there is nothing to decode."""
+    label, label_problem = checker.label(row)
+    path = checker.path(row)
+    if row.image is _NOT_JSON:
+        return None, label, ("invalid row", "the line is not a JSON object")
+    if row.problem is not None:
+        return None, label, row.problem
+    if path is None:
+        return None, label, ("missing image path", "the image path is empty or missing")
+    if path.is_dir():
+        return None, label, ("not a file", f"{path} is a directory, not an image file")
+    if path.exists() and not path.is_file():
+        return (
+            None,
+            label,
+            ("not a file", f"{path} is not a regular file (a device, pipe or socket)"),
+        )
+    if not path.is_file():
+        return (
+            None,
+            label,
+            (
+                "missing file",
+                f"{path} does not exist (image paths are relative to "
+                f"data.image_root, else to the manifest's folder: {checker.root})",
+            ),
+        )
+    return path, label, checker.text(row) or label_problem
+
+
 def _bad_row_report(bad: list[BadRow]) -> str:
     counts = Counter(row.reason for row in bad)
     summary = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
@@ -248,38 +280,22 @@ def _load_split(
     cache_dir: Path,
     max_image_pixels: int,
     with_negatives: bool = False,
+    cache: dict[str, Any] | None = None,
 ) -> SplitData:
     paths, problems, labels = [], [], []
     for row in rows:
-        label, label_problem = checker.label(row)
-        paths.append(checker.path(row))
+        image, label, problem = check_row(checker, row)
+        paths.append(image)
         labels.append(label)
-        text_problem = checker.text(row)
-        if row.image is _NOT_JSON:
-            problems.append(("invalid row", "the line is not a JSON object"))
-        elif row.problem is not None:
-            problems.append(row.problem)
-        elif paths[-1] is None:
-            problems.append(("missing image path", "the image path is empty or missing"))
-        elif paths[-1].is_dir():
-            problems.append(("not a file", f"{paths[-1]} is a directory, not an image file"))
-        elif paths[-1].exists() and not paths[-1].is_file():
-            problems.append(
-                ("not a file", f"{paths[-1]} is not a regular file (a device, pipe or socket)")
-            )
-        elif not paths[-1].is_file():
-            problems.append(
-                (
-                    "missing file",
-                    f"{paths[-1]} does not exist (image paths are relative to "
-                    f"data.image_root, else to the manifest's folder: {checker.root})",
-                )
-            )
-        else:
-            problems.append(text_problem or label_problem)
-            continue
-        paths[-1] = None  # nothing to decode for this row
-    cache = cached_images(paths, manifest_bytes, cache_dir, image_size, max_image_pixels)
+        problems.append(problem)
+    cache = cache or {}
+    if cache.get("enabled", True):
+        cache = cached_images(
+            paths, manifest_bytes, cache_dir, image_size, max_image_pixels,
+            cache.get("workers", 0), cache.get("verify", False), cache.get("scale", 1.0),
+        )  # fmt: skip
+    else:
+        cache = decoded_on_read(paths, image_size, max_image_pixels, cache.get("scale", 1.0))
     bad: list[BadRow] = []
     good: list[int] = []
     for position, (row, problem) in enumerate(zip(rows, problems, strict=True)):
@@ -297,6 +313,8 @@ def _load_split(
         class_names=checker.class_names,
         index=index,
         bad_rows=bad,
+        aspects=cache.aspects,
+        image_size=image_size,
     )
 
 
@@ -315,15 +333,22 @@ def manifest(
     cache_dir: str | None = None,
     max_image_pixels: int = 100_000_000,
     on_bad_sample: str = "error",
+    cache: bool = True,
+    cache_workers: int | None = None,
+    cache_scale: float = 1.143,
     class_names: list[str] | None = None,
     num_classes: int | None = None,
+    full_check: bool = False,
 ) -> dict[str, SplitData]:
     """Image-text pairs from CSV or JSONL manifests (`train`, `val`, optional `test`).
 
     `image_size` comes from the backbone. `class_names` (from a run's labels.json) fixes
     the label mapping instead of deriving it from the training labels; with it, `train`
     may be left out (`mmtrain predict` reads one manifest as `val`). Decoded images are
-    cached in `cache_dir` (default: `.mmtrain_cache/` beside each manifest).
+    cached in `cache_dir` (default: `.mmtrain_cache/` beside each manifest) by
+    `cache_workers` processes (null: one per CPU, at most 8, or threads for < 256 images), whole at `cache_scale` x the
+    model's size (the loader cuts the model's input), or decoded by the loader every
+    epoch with `cache=False`; `full_check` (`mmtrain validate`) checks every cached pixel.
     """
     if on_bad_sample not in ("error", "skip"):
         raise UserError(
@@ -389,6 +414,7 @@ def manifest(
             folder,
             max_image_pixels,
             bool(negative_column),
+            cache_options(cache, cache_workers, cache_scale, full_check),
         )
         if splits[split].bad_rows:
             log.info(

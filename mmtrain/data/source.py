@@ -46,6 +46,10 @@ class SplitData:
     # What each row's image shows, (class ids, names), when `labels` say something else
     # (shapes' labels say whether the caption matches; its image classes are the shapes).
     image_classes: tuple[torch.Tensor, list[str]] | None = None
+    # Set when `images` holds whole pictures (a cache): per stored image its width/height,
+    # and the model's input size the loader cuts them to (`mmtrain.data.geometry`).
+    aspects: torch.Tensor | None = None
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.paired is None:
@@ -62,8 +66,14 @@ class SplitData:
         return (self.labels, self.class_names) if len(self.class_names) >= 2 else None
 
     def image(self, row: int) -> torch.Tensor:
-        """The uint8 [3, H, W] image of row `row`."""
+        """The uint8 [3, H, W] image of row `row` as stored."""
         return self.images[row if self.index is None else int(self.index[row])]
+
+    def aspect(self, row: int) -> float:
+        """Width / height of row `row`'s picture (1 when images are stored as cut)."""
+        if self.aspects is None:
+            return 1.0
+        return float(self.aspects[row if self.index is None else int(self.index[row])])
 
 
 def save_class_names(class_names: list[str], run_dir: Path) -> Path:

@@ -1,0 +1,167 @@
+"""`mmtrain shards MANIFEST OUT_DIR [KEY=VALUE ...]`: webdataset tar shards from a manifest.
+
+Every row gets the checks of `data=manifest` (the image is decoded once to prove it can be);
+bad rows stop the command with every one listed, or are left out with `on_bad_sample=skip`.
+Each sample holds the image file's own bytes (`jpg`/`png`/`webp`; other formats are
+written as PNG), its text (`txt`) and its label: a class id (`cls`), or a class name
+(`json`'s `label`, so that every split maps names to the training split's ids). Beside:
+`sizes.json` (samples per shard, so training needs no counting pass) and, for class
+names, `classes.txt` (one per line, in id order).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mmtrain.data.images import ImageProblem, load_image
+from mmtrain.data.manifest import Checker, _label_key, check_row, class_names_of, read_manifest
+from mmtrain.data.shards import CLASSES_FILE, IMAGE_KEYS, SIZES_FILE, require_webdataset
+from mmtrain.data.source import BadRow
+from mmtrain.errors import UserError
+
+log = logging.getLogger("mmtrain")
+OPTIONS = {
+    "shard_size": "10000",
+    "image_root": "",
+    "image_column": "image",
+    "text_column": "text",
+    "label_column": "label",
+    "on_bad_sample": "error",
+    "max_image_pixels": "100000000",
+}
+USAGE = (
+    "Usage: mmtrain shards MANIFEST OUT_DIR [shard_size=10000] [image_root=DIR] "
+    "[image_column=image] [text_column=text] [label_column=label|null] [on_bad_sample=error|skip]"
+)
+
+
+def _parse(args: list[str]) -> tuple[Path, Path, dict[str, str]]:
+    positional = [a for a in args if "=" not in a]
+    options = dict(OPTIONS)
+    for arg in (a for a in args if "=" in a):
+        key, value = arg.split("=", 1)
+        if key not in options:
+            raise UserError(
+                f"Unknown option {key!r} of mmtrain shards; it takes: {', '.join(OPTIONS)}. {USAGE}"
+            )
+        options[key] = value
+    if len(positional) != 2:
+        raise UserError(f"mmtrain shards needs a manifest and an output folder. {USAGE}")
+    for key in ("shard_size", "max_image_pixels"):
+        if not options[key].isdigit() or int(options[key]) < 1:
+            raise UserError(f"{key} must be a positive integer (got {options[key]!r}).")
+    if options["on_bad_sample"] not in ("error", "skip"):
+        raise UserError(
+            f"on_bad_sample={options['on_bad_sample']} is not valid; choose error or skip."
+        )
+    return Path(positional[0]).expanduser().resolve(), Path(positional[1]).expanduser(), options
+
+
+def write_shards(args: list[str]) -> Path:
+    """Check every row of the manifest and write the good ones as shards; the output folder."""
+    wds = require_webdataset()
+    manifest, out, options = _parse(args)
+    if not manifest.is_file():
+        raise UserError(f"The manifest {manifest} does not exist.")
+    label_column = None if options["label_column"] in ("null", "") else options["label_column"]
+    columns = {
+        "image": options["image_column"],
+        "text": options["text_column"],
+        "label": label_column,
+    }
+    _, rows = read_manifest(manifest, columns)
+    if not rows:
+        raise UserError(f"The manifest {manifest} has no rows.")
+    if label_column is None:
+        for row in rows:
+            row.label = 0
+    keys = [k for k in (_label_key(row.label) for row in rows) if k is not None]
+    names, integer = class_names_of(keys, None)
+    root = (
+        Path(options["image_root"]).expanduser().resolve()
+        if options["image_root"]
+        else manifest.parent
+    )
+    checker = Checker(str(manifest), root, names, integer)
+    max_pixels = int(options["max_image_pixels"])
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):
+        raise UserError(f"{out} already holds .tar files; choose an empty folder.")
+
+    bad: list[BadRow] = []
+    good = []
+    progress = Progress(
+        TextColumn("[bold]checking rows"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("check", total=len(rows))
+        for row in rows:
+            path, label, problem = check_row(checker, row)
+            if problem is None:
+                try:
+                    load_image(path, 32, max_pixels)  # decodes it once: a broken file is a bad row
+                except ImageProblem as error:
+                    problem = (error.reason, error.detail)
+            if problem is None:
+                good.append((path, row.text, label))
+            else:
+                bad.append(BadRow("rows", str(manifest), row.line, *problem))
+            progress.advance(task)
+    if bad and options["on_bad_sample"] == "error":
+        listing = "\n".join(f"  {row}" for row in bad)
+        raise UserError(
+            f"{len(bad)} bad row(s) in {manifest}:\n{listing}\nFix or remove them, or pass "
+            "on_bad_sample=skip to write the shards without them."
+        )
+    if not good:
+        raise UserError(f"No usable row in {manifest}; nothing to write.")
+
+    size = int(options["shard_size"])
+    sizes: dict[str, int] = {}
+    progress = Progress(
+        TextColumn("[bold]writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )  # fmt: skip
+    with progress, wds.ShardWriter(str(out / "%05d.tar"), maxcount=size, verbose=0) as sink:
+        task = progress.add_task("write", total=len(good))
+        for number, (path, text, label) in enumerate(good):
+            ext, data = _image_bytes(path)
+            sample = {"__key__": f"{number:09d}", ext: data, "txt": text}
+            if integer:
+                sample["cls"] = str(label)
+            else:  # the name: ids come from the training split's classes, for every split
+                sample["json"] = json.dumps({"label": names[label]})
+            sink.write(sample)
+            sizes[f"{number // size:05d}.tar"] = sizes.get(f"{number // size:05d}.tar", 0) + 1
+            progress.advance(task)
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    if not integer:
+        (out / CLASSES_FILE).write_text("".join(f"{name}\n" for name in names))
+    last = len(sizes) - 1
+    Console(stderr=True).print(
+        f"wrote {len(good)} samples in {len(sizes)} shard(s) to {out} ({len(bad)} bad row(s) left out). "
+        f"Train with: data=webdataset \"data.train='{out}/{{00000..{last:05d}}}.tar'\"",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return out
+
+
+def _image_bytes(path: Path) -> tuple[str, bytes]:
+    """(webdataset extension, bytes) of an image file: its own bytes when the extension is
+    one webdataset readers know, else the picture re-encoded as PNG."""
+    ext = path.suffix.lower().lstrip(".")
+    if ext in IMAGE_KEYS:
+        return ("jpg" if ext == "jpeg" else ext), path.read_bytes()
+    buffer = io.BytesIO()
+    with Image.open(path) as image:
+        image.save(buffer, "PNG")
+    return "png", buffer.getvalue()

@@ -1,0 +1,65 @@
+"""The cache keeps whole pictures: evaluation sees the processor's centre square, training's
+random_resized_crop reaches the whole picture, both cut at load time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from manifest_files import write_csv
+from PIL import Image
+
+from mmtrain.data.images import load_image
+from mmtrain.data.loader import PairDataset
+from mmtrain.data.manifest import manifest
+from mmtrain.errors import UserError
+
+
+def _stripes(path, width=96, height=32):
+    """A wide picture: red left third, green centre (the centre square), blue right third."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    third = width // 3
+    pixels[:, :third] = (230, 20, 20)
+    pixels[:, third : 2 * third] = (20, 230, 20)
+    pixels[:, 2 * third :] = (20, 20, 230)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _split(tmp_path, scale=1.5):
+    _stripes(tmp_path / "wide.png")
+    rows = [{"image": "wide.png", "text": "stripes", "label": 0}] * 4
+    train = write_csv(tmp_path / "train.csv", rows)
+    splits = manifest(
+        image_size=16, train=str(train), val=str(train), cache_workers=0, cache_scale=scale
+    )
+    return splits["train"]
+
+
+def test_evaluation_sees_the_processors_centre_square(tmp_path):
+    split = _split(tmp_path)
+    assert split.images.shape == (4, 3, 24, 24)  # whole pictures at 16 x 1.5
+    assert split.aspect(0) == pytest.approx(3.0)
+    image = PairDataset(split)[0][1]
+    processor = torch.from_numpy(load_image(tmp_path / "wide.png", 16, 10**8).copy())
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    assert (image.float() - processor.float()).abs().mean() < 8
+    assert image[1].float().mean() > 200 and image[0].float().mean() < 40  # green only
+
+
+def test_random_resized_crop_reaches_outside_the_centre_square(tmp_path):
+    split = _split(tmp_path)
+    crop = {"p": 1.0, "scale": [0.2, 0.3], "ratio": [0.75, 1.333]}
+    dataset = PairDataset(split, crop, seed=3)
+    means = torch.stack([dataset[(epoch, 0)][1].float().mean(dim=(1, 2)) for epoch in range(16)])
+    # Boxes anywhere in the picture: some mostly red, some mostly blue, neither of which is
+    # in the centre square, the only part a centre-cropped cache could hold.
+    assert means[:, 0].max() > 150 and means[:, 2].max() > 150
+    again = PairDataset(split, crop, seed=3)
+    assert torch.equal(dataset[(2, 1)][1], again[(2, 1)][1])  # keyed by (seed, epoch, index)
+    assert not torch.equal(dataset[(2, 1)][1], dataset[(3, 1)][1])
+
+
+def test_cache_scale_is_checked(tmp_path):
+    with pytest.raises(UserError, match="data.cache_scale must be a number from 1 to 4"):
+        _split(tmp_path, scale=0.5)

@@ -1,0 +1,210 @@
+"""data=webdataset: shards streamed with a seeded order, split across loader workers with
+no sample twice per epoch, exact mid-epoch resume, labels, bad samples; `mmtrain shards`."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from conftest import run_cli
+from manifest_files import MODEL_TINY, colour_image, write_learnable
+
+from mmtrain.data.loader import Collate, make_loader
+from mmtrain.data.shards import require_webdataset, webdataset
+from mmtrain.data.tokenizer import build_word_tokenizer
+from mmtrain.errors import UserError
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    colour_image(["red", "green", "blue"][seed % 3], seed).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_shards(folder, shards=8, per_shard=10, label="cls", broken=()):
+    """Shards of samples whose text is unique ("sample N"); `broken` sample numbers get a
+    corrupt image."""
+    wds = require_webdataset()
+    folder.mkdir(parents=True, exist_ok=True)
+    number = 0
+    for shard in range(shards):
+        with wds.TarWriter(str(folder / f"{shard:05d}.tar")) as sink:
+            for _ in range(per_shard):
+                sample = {"__key__": f"{number:06d}", "txt": f"sample {number}"}
+                sample["jpg"] = b"not a jpeg" if number in broken else _jpeg(number)
+                if label == "cls":
+                    sample["cls"] = str(number % 3)
+                elif label == "json":
+                    sample["json"] = json.dumps({"label": ["red", "green", "blue"][number % 3]})
+                sink.write(sample)
+                number += 1
+    return f"{folder}/{{00000..{shards - 1:05d}}}.tar"
+
+
+def _splits(tmp_path, **options):
+    pattern = write_shards(tmp_path / "train", **options.pop("shards", {}))
+    return webdataset(image_size=16, train=pattern, val=pattern, **options)
+
+
+def _loader(split, workers=2, batch=5, seed=0, rank=0, world=1):
+    collate = Collate(build_word_tokenizer(["sample 1"]), 16)
+    return make_loader(
+        split, collate, batch_size=batch, num_workers=workers, shuffle=True, seed=seed,
+        pin_memory=False, rank=rank, world_size=world,
+    )  # fmt: skip
+
+
+def _epoch(loader, epoch, start=0):
+    loader.sampler.set_epoch(epoch, start=start)
+    return [batch["index"].tolist() for batch in loader]
+
+
+def test_each_sample_once_per_epoch_across_workers_and_ranks(tmp_path):
+    train = _splits(tmp_path)["train"]
+    assert len(train) == 80
+    loader = _loader(train, workers=2)
+    assert len(loader) == 16
+    first, second = _epoch(loader, 0), _epoch(loader, 1)
+    assert len(first) == 16 and all(len(b) == 5 for b in first)
+    seen = [i for batch in first for i in batch]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 80  # every sample once
+    assert seen != [i for batch in second for i in batch]  # another order next epoch
+    assert _epoch(_loader(train, workers=2), 0) == first  # the same order in another run
+    # Two ranks with two workers each: four readers, disjoint, together every sample.
+    ranks = [_loader(train, workers=2, rank=r, world=2) for r in (0, 1)]
+    parts = [{i for batch in _epoch(loader, 0) for i in batch} for loader in ranks]
+    assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 80
+
+
+def test_images_and_texts_are_decoded_in_the_workers(tmp_path):
+    train = _splits(tmp_path)["train"]
+    batch = next(iter(_loader(train, workers=2)))
+    assert batch["images"].shape == (5, 3, 16, 16) and batch["images"].dtype == torch.uint8
+    # the image of sample N is its colour: red (0), green (1), blue (2) in channel order
+    for image, label in zip(batch["images"], batch["labels"], strict=True):
+        assert image.float().mean(dim=(1, 2)).argmax() == [0, 1, 2][int(label)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path, workers):
+    train = _splits(tmp_path)["train"]
+    full = _epoch(_loader(train, workers=workers), 3)
+    for stopped in (1, 5, 6):
+        resumed = _loader(train, workers=workers)
+        rest = _epoch(resumed, 3, start=stopped * 5)
+        assert len(resumed) == len(full) - stopped
+        assert rest == full[stopped:], stopped
+
+
+def test_samples_per_epoch_and_too_many_readers(tmp_path):
+    train = _splits(tmp_path, samples_per_epoch=40)["train"]
+    loader = _loader(train, workers=2)
+    assert len(loader) == 8 and len({i for b in _epoch(loader, 0) for i in b}) == 40
+    with pytest.raises(UserError, match="8 shard\\(s\\) for 16 readers"):
+        _loader(train, workers=8, world=2)
+    # Evaluation reads every sample once, also with more readers than shards.
+    collate = Collate(build_word_tokenizer(["sample 1"]), 16)
+    val = webdataset(image_size=16, train=str(tmp_path / "train" / "00000.tar"),
+                     val=str(tmp_path / "train" / "00001.tar"))["val"]  # fmt: skip
+    loader = make_loader(val, collate, batch_size=4, num_workers=3, shuffle=False, seed=0)
+    assert sorted(i for batch in loader for i in batch["index"].tolist()) == list(range(10))
+
+
+def test_labels_from_json_names_classes_file_or_num_classes(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="mmtrain"):
+        split = _splits(tmp_path / "a", shards={"label": "json"})["train"]
+    assert split.class_names == ["blue", "green", "red"]
+    assert "classes from one scan of the training labels (3 classes)" in caplog.text
+    batch = next(iter(_loader(split, workers=0)))
+    channel = {2: 0, 1: 1, 0: 2}  # red is class 2 of the sorted names, and channel 0
+    for image, label in zip(batch["images"], batch["labels"], strict=True):
+        assert image.float().mean(dim=(1, 2)).argmax() == channel[int(label)]
+    (tmp_path / "b" / "train").mkdir(parents=True)
+    (tmp_path / "b" / "train" / "classes.txt").write_text("red\ngreen\nblue\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmtrain"):
+        split = _splits(tmp_path / "b", shards={"label": "json"})["train"]
+    assert split.class_names == ["red", "green", "blue"] and "classes.txt" in caplog.text
+    split = _splits(tmp_path / "c", num_classes=5)["train"]
+    assert split.class_names == ["0", "1", "2", "3", "4"]
+
+
+def test_bad_samples_are_skipped_and_counted_or_stop(tmp_path):
+    splits = _splits(tmp_path, shards={"broken": (3, 41)}, on_bad_sample="skip")
+    loader = _loader(splits["train"], workers=2, batch=4)
+    seen = [i for batch in _epoch(loader, 0) for i in batch]
+    # 78 good samples for an epoch of 80: the two readers that lost one re-read one sample
+    assert len(seen) == 80 and len(set(seen)) == 78
+    assert 3 not in seen and 40_000_001 not in seen  # sample 3 and 41 (shard 4, place 1)
+    assert [r.reason for r in splits["train"].bad_rows] == ["unreadable image"] * 2
+    splits = _splits(tmp_path / "e", shards={"broken": (3,)})
+    with pytest.raises(UserError) as error:
+        _epoch(_loader(splits["train"], workers=2), 0)
+    message = str(error.value)
+    assert "000003.jpg" in message and "unreadable image" in message
+    assert "Traceback" not in message and "on_bad_sample=skip" in message
+
+
+def test_source_mistakes_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="shard file\\(s\\) do not exist"):
+        webdataset(image_size=16, train=f"{tmp_path}/{{0..3}}.tar", val=f"{tmp_path}/0.tar")
+    with pytest.raises(UserError, match="needs data.train=SHARDS and data.val=SHARDS"):
+        webdataset(image_size=16, train="x.tar")
+    pattern = write_shards(tmp_path / "n", shards=2, label="none")
+    with pytest.raises(UserError, match="hold no label"):
+        webdataset(image_size=16, train=pattern, val=pattern)
+    unlabelled = webdataset(image_size=16, train=pattern, val=pattern, label_key=None)
+    assert unlabelled["train"].class_names == ["0"]
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    with pytest.raises(UserError, match="pip install 'mmtrain\\[webdataset\\]'"):
+        webdataset(image_size=16, train=pattern, val=pattern)
+
+
+@pytest.mark.slow
+def test_shards_command_then_train_and_resume_exactly(tmp_path):
+    train, val = write_learnable(tmp_path / "data", train=96, val=24)
+    with open(train, "a") as handle:
+        handle.write("images/missing.png,a picture,red\n")
+    out = tmp_path / "shards"
+    refused = run_cli("shards", str(train), str(out / "train"), "shard_size=12")
+    assert refused.returncode == 2 and "train.csv:98: missing file" in refused.stderr
+    assert not list((out / "train").glob("*.tar"))
+    made = run_cli("shards", str(train), str(out / "train"), "shard_size=12", "on_bad_sample=skip")
+    assert made.returncode == 0, made.stderr
+    assert "wrote 96 samples in 8 shard(s)" in made.stderr
+    assert json.loads((out / "train" / "sizes.json").read_text())["00007.tar"] == 12
+    assert run_cli("shards", str(val), str(out / "val"), "shard_size=12").returncode == 0
+    args = [
+        "train", "data=webdataset", f"data.train='{out}/train/{{00000..00007}}.tar'",
+        f"data.val='{out}/val/{{00000..00001}}.tar'", "data.batch_size=16", "data.num_workers=2",
+        *MODEL_TINY, "trainer.max_epochs=2", "model.contrastive_weight=0", "optimizer.lr=3e-3",
+        "trainer.checkpoint.every_n_steps=4", "trainer.checkpoint.keep_last=null",
+    ]  # fmt: skip
+    full = run_cli(*args, f"hydra.run.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr + full.stdout
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["best"]["value"] > 0.6  # chance: 1/3
+    # Resume from step 4, mid-epoch (6 steps per epoch): the same weights as the full run.
+    from conftest import assert_same_weights, resume_from_step
+
+    resumed = resume_from_step(tmp_path / "full", 4, tmp_path / "resumed", *args[1:])
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert_same_weights(
+        tmp_path / "full" / "checkpoints" / "last.pt",
+        tmp_path / "resumed" / "checkpoints" / "last.pt",
+    )
+
+
+def test_validate_decodes_every_sample_and_lists_the_bad(tmp_path):
+    pattern = write_shards(tmp_path / "s", shards=2, broken=(4,))
+    result = run_cli(
+        "validate", "data=webdataset", f"data.train='{pattern}'", f"data.val='{pattern}'",
+        *MODEL_TINY,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "000004.jpg" in result.stdout and "unreadable image" in result.stdout
+    assert "train: 20 rows, 19 usable, 1 bad" in result.stdout
