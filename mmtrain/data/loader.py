@@ -216,6 +216,7 @@ def make_loader(
         return stream_loader(
             split, collate, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
             seed=seed, pin_memory=pin_memory, rank=rank, world_size=world_size,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )  # fmt: skip
     sampler = EpochSampler(
         len(split),
@@ -245,6 +246,7 @@ def make_loader(
 def close_workers(loader: DataLoader) -> None:
     """End `loader`'s persistent worker processes now, the orderly way (the DataLoader's own
     shutdown), rather than leaving them to the interpreter's exit."""
+    loader = getattr(loader, "loader", loader)  # a StreamLoader's own DataLoader
     iterator = getattr(loader, "_iterator", None)
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:

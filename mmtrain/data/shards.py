@@ -360,7 +360,14 @@ class StreamLoader:
     run sees the same batches as one never stopped, as long as data.num_workers, the
     number of ranks and data.batch_size are unchanged."""
 
-    def __init__(self, stream: ShardStream, collate: Any, num_workers: int, pin_memory: bool):
+    def __init__(
+        self,
+        stream: ShardStream,
+        collate: Any,
+        num_workers: int,
+        pin_memory: bool,
+        worker_init_fn: Any = None,
+    ):
         self.stream, self.sampler = stream, self
         readers = stream.world_size * max(1, num_workers)
         self.workers = max(1, num_workers)
@@ -389,6 +396,7 @@ class StreamLoader:
             pin_memory=pin_memory,
             # Not persistent: each epoch's workers get the dataset with its epoch and start.
             persistent_workers=False,
+            worker_init_fn=worker_init_fn,
             # Its own generator: starting workers then never draws from the global RNG,
             # which would shift dropout noise between a resumed run and an uninterrupted one.
             generator=torch.Generator().manual_seed(stream.seed),
@@ -414,7 +422,7 @@ class StreamLoader:
 
 def stream_loader(
     split: StreamSplit, collate: Any, *, batch_size: int, num_workers: int, shuffle: bool,
-    seed: int, pin_memory: bool, rank: int, world_size: int,
+    seed: int, pin_memory: bool, rank: int, world_size: int, worker_init_fn: Any = None,
 ) -> StreamLoader:  # fmt: skip
     """The loader of a streamed split: shuffled and sized by samples_per_epoch for training,
     every sample once, in shard order, for evaluation."""
@@ -422,7 +430,7 @@ def stream_loader(
         split, train=shuffle, seed=seed, rank=rank, world_size=world_size,
         batch_size=batch_size, tag_epoch=collate.needs_epoch,
     )  # fmt: skip
-    return StreamLoader(stream, collate, num_workers, pin_memory)
+    return StreamLoader(stream, collate, num_workers, pin_memory, worker_init_fn)
 
 
 def _class_names(
