@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,13 @@ def shared_run_dir(args: list[str]) -> list[str]:
         if rank == 0:
             store.set("run_dir", datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S"))
         overrides.append(f"hydra.run.dir={store.get('run_dir').decode()}")
+        # Rank 0 hosts the store: it may close it only once every rank has read the name.
+        store.add("read", 1)
+        deadline = time.monotonic() + 120
+        while rank == 0 and store.add("read", 0) < int(os.environ["WORLD_SIZE"]):
+            if time.monotonic() > deadline:
+                raise UserError("The other ranks did not read the run directory's name in 120 s.")
+            time.sleep(0.01)
     if rank != 0:
         overrides += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return overrides

@@ -209,7 +209,7 @@ def test_an_interrupted_and_resumed_run_is_one_tracked_run_with_each_step_once(
     assert (run_dir / "curves.png").exists() and not (run_dir / "summary.json").exists()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2 and "Interrupted by SIGTERM" in stderr, stderr
+    assert process.returncode == 143 and "Interrupted by SIGTERM" in stderr, stderr
     stopped = json.loads((run_dir / "summary.json").read_text())["steps"]
     assert 8 <= stopped < 48
     ids = json.loads((run_dir / "trackers.json").read_text())
