@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmtrain.data.cache import cached_images
-from mmtrain.data.source import BadRow, SplitData
+from mmtrain.data.source import BadRow, SplitData, matching_class
 from mmtrain.errors import UserError
 from mmtrain.registry import register
 
@@ -297,6 +297,7 @@ def _load_split(
         class_names=checker.class_names,
         index=index,
         bad_rows=bad,
+        paths=[str(paths[i]) for i in good],
     )
 
 
@@ -315,6 +316,7 @@ def manifest(
     cache_dir: str | None = None,
     max_image_pixels: int = 100_000_000,
     on_bad_sample: str = "error",
+    match_label: str | None = "auto",
     class_names: list[str] | None = None,
     num_classes: int | None = None,
 ) -> dict[str, SplitData]:
@@ -372,6 +374,7 @@ def manifest(
             f"{label_column!r}; every row needs an integer class id or a class name."
         )
 
+    genuine = matching_class(names, None if label_column is None else match_label)
     splits: dict[str, SplitData] = {}
     for split, (path, data, rows) in read.items():
         root = Path(image_root).expanduser().resolve() if image_root else path.parent
@@ -390,6 +393,8 @@ def manifest(
             max_image_pixels,
             bool(negative_column),
         )
+        if genuine is not None:  # a matching task: only its matching rows are true pairs
+            splits[split].paired = splits[split].labels == genuine
         if splits[split].bad_rows:
             log.info(
                 "  %s: %d of %d rows of %s are bad",
