@@ -61,7 +61,9 @@ def run_one(data: list[str], recipe: str, seed: int, run_dir: Path, threads: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="suite_runs", help="suite data and run directories")
-    parser.add_argument("--tasks", nargs="+", default=[*TASKS, "shapes"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=[*TASKS, "shapes"], choices=[*TASKS, "shapes"]
+    )
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -185,6 +185,8 @@ def test_only_the_matching_rows_of_a_matching_task_are_pairs(tmp_path):
     assert bool(every["train"].paired.all())
     chosen = manifest(image_size=32, cache_dir=cache, match_label="0", **paths)
     assert torch.equal(chosen["train"].paired, labels == 0)
+    as_int = manifest(image_size=32, cache_dir=cache, match_label=1, **paths)  # data.match_label=1
+    assert torch.equal(as_int["train"].paired, labels == 1)
     with pytest.raises(UserError, match="data.match_label=yes is not one of the training labels"):
         manifest(image_size=32, cache_dir=cache, match_label="yes", **paths)
     # A classification task (the class of the image) keeps every row as a pair.

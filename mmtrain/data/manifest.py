@@ -316,7 +316,7 @@ def manifest(
     cache_dir: str | None = None,
     max_image_pixels: int = 100_000_000,
     on_bad_sample: str = "error",
-    match_label: str | None = "auto",
+    match_label: str | int | None = "auto",
     class_names: list[str] | None = None,
     num_classes: int | None = None,
 ) -> dict[str, SplitData]:

@@ -63,7 +63,7 @@ class SplitData:
 MATCHING_PAIRS = ({"0", "1"}, {"false", "true"}, {"no", "yes"}, {"mismatch", "match"})
 
 
-def matching_class(class_names: list[str], match_label: str | None) -> int | None:
+def matching_class(class_names: list[str], match_label: str | int | None) -> int | None:
     """The class id whose rows are genuine pairs (the rows a contrastive term aligns), or
     None when every row is one.
 
