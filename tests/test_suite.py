@@ -20,7 +20,7 @@ from mmtrain.data.summary import summarize
 from mmtrain.data.tokenizer import build_word_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.models.fusion import Features, cross_attention_concat
-from mmtrain.watch import ChanceWatch
+from mmtrain.watch import ACCURACY_MARGIN, ChanceWatch
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -150,9 +150,13 @@ def test_the_hint_comes_once_when_validation_stays_at_chance(caplog):
         assert not watch.update(at_chance, 400)  # once
     assert caplog.text.count("not learning yet") == 1
     assert "model.backbone" in caplog.text and "model.fusion=concat" in caplog.text
-    learning = ChanceWatch(torch.tensor([0, 1]), max_steps=1000)
+    learning = ChanceWatch(torch.tensor([0, 1] * 500), max_steps=1000)
     assert not learning.update({"val/accuracy": 0.5, "val/auroc": 0.7}, 100)
     assert not learning.update(at_chance, 500)  # it was above chance once: no hint
+    # Margins widen to three standard errors on a small split: 0.56 on 100 rows is noise.
+    assert watch.accuracy_margin == pytest.approx(3 * (0.53 * 0.47 / 100) ** 0.5)
+    large = ChanceWatch(torch.tensor([0, 1] * 50_000), max_steps=1000)
+    assert large.accuracy_margin == ACCURACY_MARGIN  # the stated floor on a large split
 
 
 def test_a_run_that_cannot_learn_says_so_and_its_summary_holds_the_best(tmp_path):
