@@ -39,11 +39,13 @@ from mmtrain.data import augment as aug
 from mmtrain.data.loader import Collate, close_workers, make_loader
 from mmtrain.data.negatives import NegativeSampler
 from mmtrain.data.source import SplitData, save_class_names
+from mmtrain.data.summary import summarize
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.metrics import RetrievalMetrics
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
 from mmtrain.models.zeroshot import ZeroShotTask, can_embed, load_templates
+from mmtrain.watch import ChanceWatch
 
 log = logging.getLogger("mmtrain")
 AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -317,6 +319,7 @@ def build_parts(
         save_tokenizer(tokenizer, run_dir)
         save_class_names(class_names, run_dir)
     length = text_length(loader.max_text_length, spec)
+    summarize(splits, tokenizer, length)
     augment = aug.parse(loader.augment)
     load_crop = None
     if splits["train"].aspects is not None:
@@ -372,11 +375,12 @@ def data_loader(parts: Parts, split: str, *, train: bool, pin_memory: bool) -> D
 
 
 def total_steps(trainer: TrainerConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) from max_epochs / max_steps."""
+    """(optimizer steps per epoch, total optimizer steps): max_epochs' steps, raised to
+    min_steps (a small data set still gets a budget that can learn), capped by max_steps."""
     per_epoch = math.ceil(batches_per_epoch / trainer.accumulate_grad_batches)
     limits = []
     if trainer.max_epochs is not None:
-        limits.append(trainer.max_epochs * per_epoch)
+        limits.append(max(trainer.max_epochs * per_epoch, trainer.min_steps or 0))
     if trainer.max_steps is not None:
         limits.append(trainer.max_steps)
     return per_epoch, min(limits)
@@ -402,6 +406,7 @@ class Run:
     max_steps: int
     monitor: str  # the validation metric that picks best.pt and early stopping
     mode: str  # max | min
+    watch: ChanceWatch  # hints once when validation stays at chance
 
     def close(self) -> None:
         """End the loaders' worker processes (the run is over, however it ended)."""
@@ -466,6 +471,7 @@ def build_run(
         max_steps=max_steps,
         monitor=monitor,
         mode=mode,
+        watch=ChanceWatch(parts.splits["val"].labels, max_steps),
     )
 
 

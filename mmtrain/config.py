@@ -71,6 +71,7 @@ class TrainerConfig:
 
     max_epochs: int | None = 10
     max_steps: int | None = None
+    min_steps: int | None = 1000
     device: str = "auto"
     precision: str = "auto"
     accumulate_grad_batches: int = 1
@@ -92,6 +93,7 @@ class TrainerConfig:
         _choice("trainer.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _at_least("trainer.max_epochs", self.max_epochs, 1, allow_none=True)
         _at_least("trainer.max_steps", self.max_steps, 1, allow_none=True)
+        _at_least("trainer.min_steps", self.min_steps, 1, allow_none=True)
         if self.max_epochs is None and self.max_steps is None:
             raise UserError("Set trainer.max_epochs or trainer.max_steps (both are null).")
         _at_least("trainer.accumulate_grad_batches", self.accumulate_grad_batches, 1)

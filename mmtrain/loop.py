@@ -343,6 +343,7 @@ def _validate(run: Run, state: TrainState, out: Outputs, stop: StopSignal) -> bo
         state.step,
         "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
     )
+    run.watch.update(metrics, state.step)
     value = metrics[run.monitor]
     better = state.best is None or (value > state.best if run.mode == "max" else value < state.best)
     if better:
@@ -398,10 +399,15 @@ def _finish(
 ) -> float:
     """Write summary.json and curves.png; raise for an interrupted run or one that failed
     in the loop (the caller raises `error`, the failure it passes)."""
+    # "final" holds the metrics of best.pt, the weights eval, predict and export use;
+    # "last" those of the last validation, when it was another one.
     final: dict[str, float] = {}
+    last: dict[str, float] = {}
     for event in out.metrics.events:
         if any(key.startswith("val/") for key in event):
-            final = {k: v for k, v in event.items() if k not in ("step", "epoch")}
+            last = {k: v for k, v in event.items() if k not in ("step", "epoch")}
+            if event["step"] == state.best_step or state.best_step is None:
+                final = last
     best = state.best if state.best is not None and math.isfinite(state.best) else None
     best = round(best, 6) if best is not None else None
     samples_per_s = speed.rate()
@@ -409,6 +415,7 @@ def _finish(
         "status": status,
         "best": {"metric": run.monitor, "value": best, "step": state.best_step},
         "final": final,
+        **({"last": last} if last != final else {}),
         "steps": state.step,
         "epochs": state.epoch,
         "samples_per_s": round(samples_per_s, 1) if math.isfinite(samples_per_s) else None,

@@ -25,6 +25,7 @@ LAYERS = {
     "mmtrain.runlog": 2,
     "mmtrain.runlock": 2,
     "mmtrain.metrics": 2,
+    "mmtrain.watch": 2,
     "mmtrain.data": 3,
     "mmtrain.models": 3,
     "mmtrain.optim": 3,

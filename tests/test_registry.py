@@ -78,6 +78,11 @@ def test_duplicate_registration_raises():
 def test_names_are_sorted_and_complete():
     import mmtrain.components  # noqa: F401  (registers the built-in components)
 
-    assert registry.names("fusion") == ["concat", "cross_attention", "product"]
+    assert registry.names("fusion") == [
+        "concat",
+        "cross_attention",
+        "cross_attention_concat",
+        "product",
+    ]
     assert registry.names("scheduler") == ["constant", "cosine"]
     assert "clip_fusion" in registry.names("model")

@@ -197,7 +197,7 @@ def test_resume_with_a_changed_model_names_the_keys(tmp_path):
         f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 2
-    assert "model.fusion: 'cross_attention' in the checkpoint, 'concat' now" in result.stderr
+    assert "model.fusion: 'cross_attention_concat' in the checkpoint, 'concat' now" in result.stderr
     assert "data.train_size: 256 in the checkpoint, 128 now" in result.stderr
 
 
@@ -282,7 +282,9 @@ def test_a_config_written_by_0_1_0_reads_as_this_releases(model, moved):
 
     old = OmegaConf.to_container(OmegaConf.load(FIXTURES / f"config-0.1.0-{model}.yaml"))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        new = OmegaConf.to_container(compose("train", [f"model={model}", *moved, *TINY]))
+        # 0.1.0's default fusion was cross_attention; its configs name it.
+        fusion = ["model.fusion=cross_attention"] if model == "clip_fusion" else []
+        new = OmegaConf.to_container(compose("train", [f"model={model}", *moved, *fusion, *TINY]))
     upgraded = upgrade(old)
     for group in ("data", "model"):
         assert upgraded[group] == new[group], group
@@ -294,7 +296,8 @@ def test_runs_of_0_1_0_resume_and_evaluate(tmp_path):
     from omegaconf import OmegaConf
 
     run_dir = tmp_path / "run"
-    result = run_cli("train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    fusion = "model.fusion=cross_attention"  # 0.1.0's default, named in its config
+    result = run_cli("train", *TINY, fusion, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     old = FIXTURES / "config-0.1.0-clip_fusion.yaml"
     (run_dir / ".hydra" / "config.yaml").write_text(old.read_text())
@@ -304,7 +307,7 @@ def test_runs_of_0_1_0_resume_and_evaluate(tmp_path):
 
     result = run_cli("eval", f"run={run_dir}")
     assert result.returncode == 0, result.stderr
-    result = run_cli("train", *TINY, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    result = run_cli("train", *TINY, fusion, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
-from mmtrain.data.source import BadRow, SplitData
+from mmtrain.data.source import BadRow, SplitData, matching_class
 from mmtrain.errors import UserError
 from mmtrain.registry import register
 
@@ -315,6 +315,7 @@ def _load_split(
         bad_rows=bad,
         aspects=cache.aspects,
         image_size=image_size,
+        paths=[str(paths[i]) for i in good],
     )
 
 
@@ -336,6 +337,7 @@ def manifest(
     cache: bool = True,
     cache_workers: int | None = None,
     cache_scale: float = 1.143,
+    match_label: str | int | None = "auto",
     class_names: list[str] | None = None,
     num_classes: int | None = None,
     full_check: bool = False,
@@ -397,6 +399,7 @@ def manifest(
             f"{label_column!r}; every row needs an integer class id or a class name."
         )
 
+    genuine = matching_class(names, None if label_column is None else match_label)
     splits: dict[str, SplitData] = {}
     for split, (path, data, rows) in read.items():
         root = Path(image_root).expanduser().resolve() if image_root else path.parent
@@ -416,6 +419,8 @@ def manifest(
             bool(negative_column),
             cache_options(cache, cache_workers, cache_scale, full_check),
         )
+        if genuine is not None:  # a matching task: only its matching rows are true pairs
+            splits[split].paired = splits[split].labels == genuine
         if splits[split].bad_rows:
             log.info(
                 "  %s: %d of %d rows of %s are bad",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from mmtrain.errors import UserError
+
 LABELS_FILE = "labels.json"
 
 
@@ -50,6 +52,7 @@ class SplitData:
     # and the model's input size the loader cuts them to (`mmtrain.data.geometry`).
     aspects: torch.Tensor | None = None
     image_size: int | None = None
+    paths: list[str] | None = None  # per row, the image file it was decoded from (manifests)
 
     def __post_init__(self) -> None:
         if self.paired is None:
@@ -74,6 +77,34 @@ class SplitData:
         if self.aspects is None:
             return 1.0
         return float(self.aspects[row if self.index is None else int(self.index[row])])
+
+
+# Two class names that read as "the caption does not / does describe the image".
+MATCHING_PAIRS = ({"0", "1"}, {"false", "true"}, {"no", "yes"}, {"mismatch", "match"})
+
+
+def matching_class(class_names: list[str], match_label: str | int | None) -> int | None:
+    """The class id whose rows are genuine pairs (the rows a contrastive term aligns), or
+    None when every row is one.
+
+    `match_label`: `auto` picks the second name of a matching task's two classes (`1`,
+    `true`, `yes`, `match`, any case), else every row; `null` is every row; any other value
+    names the class.
+    """
+    if match_label is None:
+        return None
+    if match_label == "auto":
+        lowered = [name.lower() for name in class_names]
+        if set(lowered) not in MATCHING_PAIRS:
+            return None
+        return next(i for i, name in enumerate(lowered) if name in ("1", "true", "yes", "match"))
+    if str(match_label) not in class_names:
+        raise UserError(
+            f"data.match_label={match_label} is not one of the training labels "
+            f"({', '.join(class_names[:20])}); name the label that marks a caption as describing "
+            "its image, or use auto, or null for every row."
+        )
+    return class_names.index(str(match_label))
 
 
 def save_class_names(class_names: list[str], run_dir: Path) -> Path:

@@ -93,8 +93,10 @@ class ImageTextClassifier(nn.Module):
         output = {"logits": logits}
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels)
-            if self.contrastive_weight:
-                keep = paired.bool() if paired is not None else slice(None)
+            keep = (
+                paired.bool() if paired is not None else torch.ones_like(labels, dtype=torch.bool)
+            )
+            if self.contrastive_weight and keep.any():  # a batch may hold no genuine pair
                 aligned = contrastive_loss(
                     features.image_embed[keep], features.text_embed[keep], self.clip.logit_scale
                 )
@@ -122,7 +124,7 @@ def clip_fusion(
     spec: BackboneSpec,
     backbone: str | None = None,
     backbone_config: dict[str, Any] | None = None,
-    fusion: str = "cross_attention",
+    fusion: str = "cross_attention_concat",
     fusion_layers: int = 1,
     fusion_heads: int = 4,
     fusion_difference: bool = False,

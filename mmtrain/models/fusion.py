@@ -93,6 +93,37 @@ class CrossAttention(nn.Module):
         return (fused * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+class CrossAttentionConcat(nn.Module):
+    """Cross-attention's pooled output beside concat's features and their agreement.
+
+    The concat features keep a path that pooled-feature training already learns, so adding
+    attention cannot take it away; the elementwise product of the unit-length pooled
+    embeddings (whose sum is their cosine similarity, the quantity a contrastive term
+    aligns) hands the head "does this text describe this image" directly.
+    """
+
+    def __init__(
+        self, image_dim: int, text_dim: int, embed_dim: int, layers: int, heads: int, dropout: float
+    ):
+        super().__init__()
+        self.attention = CrossAttention(image_dim, text_dim, layers, heads, dropout)
+        self.out_dim = text_dim + 3 * embed_dim
+
+    def forward(self, features: Features) -> torch.Tensor:
+        image = nn.functional.normalize(features.image_embed, dim=-1)
+        text = nn.functional.normalize(features.text_embed, dim=-1)
+        pooled = [features.image_embed, features.text_embed, image * text]
+        return torch.cat([self.attention(features), *pooled], dim=-1)
+
+
+def _check_heads(text_dim: int, heads: int) -> None:
+    if text_dim % heads:
+        raise UserError(
+            f"model.fusion_heads={heads} must divide the text width {text_dim} "
+            "(model.backbone_config.text.hidden_size)."
+        )
+
+
 @register("fusion", "concat")
 def concat(embed_dim: int) -> nn.Module:
     """Pooled projected features concatenated; out_dim = 2 * projection_dim."""
@@ -111,9 +142,15 @@ def cross_attention(
     image_dim: int, text_dim: int, embed_dim: int, layers: int, heads: int, dropout: float
 ) -> nn.Module:
     """`layers` decoder layers of text-to-image attention with `heads` heads."""
-    if text_dim % heads:
-        raise UserError(
-            f"model.fusion_heads={heads} must divide the text width {text_dim} "
-            "(model.backbone_config.text.hidden_size)."
-        )
+    _check_heads(text_dim, heads)
     return CrossAttention(image_dim, text_dim, layers, heads, dropout)
+
+
+@register("fusion", "cross_attention_concat")
+def cross_attention_concat(
+    image_dim: int, text_dim: int, embed_dim: int, layers: int, heads: int, dropout: float
+) -> nn.Module:
+    """`cross_attention`'s output joined with `concat`'s pooled features and their
+    elementwise product (the default: never fewer features than concat)."""
+    _check_heads(text_dim, heads)
+    return CrossAttentionConcat(image_dim, text_dim, embed_dim, layers, heads, dropout)
