@@ -57,7 +57,11 @@ def _sizes(split: SplitData) -> str:
 
 def summarize(splits: dict[str, SplitData], tokenizer: Any, max_length: int) -> list[str]:
     """Log the table of `splits` (captions measured with `tokenizer` against `max_length`
-    tokens); return the warnings, which are logged too."""
+    tokens); return the warnings, which are logged too. Streamed splits (shards), which are
+    read while training, are not scanned for it."""
+    splits = {name: split for name, split in splits.items() if hasattr(split, "labels")}
+    if "train" not in splits:
+        return []
     names = splits["train"].class_names
     rows = [("split", "pairs", "classes (share of rows)", "tokens med/max/cut", "image size")]
     for split_name, split in splits.items():
