@@ -471,7 +471,7 @@ def build_run(
         max_steps=max_steps,
         monitor=monitor,
         mode=mode,
-        watch=ChanceWatch(parts.splits["val"].labels, max_steps),
+        watch=ChanceWatch(getattr(parts.splits["val"], "labels", None), max_steps),
     )
 
 

@@ -25,7 +25,10 @@ SHARE = 0.3
 class ChanceWatch:
     """Follows validation metrics of one run; `update` logs the hint at most once."""
 
-    def __init__(self, val_labels: torch.Tensor, max_steps: int):
+    def __init__(self, val_labels: torch.Tensor | None, max_steps: int):
+        # A streamed validation split's labels are not known before it is read: no hint.
+        self.told = val_labels is None
+        val_labels = torch.zeros(0, dtype=torch.long) if val_labels is None else val_labels
         n = max(len(val_labels), 1)
         counts = torch.bincount(val_labels) if len(val_labels) else torch.ones(1)
         self.chance = float(counts.max()) / n
@@ -40,7 +43,6 @@ class ChanceWatch:
         self.auroc_margin = max(AUROC_MARGIN, 3 * spread)
         self.max_steps = max_steps
         self.learning = False  # some validation was above chance
-        self.told = False
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
         """Take one validation's metrics at optimizer step `step`; True when the hint is

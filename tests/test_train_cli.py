@@ -95,7 +95,7 @@ def test_unknown_fusion_lists_the_registered_ones(tmp_path):
     assert result.returncode == 2
     assert (
         "Unknown fusion 'gated'" in result.stderr
-        and "concat, cross_attention, product" in result.stderr
+        and "concat, cross_attention, cross_attention_concat, product" in result.stderr
     )
     assert "Traceback" not in result.stderr
 
