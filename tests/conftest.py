@@ -36,6 +36,14 @@ TINY = [
 ]
 
 
+def compose_train(overrides: list[str]):
+    """conf/train.yaml composed with `overrides`, as `mmtrain train` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("train", overrides=overrides)
+
+
 def run_cli(
     *args: str, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

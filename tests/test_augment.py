@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-from conftest import CONF, TINY, assert_same_weights, resume_from_step, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import TINY, assert_same_weights, resume_from_step, run_cli
+from conftest import compose_train as _compose
 
 from mmtrain import registry
 from mmtrain.build import build_parts, data_loader
@@ -16,11 +16,6 @@ from mmtrain.errors import UserError
 
 IMAGE_AUGMENTS = ["flip", "random_resized_crop", "color_jitter", "gaussian_noise"]
 TEXT_AUGMENTS = ["word_dropout", "word_swap", "char_noise"]
-
-
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 def _images(batch: int = 8, size: int = 16) -> torch.Tensor:

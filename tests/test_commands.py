@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import CONF, TINY, read_jsonl, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import TINY, read_jsonl, run_cli
+from conftest import compose_train as _compose
 from manifest_files import MODEL_TINY, write_jsonl, write_learnable
 from omegaconf import OmegaConf
 from PIL import Image
@@ -194,11 +194,6 @@ def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
 
     head = load_file(tmp_path / "export" / "head.safetensors")
     assert torch.equal(head["head.4.weight"], trained.state_dict()["head.4.weight"])
-
-
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF, TINY
-from hydra import compose, initialize_config_dir
+from conftest import compose_train as _compose
 from manifest_files import MODEL_TINY, write_learnable
 
 from mmtrain import registry
@@ -14,11 +14,6 @@ from mmtrain.config import plain, trainer_config
 
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "zeroshot", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
-
-
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 def test_every_group_has_options():

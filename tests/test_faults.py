@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, ROOT, TINY, assert_same_weights, read_jsonl, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, TINY, assert_same_weights, read_jsonl, run_cli
+from conftest import compose_train as _compose
 from manifest_files import learnable_rows, write_csv
 
 from mmtrain import checkpoint as ckpt
@@ -33,11 +33,6 @@ from mmtrain.runlock import RunLock
 # 8 steps per epoch, 2 loader workers, dropout on; a validation long enough to be caught.
 SIGNALLED = [*TINY, "data.num_workers=2", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
 LONG_VAL = ["data.val_size=3000"]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 def _start(*args: str) -> subprocess.Popen:

@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import compose_train as _compose
+from conftest import run_cli
 from manifest_files import (
     COLOURS,
     MODEL_TINY,
@@ -27,11 +27,6 @@ from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.manifest import manifest
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
-
-
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 def _mean_colour(image: torch.Tensor) -> np.ndarray:

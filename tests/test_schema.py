@@ -5,17 +5,12 @@ signature."""
 from __future__ import annotations
 
 import pytest
-from conftest import CONF, TINY, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import TINY, run_cli
+from conftest import compose_train as _compose
 
 from mmtrain.build import check
 from mmtrain.config import LoaderConfig, TrainerConfig, trainer_config
 from mmtrain.errors import UserError
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 def test_the_trainer_yaml_holds_the_schemas_defaults():
