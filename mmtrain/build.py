@@ -81,10 +81,21 @@ def check(cfg: DictConfig) -> TrainerConfig:
     registry.check("zeroshot", zeroshot, runtime=ZEROSHOT_RUNTIME)
     if "templates" in zeroshot:  # a missing template file fails now, not at the first validation
         load_templates(zeroshot["templates"])
-    registry.check("optimizer", plain(cfg.optimizer), runtime=("model",))
+    optimizer = plain(cfg.optimizer)
+    if isinstance(optimizer, dict) and "name" in optimizer:
+        registry.get("optimizer", optimizer["name"])  # an unknown name: the list of options
+        offered = registry.accepted("optimizer", optimizer["name"], OPTIMIZER_RUNTIME)
+        registry.check("optimizer", optimizer, runtime=("model", *offered))
+    else:
+        registry.check("optimizer", optimizer, runtime=("model",))
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
     loggers.check(plain(cfg.get("logger")))
     return trainer
+
+
+# What build_run offers every optimizer factory besides the model; each takes what it uses
+# (`samples_per_step`: what `optimizer.lr=auto` scales with).
+OPTIMIZER_RUNTIME = dict.fromkeys(("samples_per_step",))
 
 
 def monitored(model: str, monitor: str | None, mode: str) -> tuple[str, str]:
@@ -434,7 +445,10 @@ def build_run(
     train_loader = data_loader(parts, "train", train=True, pin_memory=pin)
     val_loader = data_loader(parts, "val", train=False, pin_memory=pin)
     steps_per_epoch, max_steps = total_steps(trainer, len(train_loader))
-    optimizer = registry.build("optimizer", plain(cfg.optimizer), model=model)
+    samples = parts.loader.batch_size * trainer.accumulate_grad_batches * distributed.world_size()
+    options = plain(cfg.optimizer)
+    offered = registry.accepted("optimizer", options["name"], {"samples_per_step": samples})
+    optimizer = registry.build("optimizer", options, model=model, **offered)
     scheduler = registry.build(
         "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=max_steps
     )

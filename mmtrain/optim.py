@@ -72,7 +72,8 @@ def param_groups(
 def adamw(
     *,
     model: nn.Module,
-    lr: Annotated[float, Bounds(gt=0)] = 3e-4,
+    samples_per_step: int | None = None,
+    lr: Annotated[float, Bounds(gt=0)] | str = "auto",
     weight_decay: Annotated[float, Bounds(ge=0)] = 0.05,
     betas: Annotated[Sequence[float], Bounds(ge=0, lt=1)] = (0.9, 0.999),
     eps: Annotated[float, Bounds(gt=0)] = 1e-8,
@@ -81,7 +82,9 @@ def adamw(
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups` (layer-wise lr decay with `layer_decay`); the fused kernel
     on CUDA. `backbone_lr_scale=auto` is the fine-tuning recipe for a pretrained backbone
-    (`FINETUNE_BACKBONE_SCALE`) and 1.0 for one trained from scratch or through adapters."""
+    (`FINETUNE_BACKBONE_SCALE`) and 1.0 for one trained from scratch or through adapters.
+    `lr=auto` scales `AUTO_LR` per `AUTO_LR_SAMPLES` with the samples of an optimizer step."""
+    lr = _resolved_lr(lr, samples_per_step)
     backbone_lr_scale = _backbone_scale(model, backbone_lr_scale, lr)
     if len(betas) != 2:
         raise UserError(
@@ -96,8 +99,32 @@ def adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=on_cuda or None)
 
 
+# `optimizer.lr=auto`: 1e-3 per 64 samples, scaled linearly with the samples an optimizer step
+# sees (data.batch_size x trainer.accumulate_grad_batches x processes): the linear scaling rule
+# (Goyal et al. 2017) by which DeiT and MAE set AdamW's rate. A run's rate then follows its
+# batch: 5e-4 at the manifest's 32, 1e-3 at the shapes' 64, 4e-3 at 256.
+AUTO_LR, AUTO_LR_SAMPLES = 1e-3, 64
+
+
+def _resolved_lr(lr: float | str, samples_per_step: int | None) -> float:
+    """optimizer.lr, with `auto` resolved (and said in the log); without a batch to scale
+    with (an optimizer built outside a run), `auto` is `AUTO_LR`."""
+    if not isinstance(lr, str):
+        return lr
+    if lr != "auto":
+        raise UserError(f"optimizer.lr={lr} is not valid; give a number above 0 or auto.")
+    samples_per_step = samples_per_step or AUTO_LR_SAMPLES
+    resolved = AUTO_LR * samples_per_step / AUTO_LR_SAMPLES
+    log.info(
+        "learning rate %.2e (optimizer.lr=auto: %g per %d samples x %d samples per step); "
+        "override with optimizer.lr=NUMBER.",
+        resolved, AUTO_LR, AUTO_LR_SAMPLES, samples_per_step,
+    )  # fmt: skip
+    return resolved
+
+
 # Pretrained towers fine-tune at about 1e-5 to 5e-5 (CLIP/SigLIP fine-tuning practice): with
-# the default lr of 1e-3 for the new layers, 0.02 gives them 2e-5. A from-scratch rate would
+# a new-layer rate of 1e-3 (lr=auto at 64 samples a step), 0.02 gives them 2e-5. A from-scratch rate would
 # wreck the pretrained features in the first hundred steps.
 FINETUNE_BACKBONE_SCALE = 0.02
 

@@ -128,6 +128,8 @@ def test_contrastive_accumulation_equals_one_batch_k_times_as_large(model, extra
 
 def test_accumulated_contrastive_training_logs_the_whole_batch_loss(tmp_path):
     common = ["model=clip_contrastive", *TINY, "trainer.max_steps=2", "trainer.log_every_n_steps=1"]
+    # The training crop draws per micro-batch, so 2 x 16 crops differ from 1 x 32's: off here.
+    common.append("data.augment.random_resized_crop.p=0")
     runs = {}
     for name, batch, accumulate in (("big", 32, 1), ("accumulated", 16, 2)):
         run_dir = tmp_path / name
@@ -184,6 +186,33 @@ def test_accumulation_under_ddp_equals_the_unaccumulated_global_batch(tmp_path):
 
 
 # --- partial fine-tuning ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("samples", "expected"), [(32, 5e-4), (64, 1e-3), (256, 4e-3)])
+def test_auto_learning_rate_scales_with_the_samples_of_a_step(samples, expected, caplog):
+    model = torch.nn.Linear(4, 2)
+    optimizer = registry.build(
+        "optimizer", {"name": "adamw"}, model=model, samples_per_step=samples
+    )
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 2)
+    given = registry.build(
+        "optimizer", {"name": "adamw", "lr": 3e-4}, model=model, samples_per_step=samples
+    )
+    assert [g["lr"] for g in given.param_groups] == [3e-4, 3e-4]
+
+
+def test_auto_learning_rate_counts_accumulation_in_a_run(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "train", *TINY, "trainer.max_steps=1", "data.batch_size=8",
+        "trainer.accumulate_grad_batches=2", f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "learning rate 2.50e-04 (optimizer.lr=auto: 0.001 per 64 samples x 16 samples" in log
+    bad = run_cli("train", *TINY, "optimizer.lr=fast", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2
+    assert "optimizer.lr" in bad.stderr and "auto" in bad.stderr
 
 
 def _step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> dict:
