@@ -10,8 +10,8 @@ for every task x size x recipe x seed, where the recipes are `default` (no key t
 `shapes` with the default, and `digits`: scikit-learn's 1,797 handwritten 8x8 digits
 (`pip install scikit-learn`; a real data set, 70/30 split, captions naming a digit, half of
 them wrong), the kind of small set a user's first run is on. `--recipes previous_default`
-runs 0.2.0's default and `--recipes fixed_rate` 0.3.0's (lr 1e-3 at any batch, 1,000 steps,
-no crop) for comparison. Prints a markdown table of the best validation accuracy (the
+runs 0.2.0's default and `--recipes fixed_rate` the one before the rate followed the batch
+(lr 1e-3 at any batch, 1,000 steps, no crop) for comparison. Prints a markdown table of the best validation accuracy (the
 median over seeds) and the wall time of each run; `--out FILE` appends it to FILE.
 
     python benchmarks/recipes.py --sizes small large --seeds 0 1 2
@@ -75,7 +75,7 @@ RECIPES = {
     "cross_attention": ["model.fusion=cross_attention"],
     # mmtrain 0.2.0's default, for before/after: cross-attention alone, 10 epochs however
     # small the set, every row of a matching task taken as a contrastive pair.
-    # 0.3.0's default: a fixed lr of 1e-3 whatever the batch, a 1,000-step floor, no crop.
+    # The default before the rate followed the batch: 1e-3 at any batch, 1,000 steps, no crop.
     "fixed_rate": [
         "optimizer.lr=1e-3",
         "trainer.min_steps=1000",
