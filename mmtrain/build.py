@@ -88,6 +88,10 @@ def check(cfg: DictConfig) -> TrainerConfig:
         registry.check("optimizer", optimizer, runtime=("model", *offered))
     else:
         registry.check("optimizer", optimizer, runtime=("model",))
+    for key, number in AUTO_KEYS.items():  # a word other than auto fails now, not after the build
+        value = optimizer.get(key) if isinstance(optimizer, dict) else None
+        if isinstance(value, str) and value != "auto":
+            raise UserError(f"optimizer.{key}={value} is not valid; give {number} or auto.")
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
     loggers.check(plain(cfg.get("logger")))
     return trainer
@@ -96,6 +100,8 @@ def check(cfg: DictConfig) -> TrainerConfig:
 # What build_run offers every optimizer factory besides the model; each takes what it uses
 # (`samples_per_step`: what `optimizer.lr=auto` scales with).
 OPTIMIZER_RUNTIME = dict.fromkeys(("samples_per_step",))
+# Optimizer keys that take a number or `auto`, and what number.
+AUTO_KEYS = {"lr": "a number above 0", "backbone_lr_scale": "a number >= 0"}
 
 
 def monitored(model: str, monitor: str | None, mode: str) -> tuple[str, str]:
