@@ -89,10 +89,16 @@ def test_config_mistakes_are_clear():
     assert entries[augment.IMAGE] == [] and [e[0] for e in entries[augment.TEXT]] == ["word_swap"]
 
 
-def test_every_shipped_entry_is_off_by_default():
+def test_only_the_mild_training_crop_is_on_by_default():
     cfg = _compose([])
     assert set(cfg.data.augment) == set(IMAGE_AUGMENTS + TEXT_AUGMENTS)
-    assert augment.parse(dict(cfg.data.augment)) == {augment.IMAGE: [], augment.TEXT: []}
+    entries = augment.parse(dict(cfg.data.augment))
+    assert entries[augment.TEXT] == []
+    [(name, _, options)] = entries[augment.IMAGE]
+    assert name == "random_resized_crop"  # open_clip's training crop: 90-100% of the picture
+    assert options["p"] == 1.0 and list(options["scale"]) == [0.9, 1.0]
+    off = _compose(["data.augment.random_resized_crop.p=0"])
+    assert augment.parse(dict(off.data.augment)) == {augment.IMAGE: [], augment.TEXT: []}
 
 
 @registry.register(augment.IMAGE, "test_invert")
@@ -102,7 +108,9 @@ def _invert(images: torch.Tensor, generator: torch.Generator, p: float = 1.0) ->
 
 
 def test_a_new_augmentation_is_a_function_and_a_config_entry(tmp_path):
-    cfg = _compose([*TINY, "+data.augment.test_invert.p=1.0"])
+    cfg = _compose(
+        [*TINY, "+data.augment.test_invert.p=1.0", "data.augment.random_resized_crop.p=0"]
+    )
     parts = build_parts(cfg, None)
     batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     out = parts.augment(batch, 0)

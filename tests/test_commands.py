@@ -243,7 +243,12 @@ def test_pretrained_backbone_trains_with_its_own_tokenizer_and_vision_frozen(pre
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "train.log").read_text()
     assert " frozen" in log and "built a word-level tokenizer" not in log
-    assert "fine-tuning recipe for the pretrained backbone: towers at lr 2.0e-05" in log
+    # optimizer.lr=auto at 32 samples a step is 5e-4; the towers get 0.02 of it
+    assert "learning rate 5.00e-04 (optimizer.lr=auto" in log
+    assert (
+        "fine-tuning recipe for the pretrained backbone: towers at lr 1.0e-05, new layers at lr 5.0e-04"
+        in log
+    )
     assert json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text()) == json.loads(
         (pretrained / "tokenizer.json").read_text()
     )
