@@ -71,7 +71,7 @@ class TrainerConfig:
 
     max_epochs: int | None = 10
     max_steps: int | None = None
-    min_steps: int | None = 1000
+    min_steps: int | None = 2000
     device: str = "auto"
     precision: str = "auto"
     accumulate_grad_batches: int = 1

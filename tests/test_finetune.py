@@ -16,6 +16,10 @@ from mmtrain.errors import UserError
 from mmtrain.models.feature_cache import accumulated_backward
 from mmtrain.optim import param_groups
 
+# The training crop draws per micro-batch, so 2 x 16 images are cut unlike 1 x 32: the
+# accumulation-equivalence runs turn it off.
+NO_CROP = "data.augment.random_resized_crop.p=0"
+
 TWO_LAYERS = [
     "model.backbone_config.vision.num_hidden_layers=2",
     "model.backbone_config.text.num_hidden_layers=2",
@@ -128,8 +132,7 @@ def test_contrastive_accumulation_equals_one_batch_k_times_as_large(model, extra
 
 def test_accumulated_contrastive_training_logs_the_whole_batch_loss(tmp_path):
     common = ["model=clip_contrastive", *TINY, "trainer.max_steps=2", "trainer.log_every_n_steps=1"]
-    # The training crop draws per micro-batch, so 2 x 16 crops differ from 1 x 32's: off here.
-    common.append("data.augment.random_resized_crop.p=0")
+    common.append(NO_CROP)
     runs = {}
     for name, batch, accumulate in (("big", 32, 1), ("accumulated", 16, 2)):
         run_dir = tmp_path / name
@@ -161,6 +164,7 @@ def test_accumulation_under_ddp_equals_the_unaccumulated_global_batch(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     common = ["model=clip_contrastive", *TINY, "trainer.max_steps=2", "trainer.log_every_n_steps=1"]
+    common.append(NO_CROP)
     for name, batch, accumulate, port in (("plain", 16, 1, 29787), ("accumulated", 8, 2, 29797)):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",

@@ -284,7 +284,14 @@ def test_a_config_written_by_0_1_0_reads_as_this_releases(model, moved):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         # 0.1.0's default fusion was cross_attention; its configs name it.
         fusion = ["model.fusion=cross_attention"] if model == "clip_fusion" else []
-        new = OmegaConf.to_container(compose("train", [f"model={model}", *moved, *fusion, *TINY]))
+        # 0.1.0 wrote its (then default) crop settings: off, scale 0.5-1.0; a run keeps its own.
+        crop = [
+            "data.augment.random_resized_crop.p=0",
+            "data.augment.random_resized_crop.scale=[0.5,1.0]",
+        ]
+        new = OmegaConf.to_container(
+            compose("train", [f"model={model}", *moved, *fusion, *crop, *TINY])
+        )
     upgraded = upgrade(old)
     for group in ("data", "model"):
         assert upgraded[group] == new[group], group
@@ -307,7 +314,17 @@ def test_runs_of_0_1_0_resume_and_evaluate(tmp_path):
 
     result = run_cli("eval", f"run={run_dir}")
     assert result.returncode == 0, result.stderr
-    result = run_cli("train", *TINY, fusion, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    resume = [*TINY, fusion, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    result = run_cli("train", *resume)  # today's default crop is not the run's: refused, named
+    assert (
+        result.returncode == 2
+        and "data.augment.random_resized_crop.p: 0.0 in the checkpoint" in result.stderr
+    )
+    crop = [
+        "data.augment.random_resized_crop.p=0",
+        "data.augment.random_resized_crop.scale=[0.5,1.0]",
+    ]
+    result = run_cli("train", *resume, *crop)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16

@@ -34,7 +34,7 @@ def test_the_trainer_yaml_holds_the_schemas_defaults():
         ("data.negative_sampler=nope", "Unknown negatives 'nope'"),
         ("+data.size=5", "Unknown key 'size' for data 'shapes'"),
         ("+model.fusion_layer=2", "Unknown key 'fusion_layer' for model 'clip_fusion'. Did you mean 'fusion_layers'?"),
-        ("optimizer.lr=abc", "Key 'lr' of optimizer 'adamw' must be a number (got 'abc')"),
+        ("optimizer.lr=abc", "optimizer.lr=abc is not valid; give a number above 0 or auto."),
         ("data.train_size=1e3", "Key 'train_size' of data 'shapes' must be an integer (got 1000.0)"),
         ("model.fusion_layers=true", "Key 'fusion_layers' of model 'clip_fusion' must be an integer (got True)"),
         ("data.augment.flip.p=often", "Key 'p' of image_augment 'flip' must be a number (got 'often')"),

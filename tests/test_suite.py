@@ -78,8 +78,8 @@ def _cfg(*overrides):
 
 def test_small_sets_get_the_step_budget_and_max_steps_still_caps():
     default = trainer_config(_cfg())
-    assert total_steps(default, 47) == (47, 1000)  # 10 epochs would be 470 steps
-    assert total_steps(default, 188) == (188, 1880)  # a larger set: its 10 epochs
+    assert total_steps(default, 47) == (47, 2000)  # 10 epochs would be 470 steps
+    assert total_steps(default, 250) == (250, 2500)  # a larger set: its 10 epochs
     capped = trainer_config(_cfg("trainer.max_steps=300"))
     assert total_steps(capped, 47) == (47, 300)
     epochs_only = trainer_config(_cfg("trainer.min_steps=null"))
