@@ -45,6 +45,7 @@ from mmtrain.errors import UserError
 from mmtrain.metrics import RetrievalMetrics
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
 from mmtrain.models.zeroshot import ZeroShotTask, can_embed, load_templates
+from mmtrain.optim import AUTO_KEYS, check_auto
 from mmtrain.watch import ChanceWatch
 
 log = logging.getLogger("mmtrain")
@@ -82,16 +83,13 @@ def check(cfg: DictConfig) -> TrainerConfig:
     if "templates" in zeroshot:  # a missing template file fails now, not at the first validation
         load_templates(zeroshot["templates"])
     optimizer = plain(cfg.optimizer)
-    if isinstance(optimizer, dict) and "name" in optimizer:
-        registry.get("optimizer", optimizer["name"])  # an unknown name: the list of options
-        offered = registry.accepted("optimizer", optimizer["name"], OPTIMIZER_RUNTIME)
-        registry.check("optimizer", optimizer, runtime=("model", *offered))
-    else:
-        registry.check("optimizer", optimizer, runtime=("model",))
-    for key, number in AUTO_KEYS.items():  # a word other than auto fails now, not after the build
-        value = optimizer.get(key) if isinstance(optimizer, dict) else None
-        if isinstance(value, str) and value != "auto":
-            raise UserError(f"optimizer.{key}={value} is not valid; give {number} or auto.")
+    named = isinstance(optimizer, dict) and "name" in optimizer
+    # accepted() also refuses an unknown name, listing the registered ones.
+    offered = registry.accepted("optimizer", optimizer["name"], OPTIMIZER_RUNTIME) if named else {}
+    registry.check("optimizer", optimizer, runtime=("model", *offered))
+    if named:  # a word other than auto fails now, not after the build
+        for key in AUTO_KEYS:
+            check_auto(key, optimizer.get(key))
     registry.check("scheduler", plain(cfg.scheduler), runtime=("optimizer", "total_steps"))
     loggers.check(plain(cfg.get("logger")))
     return trainer
@@ -100,8 +98,6 @@ def check(cfg: DictConfig) -> TrainerConfig:
 # What build_run offers every optimizer factory besides the model; each takes what it uses
 # (`samples_per_step`: what `optimizer.lr=auto` scales with).
 OPTIMIZER_RUNTIME = dict.fromkeys(("samples_per_step",))
-# Optimizer keys that take a number or `auto`, and what number.
-AUTO_KEYS = {"lr": "a number above 0", "backbone_lr_scale": "a number >= 0"}
 
 
 def monitored(model: str, monitor: str | None, mode: str) -> tuple[str, str]:

@@ -106,13 +106,23 @@ def adamw(
 AUTO_LR, AUTO_LR_SAMPLES = 1e-3, 64
 
 
+# Optimizer keys that take a number or `auto`, and which numbers.
+AUTO_KEYS = {"lr": "a number above 0", "backbone_lr_scale": "a number >= 0"}
+
+
+def check_auto(key: str, value: object) -> None:
+    """A word other than `auto` for one of `AUTO_KEYS` is a UserError (the registry's type
+    check lets any string through a `float | str` key)."""
+    if isinstance(value, str) and value != "auto":
+        raise UserError(f"optimizer.{key}={value} is not valid; give {AUTO_KEYS[key]} or auto.")
+
+
 def _resolved_lr(lr: float | str, samples_per_step: int | None) -> float:
     """optimizer.lr, with `auto` resolved (and said in the log); without a batch to scale
     with (an optimizer built outside a run), `auto` is `AUTO_LR`."""
+    check_auto("lr", lr)
     if not isinstance(lr, str):
         return lr
-    if lr != "auto":
-        raise UserError(f"optimizer.lr={lr} is not valid; give a number above 0 or auto.")
     samples_per_step = samples_per_step or AUTO_LR_SAMPLES
     resolved = AUTO_LR * samples_per_step / AUTO_LR_SAMPLES
     log.info(
@@ -131,11 +141,8 @@ FINETUNE_BACKBONE_SCALE = 0.02
 
 def _backbone_scale(model: nn.Module, scale: float | str, lr: float) -> float:
     """optimizer.backbone_lr_scale, with `auto` resolved (and said in the log)."""
+    check_auto("backbone_lr_scale", scale)
     if isinstance(scale, str):
-        if scale != "auto":
-            raise UserError(
-                f"optimizer.backbone_lr_scale={scale} is not valid; give a number >= 0 or auto."
-            )
         if not getattr(model, "finetunes_pretrained_towers", False):
             return 1.0
         scale = FINETUNE_BACKBONE_SCALE
