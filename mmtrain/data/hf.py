@@ -18,7 +18,7 @@ import torch
 
 from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
 from mmtrain.data.manifest import Checker, Row, _bad_row_report, _label_key, class_names_of
-from mmtrain.data.source import BadRow, SplitData
+from mmtrain.data.source import BadRow, SplitData, check_on_bad_sample
 from mmtrain.errors import UserError
 from mmtrain.registry import register
 
@@ -119,10 +119,7 @@ def hf(
     """Image-text pairs of the Hugging Face dataset `path` (splits `train_split`,
     `val_split`, optional `test_split`), checked and cached as manifests are; decoded images
     are cached in `cache_dir` (default: `.mmtrain_cache/` in the current folder)."""
-    if on_bad_sample not in ("error", "skip"):
-        raise UserError(
-            f"data.on_bad_sample={on_bad_sample} is not valid; choose one of: error, skip."
-        )
+    check_on_bad_sample(on_bad_sample)
     if path is None:
         raise UserError(
             "data=hf needs data.path: a local folder (imagefolder with metadata.jsonl, parquet "

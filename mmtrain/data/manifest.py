@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
-from mmtrain.data.source import BadRow, SplitData, matching_class
+from mmtrain.data.source import BadRow, SplitData, check_on_bad_sample, matching_class
 from mmtrain.errors import UserError
 from mmtrain.registry import register
 
@@ -352,10 +352,7 @@ def manifest(
     model's size (the loader cuts the model's input), or decoded by the loader every
     epoch with `cache=False`; `full_check` (`mmtrain validate`) checks every cached pixel.
     """
-    if on_bad_sample not in ("error", "skip"):
-        raise UserError(
-            f"data.on_bad_sample={on_bad_sample} is not valid; choose one of: error, skip."
-        )
+    check_on_bad_sample(on_bad_sample)
     if val is None or (train is None and class_names is None):
         raise UserError(
             "data=manifest needs data.train=PATH and data.val=PATH (CSV or JSONL files with "

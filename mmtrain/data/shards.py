@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.manifest import class_names_of
-from mmtrain.data.source import BadRow
+from mmtrain.data.source import BadRow, check_on_bad_sample
 from mmtrain.errors import UserError
 from mmtrain.registry import register
 
@@ -472,10 +472,7 @@ def webdataset(
     `cls`, else the json field `label_key` (null: no labels, one class); class names from
     a run's labels.json, classes.txt beside the shards, model.num_classes, or one scan."""
     require_webdataset()
-    if on_bad_sample not in ("error", "skip"):
-        raise UserError(
-            f"data.on_bad_sample={on_bad_sample} is not valid; choose one of: error, skip."
-        )
+    check_on_bad_sample(on_bad_sample)
     if val is None or (train is None and class_names is None):
         raise UserError(
             "data=webdataset needs data.train=SHARDS and data.val=SHARDS (brace patterns such "
