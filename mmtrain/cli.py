@@ -60,19 +60,19 @@ def config_source() -> tuple[str, Traversable]:
 def _train_task(cfg: Any) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    from mmtrain.build import check
+    from mmtrain.spec import parse
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        trainer = check(cfg)
-        _check_sweep_direction(cfg, HydraConfig.get().sweeper)
+        spec = parse(cfg)
+        _check_sweep_direction(spec.mode, cfg, HydraConfig.get().sweeper)
         from mmtrain.launch import launch, launched
 
-        if trainer.nproc_per_node > 1 and not launched():
-            return launch(cfg, run_dir, trainer.nproc_per_node)
-        from mmtrain.loop import fit
+        if spec.trainer.nproc_per_node > 1 and not launched():
+            return launch(spec, run_dir)
+        from mmtrain.recipe import fit
 
-        return fit(cfg, run_dir)
+        return fit(spec, run_dir)
     except (UserError, Interrupted) as error:
         _log_to_files(f"error: {error}")  # main() prints it to the console
         raise
@@ -86,20 +86,20 @@ DIRECTION_OVERRIDE = "hydra.sweeper.direction=${mmtrain_direction:}"
 
 def _direction(cfg: Any) -> str:
     """maximize or minimize: the way a sweep should optimise what `cfg`'s run returns."""
-    from mmtrain.build import monitored
+    from mmtrain.spec import monitored, traits_of
 
     checkpoint = cfg.trainer.checkpoint
-    _, mode = monitored(cfg.model.name, checkpoint.monitor, checkpoint.mode)
+    _, mode = monitored(traits_of(cfg.model.name), checkpoint.monitor, checkpoint.mode)
     return "maximize" if mode == "max" else "minimize"
 
 
-def _check_sweep_direction(cfg: Any, sweeper: Any) -> None:
-    """A sweeper that optimises the other way than the monitored metric is an error, before
-    the first trial trains."""
+def _check_sweep_direction(mode: str, cfg: Any, sweeper: Any) -> None:
+    """A sweeper that optimises the other way than the monitored metric (`mode`) is an
+    error, before the first trial trains."""
     direction = sweeper.get("direction") if sweeper is not None else None
     if direction is None:
         return
-    wanted = _direction(cfg)
+    wanted = "maximize" if mode == "max" else "minimize"
     if str(direction).lower() != wanted:
         raise UserError(
             f"hydra.sweeper.direction={direction}, but each run returns its best "

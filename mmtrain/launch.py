@@ -7,7 +7,7 @@ Two ways in, one training code path:
   (rank 0 picks it).
 - `mmtrain train trainer.nproc_per_node=N` (also per multirun job) starts N workers for the
   job through torch's elastic launcher (`launch`), all writing into the job's one directory.
-Either way `mmtrain.loop.fit` runs once per rank.
+Either way `mmtrain.recipe.fit` runs once per rank.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import socket
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmtrain.errors import Interrupted, UserError
 from mmtrain.runlock import LOCK_HELD_ENV, RunLock
 from mmtrain.runlog import resume_command
+
+if TYPE_CHECKING:  # the spec imports every component: not needed to start workers
+    from mmtrain.spec import RunSpec
 
 log = logging.getLogger("mmtrain")
 
@@ -80,9 +83,9 @@ def free_port() -> int:
 def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
     """One elastic-launcher worker: rank 0 logs into the job's train.log; all ranks train."""
     import torch
-    from omegaconf import OmegaConf
 
-    from mmtrain.loop import fit
+    from mmtrain.recipe import fit
+    from mmtrain.spec import parse
 
     # Share the cores between the workers, as torchrun does: oversubscribed OpenMP threads
     # spin and slow every process down many times over.
@@ -100,7 +103,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
     for sig in (signal.SIGTERM, signal.SIGINT):  # until the loop takes over: stop at once
         signal.signal(sig, _interrupt)
     try:
-        return fit(OmegaConf.create(config), Path(run_dir))
+        return fit(parse(config), Path(run_dir))
     except UserError as error:  # reported by the parent, without the launcher's traceback
         return {"error": str(error)}
     except Interrupted as error:
@@ -112,11 +115,12 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(name, f"Interrupted by {name} before training started; nothing is lost.")
 
 
-def launch(cfg: Any, run_dir: Path, nproc: int) -> float:
-    """Run `fit` in `nproc` worker processes on this machine; return rank 0's result."""
-    from omegaconf import OmegaConf
+def launch(spec: RunSpec, run_dir: Path) -> float:
+    """Run `fit` in trainer.nproc_per_node worker processes on this machine; return rank 0's
+    result."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    nproc = spec.trainer.nproc_per_node
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -138,9 +142,7 @@ def launch(cfg: Any, run_dir: Path, nproc: int) -> float:
     with RunLock(run_dir):
         os.environ[LOCK_HELD_ENV] = str(run_dir)
         try:
-            results = elastic_launch(config, _worker)(
-                OmegaConf.to_container(cfg, resolve=True), str(run_dir)
-            )
+            results = elastic_launch(config, _worker)(spec.config, str(run_dir))
         except SignalException as error:
             # The workers got the signal too, finished their step and saved; the launcher
             # forwarded it and waited for them.

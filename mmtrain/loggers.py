@@ -20,7 +20,6 @@ import logging
 import math
 import re
 import time
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,14 +129,6 @@ def check(logger_cfg: Mapping[str, Any] | None) -> None:
     building nothing."""
     for name, options in entries(logger_cfg):
         registry.check("logger", {"name": name, **options}, runtime=("run",))
-        hints = typing.get_type_hints(registry.get("logger", name))
-        for key, value in options.items():
-            wanted = _container(hints.get(key))
-            if value is not None and wanted and not isinstance(value, wanted[0]):
-                raise UserError(
-                    f"logger.{name}.{key} must be a {wanted[1]} (got {value!r}), e.g. "
-                    f"'logger.{name}.{key}={'[a,b]' if wanted[0] is list else '{key: value}'}'."
-                )
         module = REQUIRES.get(name)
         if module and importlib.util.find_spec(module) is None:
             raise UserError(
@@ -145,18 +136,6 @@ def check(logger_cfg: Mapping[str, Any] | None) -> None:
                 f"Install it with: pip install 'mmtrain[{module}]' (or pip install {module}), "
                 "or drop the sink from logger."
             )
-
-
-def _container(hint: Any) -> tuple[type, str] | None:
-    """(list, "list") or (Mapping, "mapping") for a list[...] or dict[...] annotation (or
-    one of them | None): what the registry's scalar checks leave to the factory."""
-    for arg in (hint, *typing.get_args(hint)):
-        origin = typing.get_origin(arg)
-        if origin is list:
-            return list, "list"
-        if origin is dict:
-            return Mapping, "mapping"
-    return None
 
 
 def build(logger_cfg: Mapping[str, Any] | None, run: RunInfo) -> list[Sink]:

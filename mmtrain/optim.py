@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
 from mmtrain.errors import UserError
-from mmtrain.registry import Bounds, register
+from mmtrain.registry import register
+from mmtrain.rules import Bounds
 
 log = logging.getLogger("mmtrain")
 NO_DECAY_TYPES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -37,17 +38,9 @@ def param_groups(
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, NO_DECAY_TYPES) or name.endswith("bias") or param.ndim < 2:
                 no_decay.add(id(param))
-    backbone_fn = getattr(model, "backbone_parameters", None)
-    backbone = {id(p) for p in backbone_fn()} if backbone_fn else set()
+    backbone = {id(p) for p in model.backbone_parameters()}
     depths = {}
     if layer_decay is not None:
-        if not 0 < layer_decay <= 1:
-            raise UserError(
-                f"optimizer.layer_decay must be in (0, 1], e.g. 0.75 (got {layer_decay}); "
-                "null turns it off."
-            )
-        if not hasattr(model, "layer_depths"):
-            raise UserError("optimizer.layer_decay needs a model with transformer towers.")
         depths = model.layer_depths()
     groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for param in model.parameters():
@@ -73,11 +66,11 @@ def adamw(
     *,
     model: nn.Module,
     samples_per_step: int | None = None,
-    lr: Annotated[float, Bounds(gt=0)] | str = "auto",
+    lr: Annotated[float, Bounds(gt=0)] | Literal["auto"] = "auto",
     weight_decay: Annotated[float, Bounds(ge=0)] = 0.05,
     betas: Annotated[Sequence[float], Bounds(ge=0, lt=1)] = (0.9, 0.999),
     eps: Annotated[float, Bounds(gt=0)] = 1e-8,
-    backbone_lr_scale: Annotated[float, Bounds(ge=0)] | str = "auto",
+    backbone_lr_scale: Annotated[float, Bounds(ge=0)] | Literal["auto"] = "auto",
     layer_decay: Annotated[float, Bounds(gt=0, le=1)] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups` (layer-wise lr decay with `layer_decay`); the fused kernel
@@ -106,22 +99,10 @@ def adamw(
 AUTO_LR, AUTO_LR_SAMPLES = 1e-3, 64
 
 
-# Optimizer keys that take a number or `auto`, and which numbers.
-AUTO_KEYS = {"lr": "a number above 0", "backbone_lr_scale": "a number >= 0"}
-
-
-def check_auto(key: str, value: object) -> None:
-    """A word other than `auto` for one of `AUTO_KEYS` is a UserError (the registry's type
-    check lets any string through a `float | str` key)."""
-    if isinstance(value, str) and value != "auto":
-        raise UserError(f"optimizer.{key}={value} is not valid; give {AUTO_KEYS[key]} or auto.")
-
-
 def _resolved_lr(lr: float | str, samples_per_step: int | None) -> float:
     """optimizer.lr, with `auto` resolved (and said in the log); without a batch to scale
     with (an optimizer built outside a run), `auto` is `AUTO_LR`."""
-    check_auto("lr", lr)
-    if not isinstance(lr, str):
+    if lr != "auto":
         return lr
     samples_per_step = samples_per_step or AUTO_LR_SAMPLES
     resolved = AUTO_LR * samples_per_step / AUTO_LR_SAMPLES
@@ -141,9 +122,8 @@ FINETUNE_BACKBONE_SCALE = 0.02
 
 def _backbone_scale(model: nn.Module, scale: float | str, lr: float) -> float:
     """optimizer.backbone_lr_scale, with `auto` resolved (and said in the log)."""
-    check_auto("backbone_lr_scale", scale)
-    if isinstance(scale, str):
-        if not getattr(model, "finetunes_pretrained_towers", False):
+    if scale == "auto":
+        if not model.finetunes_pretrained_towers:
             return 1.0
         scale = FINETUNE_BACKBONE_SCALE
         log.info(
@@ -157,10 +137,6 @@ def _backbone_scale(model: nn.Module, scale: float | str, lr: float) -> float:
 
 
 def _checked_warmup(warmup_steps: int, total_steps: int) -> int:
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise UserError(
-            f"scheduler.warmup_steps must be a non-negative integer (got {warmup_steps!r})."
-        )
     if warmup_steps >= total_steps:
         capped = total_steps // 10
         log.warning(

@@ -91,3 +91,19 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def build_parts(cfg, run_dir: Path | None = None, class_names: list[str] | None = None):
+    """The parts of a training run of the composed config `cfg` (`mmtrain.assemble.parts`)."""
+    from mmtrain import assemble
+    from mmtrain.spec import parse
+
+    return assemble.parts(parse(cfg), run_dir, class_names)
+
+
+def data_loader(parts, split: str, *, train: bool, pin_memory: bool = False):
+    """The DataLoader of `split` of `parts`, on the CPU (`mmtrain.assemble.loader`)."""
+    from mmtrain import assemble
+
+    device = torch.device("cuda" if pin_memory else "cpu")
+    return assemble.loader(parts, split, train=train, device=device)

@@ -6,11 +6,10 @@ import random
 
 import pytest
 import torch
-from conftest import TINY, assert_same_weights, resume_from_step, run_cli
+from conftest import TINY, assert_same_weights, build_parts, data_loader, resume_from_step, run_cli
 from conftest import compose_train as _compose
 
 from mmtrain import registry
-from mmtrain.build import build_parts, data_loader
 from mmtrain.data import augment
 from mmtrain.errors import UserError
 

@@ -11,7 +11,7 @@ from manifest_files import MODEL_TINY, write_jsonl, write_learnable
 from omegaconf import OmegaConf
 from PIL import Image
 
-from mmtrain.commands.load import load_run
+from mmtrain.assemble import trained
 from mmtrain.data.tokenizer import build_word_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.models.backbone import build_backbone
@@ -171,7 +171,7 @@ def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
     assert result.returncode == 0, result.stderr
     exported = CLIPModel.from_pretrained(tmp_path / "export").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
-    trained = load_run(str(run)).model
+    trained_model = trained(str(run)).model
     texts = tokenizer(
         ["a picture that is mostly red", "mostly blue"], padding=True, return_tensors="pt"
     )
@@ -179,11 +179,11 @@ def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
     with torch.no_grad():
         for ours, theirs in (
             (
-                trained.clip.text_model(**texts).pooler_output,
+                trained_model.clip.text_model(**texts).pooler_output,
                 exported.text_model(**texts).pooler_output,
             ),
             (
-                trained.clip.vision_model(pixel_values=pixels).pooler_output,
+                trained_model.clip.vision_model(pixel_values=pixels).pooler_output,
                 exported.vision_model(pixel_values=pixels).pooler_output,
             ),
         ):
@@ -350,9 +350,9 @@ def test_eval_of_an_untrained_pretrained_backbone_matches_the_runs_step_0(pretra
 def test_a_pretrained_backbone_gets_the_fine_tuning_rates(
     pretrained, backbone, options, towers, head
 ):
-    from mmtrain import registry
-    from mmtrain.build import model_spec
+    from mmtrain import assemble, registry
     from mmtrain.models.backbone import load_tokenizer
+    from mmtrain.spec import parse
 
     tiny = [o for o in TINY if o.startswith("model.")] if backbone is None else []
     overrides = [
@@ -365,7 +365,9 @@ def test_a_pretrained_backbone_gets_the_fine_tuning_rates(
         load_tokenizer(str(pretrained)) if backbone else build_word_tokenizer(["a red circle"])
     )
     model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items()}
-    model = registry.build("model", model_cfg, tokenizer=tokenizer, spec=model_spec(cfg))
+    model = registry.build(
+        "model", model_cfg, tokenizer=tokenizer, spec=assemble.backbone(parse(cfg))
+    )
     optimizer = registry.build("optimizer", {"name": "adamw", "lr": 1e-3, **options}, model=model)
     by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     backbone_ids = {id(p) for p in model.backbone_parameters() if p.requires_grad}
@@ -375,7 +377,7 @@ def test_a_pretrained_backbone_gets_the_fine_tuning_rates(
 
 
 def test_a_bad_backbone_lr_scale_is_refused(pretrained):
-    from mmtrain.build import check
+    from mmtrain.spec import parse
 
     with pytest.raises(UserError, match="Key 'backbone_lr_scale' of optimizer 'adamw' must be"):
-        check(_compose(["optimizer.backbone_lr_scale=-1"]))
+        parse(_compose(["optimizer.backbone_lr_scale=-1"]))

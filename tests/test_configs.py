@@ -4,13 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, TINY
+from conftest import CONF, TINY, build_parts, data_loader
 from conftest import compose_train as _compose
 from manifest_files import MODEL_TINY, write_learnable
 
-from mmtrain import registry
-from mmtrain.build import build_parts, check, data_loader, total_steps
-from mmtrain.config import plain, trainer_config
+from mmtrain.spec import parse, total_steps
 
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "zeroshot", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
@@ -43,16 +41,14 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
         cache = f"data.cache_dir={tmp_path / 'cache'}"
         overrides = [f"{group}={option}", f"data.path={folder}", cache, *MODEL_TINY]
     cfg = _compose(overrides)
-    check(cfg)
+    spec = parse(cfg)
     parts = build_parts(cfg, tmp_path)
     batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     out = parts.model(**batch)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
-    optimizer = registry.build("optimizer", plain(cfg.optimizer), model=parts.model)
-    _, steps = total_steps(trainer_config(cfg), 8)
-    scheduler = registry.build(
-        "scheduler", plain(cfg.scheduler), optimizer=optimizer, total_steps=steps
-    )
+    optimizer = spec.optimizer.build(model=parts.model)
+    _, steps = total_steps(spec.trainer, 8)
+    scheduler = spec.scheduler.build(optimizer=optimizer, total_steps=steps)
     out["loss"].backward()
     optimizer.step()
     scheduler.step()

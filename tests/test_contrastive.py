@@ -72,10 +72,8 @@ def test_classification_metrics_report_the_names_they_declare():
 
 
 def test_hard_negatives_add_columns_to_each_images_logits():
-    from conftest import CONF
+    from conftest import CONF, build_parts, data_loader
     from hydra import compose, initialize_config_dir
-
-    from mmtrain.build import build_parts, data_loader
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("train", overrides=["model=clip_contrastive", "data.hard_negatives=3", *TINY])
@@ -125,11 +123,9 @@ def test_a_sampler_that_cannot_serve_the_data_stops_before_training(tmp_path):
 
 
 def test_manifest_negatives_come_from_their_column(tmp_path):
-    from conftest import CONF
+    from conftest import CONF, build_parts, data_loader
     from hydra import compose, initialize_config_dir
     from manifest_files import MODEL_TINY, learnable_rows, write_csv, write_jsonl
-
-    from mmtrain.build import build_parts, data_loader
 
     folder = tmp_path / "data"
     train = learnable_rows(folder, "train", 12)

@@ -17,10 +17,11 @@ PACKAGE = ROOT / "mmtrain"
 LAYERS = {
     "mmtrain": 0,  # the empty package itself
     "mmtrain.errors": 0,
-    "mmtrain.registry": 1,
+    "mmtrain.rules": 1,
     "mmtrain.distributed": 1,
-    "mmtrain.config": 1,
     "mmtrain.retrieval": 1,
+    "mmtrain.devices": 1,
+    "mmtrain.registry": 2,
     "mmtrain.checkpoint": 2,
     "mmtrain.runlog": 2,
     "mmtrain.runlock": 2,
@@ -28,16 +29,20 @@ LAYERS = {
     "mmtrain.watch": 2,
     "mmtrain.data": 3,
     "mmtrain.models": 3,
-    "mmtrain.optim": 3,
     "mmtrain.loggers": 3,
-    "mmtrain.components": 4,
-    "mmtrain.build": 5,
-    "mmtrain.guard": 5,
-    "mmtrain.loop": 6,
-    "mmtrain.launch": 7,
-    "mmtrain.commands": 7,
-    "mmtrain.cli": 8,
-    "mmtrain.__main__": 9,
+    "mmtrain.guard": 3,
+    "mmtrain.optim": 4,  # built on the model interface
+    "mmtrain.evaluation": 4,
+    "mmtrain.components": 5,
+    "mmtrain.spec": 6,  # the config, checked, as typed values
+    "mmtrain.run": 7,  # what the loop receives
+    "mmtrain.loop": 8,
+    "mmtrain.assemble": 9,  # builds every object of a run: above the loop it feeds
+    "mmtrain.recipe": 10,
+    "mmtrain.launch": 11,
+    "mmtrain.commands": 11,
+    "mmtrain.cli": 12,
+    "mmtrain.__main__": 13,
 }
 
 
@@ -105,25 +110,29 @@ def test_the_check_catches_edges_that_run_the_wrong_way():
     wrong = [
         ("mmtrain.models.negatives", "mmtrain.data.augment"),
         ("mmtrain.data.validate", "mmtrain.models.backbone"),
-        ("mmtrain.data.validate", "mmtrain.build"),
+        ("mmtrain.data.validate", "mmtrain.assemble"),
         ("mmtrain.distributed", "mmtrain.loop"),
-        ("mmtrain.config", "mmtrain.data.augment"),
+        ("mmtrain.rules", "mmtrain.data.augment"),
         ("mmtrain.loop", "mmtrain.launch"),
-        ("mmtrain.build", "mmtrain.commands.load"),
+        ("mmtrain.loop", "mmtrain.assemble"),
+        ("mmtrain.assemble", "mmtrain.commands.evaluate"),
+        ("mmtrain.spec", "mmtrain.assemble"),
     ]
     assert len(violations(wrong)) == len(wrong)
     right = [
         ("mmtrain.data.negatives", "mmtrain.data.augment"),
         ("mmtrain.launch", "mmtrain.loop"),
         ("mmtrain.models.classifier", "mmtrain.metrics"),
-        ("mmtrain.cli", "mmtrain.build"),
+        ("mmtrain.cli", "mmtrain.spec"),
+        ("mmtrain.assemble", "mmtrain.loop"),
+        ("mmtrain.recipe", "mmtrain.assemble"),
     ]
     assert violations(right) == []
 
 
 def test_components_are_registered_by_one_module():
     """Every module that registers components is imported by mmtrain.components, which the
-    build and `mmtrain list` import: nothing else imports modules for their side effects."""
+    spec imports: nothing else imports modules for their side effects."""
     from mmtrain import components
 
     decorator = re.compile(r"^@(registry\.)?register\(", re.MULTILINE)
@@ -132,7 +141,7 @@ def test_components_are_registered_by_one_module():
     }
     assert registering == {module.__name__ for module in components.MODULES}
     importers = {source for source, target in package_edges() if target == "mmtrain.components"}
-    assert importers == {"mmtrain.build", "mmtrain.commands.listing"}
+    assert importers == {"mmtrain.spec"}
 
 
 LIGHT_COMMAND = """
@@ -171,3 +180,72 @@ def test_light_commands_import_no_model_code(args, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout[-500:]
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def _functions(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node
+
+
+def test_modules_and_functions_stay_small():
+    """A module past ~400 lines is two modules; a function past ~80 lines, two functions."""
+    long_modules, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in _functions(ast.parse(text)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                long_functions.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines}"
+                )
+    assert long_modules == [] and long_functions == []
+
+
+def private_imports(path) -> list[str]:
+    """`from mmtrain.x import _name` imports of another module's private names in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mmtrain"):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    found = {
+        str(path.relative_to(ROOT)): names
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (names := private_imports(path))
+    }
+    assert found == {}
+
+
+# What the commands that work on a run (eval, predict, export, validate) may not import:
+# the modules that build a run's objects. They build through mmtrain.assemble.
+BUILDERS = (
+    "mmtrain.registry",
+    "mmtrain.components",
+    "mmtrain.data",
+    "mmtrain.models",
+    "mmtrain.optim",
+    "mmtrain.loggers",
+)
+RUN_COMMANDS = ("evaluate", "predict", "export", "validate")
+ALLOWED = ("mmtrain.data.source",)  # the split's type (SplitData) and its bad rows (BadRow)
+
+
+def test_commands_build_through_the_assembler():
+    wrong = []
+    for name in RUN_COMMANDS:
+        path = PACKAGE / "commands" / f"{name}.py"
+        for line, target in imports(path):
+            if target.startswith(BUILDERS) and not target.startswith(ALLOWED):
+                wrong.append(f"commands/{name}.py:{line} imports {target}")
+    assert wrong == []
+    assert any(t == "mmtrain.assemble" for _, t in imports(PACKAGE / "commands" / "evaluate.py"))

@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import build_parts, data_loader, run_cli
 from conftest import compose_train as _compose
-from conftest import run_cli
 from manifest_files import (
     COLOURS,
     MODEL_TINY,
@@ -22,11 +22,11 @@ from manifest_files import (
 )
 from PIL import Image
 
-from mmtrain.build import build_parts, check, data_loader
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.manifest import manifest
 from mmtrain.data.source import load_class_names
 from mmtrain.errors import UserError
+from mmtrain.spec import parse
 
 
 def _mean_colour(image: torch.Tensor) -> np.ndarray:
@@ -195,7 +195,7 @@ def test_string_labels_round_trip_through_the_run_directory(tmp_path):
     train, val = write_learnable(tmp_path / "data", train=12, val=6)
     data = ["data=manifest", f"data.train={train}", f"data.val={val}", *MODEL_TINY]
     cfg = _compose(data)
-    check(cfg)
+    parse(cfg)
     run = tmp_path / "run"
     parts = build_parts(cfg, run)
     assert load_class_names(run) == ["blue", "green", "red"]
@@ -361,7 +361,7 @@ def test_a_pretrained_backbone_sets_size_normalisation_and_tokenizer(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="mmtrain"):
         parts = build_parts(cfg, None)
     assert parts.splits["train"].image_size == 40  # the processor's crop size
-    assert parts.spec.image_mean == (0.5, 0.5, 0.5) and parts.spec.image_std == (0.25,) * 3
+    assert parts.shape.image_mean == (0.5, 0.5, 0.5) and parts.shape.image_std == (0.25,) * 3
     assert torch.allclose(parts.model.normalize.mean.flatten(), torch.full((3,), 127.5))
     assert parts.tokenizer.get_vocab() == tokenizer.get_vocab()  # its own, not rebuilt
     assert "exceeds the backbone's 12 text positions; using 12" in caplog.text

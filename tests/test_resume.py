@@ -254,13 +254,14 @@ def test_samples_per_s_counts_time_and_samples_over_the_same_steps(tmp_path, mon
 
     from hydra import compose, initialize_config_dir
 
-    from mmtrain import loop
+    from mmtrain import loop, recipe
+    from mmtrain.spec import parse
 
     ticks = iter(range(10**9))
     monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("train", [*TINY, "trainer.max_epochs=3", "trainer.log_every_n_steps=9"])
-    loop.fit(cfg, tmp_path)
+    recipe.fit(parse(cfg), tmp_path)
     events = read_jsonl(tmp_path / "metrics.jsonl")
     speeds = [e["train/samples_per_s"] for e in events if "train/loss" in e]
     assert [e["step"] for e in events if "train/loss" in e] == [9, 18, 24]
@@ -278,7 +279,7 @@ def test_a_config_written_by_0_1_0_reads_as_this_releases(model, moved):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from mmtrain.config import upgrade
+    from mmtrain.spec import upgrade
 
     old = OmegaConf.to_container(OmegaConf.load(FIXTURES / f"config-0.1.0-{model}.yaml"))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

@@ -11,8 +11,6 @@ import torch
 from conftest import CONF, TINY, read_jsonl, run_cli
 from hydra import compose, initialize_config_dir
 
-from mmtrain.build import total_steps
-from mmtrain.config import trainer_config
 from mmtrain.data.manifest import manifest
 from mmtrain.data.source import SplitData
 from mmtrain.data.suite import TASKS, render_pair, write_task
@@ -20,6 +18,7 @@ from mmtrain.data.summary import summarize
 from mmtrain.data.tokenizer import build_word_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.models.fusion import Features, cross_attention_concat
+from mmtrain.spec import parse, total_steps
 from mmtrain.watch import ACCURACY_MARGIN, ChanceWatch
 
 
@@ -77,15 +76,15 @@ def _cfg(*overrides):
 
 
 def test_small_sets_get_the_step_budget_and_max_steps_still_caps():
-    default = trainer_config(_cfg())
+    default = parse(_cfg()).trainer
     assert total_steps(default, 47) == (47, 2000)  # 10 epochs would be 470 steps
     assert total_steps(default, 250) == (250, 2500)  # a larger set: its 10 epochs
-    capped = trainer_config(_cfg("trainer.max_steps=300"))
+    capped = parse(_cfg("trainer.max_steps=300")).trainer
     assert total_steps(capped, 47) == (47, 300)
-    epochs_only = trainer_config(_cfg("trainer.min_steps=null"))
+    epochs_only = parse(_cfg("trainer.min_steps=null")).trainer
     assert total_steps(epochs_only, 47) == (47, 470)
     with pytest.raises(UserError, match="trainer.min_steps"):
-        trainer_config(_cfg("trainer.min_steps=0"))
+        parse(_cfg("trainer.min_steps=0"))
 
 
 def _features(batch=4, tokens=5, width=8, embed=6):

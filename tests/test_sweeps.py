@@ -15,7 +15,9 @@ def test_report_sorts_jobs_by_metric_and_shows_failures(tmp_path):
         "train", "-m", "optimizer.lr=1e-3,-1,3e-3", *ONE_EPOCH, f"hydra.sweep.dir={sweep}"
     )
     assert result.returncode != 0  # one job failed, and the sweep says so ...
-    assert "Key 'lr' of optimizer 'adamw' must be above 0 (got -1)" in result.stderr
+    assert (
+        "Key 'lr' of optimizer 'adamw' must be a positive number or auto (got -1)" in result.stderr
+    )
     for job in ("0", "2"):  # ... after running the others
         assert json.loads((sweep / job / "summary.json").read_text())["status"] == "completed"
 

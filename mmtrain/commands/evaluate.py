@@ -25,23 +25,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mmtrain.build import build_data, build_zeroshot, text_length, val_metrics
+from mmtrain import assemble
 from mmtrain.commands import pictures
-from mmtrain.commands.load import (
-    TrainedRun,
-    batches,
-    load_run,
-    on_device,
-    parse_args,
-    untrained_run,
-)
-from mmtrain.config import loader_config
+from mmtrain.commands.arguments import parse_args
 from mmtrain.data.source import SplitData
 from mmtrain.errors import UserError
-from mmtrain.loop import evaluate
-from mmtrain.metrics import confusion_matrix, per_class_scores
+from mmtrain.evaluation import evaluate
+from mmtrain.metrics import (
+    ClassificationMetrics,
+    RetrievalMetrics,
+    confusion_matrix,
+    per_class_scores,
+)
 from mmtrain.retrieval import topk
 from mmtrain.runlog import write_json
+from mmtrain.spec import parse
 
 log = logging.getLogger("mmtrain")
 GALLERY_CAPTIONS = 4
@@ -62,10 +60,11 @@ def evaluate_run(args: list[str], config_path: str | None = None) -> dict[str, f
                 "writes into the run directory; group choices and out= are for evaluating a "
                 "model that was never trained (leave run= out)."
             )
-        run = load_run(own["run"], overrides, own.get("checkpoint"))
-        splits = build_data(run.cfg, run.spec, run.class_names)
+        run = assemble.trained(own["run"], overrides, own.get("checkpoint"))
+        splits = run.data()
     elif "out" in own:
-        run, splits = untrained_run(overrides, Path(own["out"]).expanduser(), config_path)
+        spec = parse(_compose(overrides, config_path))
+        run, splits = assemble.untrained(spec, Path(own["out"]).expanduser())
     else:
         raise UserError(
             "Missing run=...: give run=RUN_DIR (a finished `mmtrain train` run), or out=DIR "
@@ -77,11 +76,11 @@ def evaluate_run(args: list[str], config_path: str | None = None) -> dict[str, f
             f"split={split_name}: the run's data has no such split (it has {', '.join(splits)}); for a manifest, set data.{split_name}=PATH."
         )
     split = splits[split_name]
-    model, device, autocast = on_device(run)
-    length = text_length(loader_config(run.cfg).max_text_length, run.spec)
-    zeroshot = build_zeroshot(run.cfg, split, run.tokenizer, length, model)
-    scorer = val_metrics(model, device, zeroshot)
-    metrics = evaluate(model, scorer, batches(run, split), device, autocast)
+    model, device, autocast = run.on_device()
+    task = assemble.zeroshot(run.spec, split, run.tokenizer, run.text_length())
+    classes = task.classes(model, device) if task is not None else None
+    scorer = model.metrics(device, zeroshot=classes)
+    metrics = evaluate(model, scorer, run.batches(split), device, autocast)
     metrics = {name.replace("val/", f"{split_name}/"): value for name, value in metrics.items()}
     result: dict[str, Any] = {
         "split": split_name,
@@ -102,18 +101,31 @@ def evaluate_run(args: list[str], config_path: str | None = None) -> dict[str, f
     return metrics
 
 
-def _pictures(run: TrainedRun, split: SplitData, name: str, scorer: Any) -> dict[str, Any]:
+def _compose(overrides: list[str], config_path: str | None) -> Any:
+    """conf/ (or `config_path`) composed with `overrides`, as `mmtrain train` composes it."""
+    from hydra import compose, initialize_config_dir, initialize_config_module
+
+    path = config_path or str(Path(__file__).resolve().parents[2] / "conf")
+    if path.startswith("pkg://"):
+        context = initialize_config_module(path.removeprefix("pkg://"), version_base=None)
+    else:
+        context = initialize_config_dir(path, version_base=None)
+    with context:
+        return compose("train", overrides=list(overrides))
+
+
+def _pictures(run: assemble.Trained, split: SplitData, name: str, scorer: Any) -> dict[str, Any]:
     """The pictures of this evaluation, and the per-class scores that go with them."""
     found: dict[str, Any] = {"pictures": []}
     where = f"{run.path.name}, {name} split"
-    if hasattr(scorer, "confusion"):  # a classifier
+    if isinstance(scorer, ClassificationMetrics):
         confusion = scorer.confusion.compute().cpu()
         names = run.class_names or [str(i) for i in range(len(confusion))]
         found["per_class"] = per_class_scores(confusion, names)
         path = run.path / f"confusion_{name}.png"
         pictures.plot_confusion(confusion, names, path, f"confusion matrix ({where})")
         found["pictures"].append(path.name)
-    gathered = getattr(scorer, "gathered", {})
+    gathered = scorer.gathered if isinstance(scorer, RetrievalMetrics) else {}
     if "rows" in gathered:  # a contrastive model
         path = run.path / f"retrieval_{name}.png"
         _gallery(split, gathered, path, f"text-to-image retrieval ({where})")

@@ -11,9 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-from mmtrain.commands.load import load_run, parse_args
-from mmtrain.config import plain
-from mmtrain.models.backbone import image_processor, plain_backbone
+from mmtrain import assemble
+from mmtrain.commands.arguments import parse_args
 
 log = logging.getLogger("mmtrain")
 
@@ -24,23 +23,24 @@ def export_run(args: list[str]) -> Path:
     from safetensors.torch import save_file
 
     own, overrides = parse_args(args, ("run", "out"), ("checkpoint",), __doc__)
-    run = load_run(own["run"], overrides, own.get("checkpoint"))
+    run = assemble.trained(own["run"], overrides, own.get("checkpoint"))
     out = Path(own["out"]).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     # LoRA adapters are merged into the weights: the export loads as a plain model.
-    plain_backbone(run.model.clip).save_pretrained(out)
+    backbone, processor = run.transformers_parts()
+    backbone.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
-    image_processor(run.spec).save_pretrained(out)
+    processor.save_pretrained(out)
     head = {
         name: tensor.contiguous()
         for name, tensor in run.model.state_dict().items()
         if not name.startswith("clip.")
     }
-    model_cfg = plain(run.cfg.model)
+    model = run.spec.model
     description = {
-        "mmtrain_model": model_cfg["name"],
+        "mmtrain_model": model.name,
         "model_config": {
-            k: v for k, v in model_cfg.items() if k not in ("backbone", "backbone_config")
+            k: v for k, v in model.options.items() if k not in ("backbone", "backbone_config")
         },
         "class_names": run.class_names,
         "checkpoint": str(run.checkpoint),

@@ -13,14 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 import mmtrain
-import mmtrain.components  # noqa: F401  (registers the built-in components)
-from mmtrain import registry
-from mmtrain.build import MODEL_RUNTIME, SOURCE_RUNTIME, ZEROSHOT_RUNTIME
-from mmtrain.config import LOADER_KEYS, TrainerConfig
+from mmtrain import registry, rules
 from mmtrain.data.augment import IMAGE, TEXT
 from mmtrain.data.augment import RUNTIME as AUGMENT_RUNTIME
 from mmtrain.errors import UserError
 from mmtrain.models.fusion import FUSION_ARGUMENTS
+from mmtrain.spec import BATCH_KEYS, RUNTIME, TrainerConfig
 
 # Config group -> the registry kinds it selects from (fusions are picked by model.fusion,
 # augmentations by the entries of data.augment, negatives by data.negative_sampler).
@@ -35,14 +33,9 @@ GROUPS = {
     "experiment": [],
 }
 # Keyword arguments mmtrain supplies at run time, not config keys: left out of the tables.
-RUNTIME = {
-    "data": SOURCE_RUNTIME,
-    "model": MODEL_RUNTIME,
-    "optimizer": ("model",),
-    "scheduler": ("optimizer", "total_steps"),
-    "logger": ("run",),
+SUPPLIED = {
+    **RUNTIME,
     "fusion": FUSION_ARGUMENTS,
-    "zeroshot": ZEROSHOT_RUNTIME,
     "image_augment": AUGMENT_RUNTIME[IMAGE],
     "text_augment": AUGMENT_RUNTIME[TEXT],
     "negatives": ("text", "rng", "k", "negatives"),
@@ -95,14 +88,14 @@ def print_listing(config_dir: Traversable, args: list[str]) -> None:
         f"[bold]{group}[/] config options: {', '.join(_options(config_dir, group)) or '-'}"
     )
     if group == "data":
-        console.print(f"Keys every data option has: {', '.join(f'data.{k}' for k in LOADER_KEYS)}")
+        console.print(f"Keys every data option has: {', '.join(f'data.{k}' for k in BATCH_KEYS)}")
     if group == "trainer":
-        table = Table(title="trainer keys (typed: a wrong type or an unknown key is an error)")
+        table = Table(title="trainer keys (typed: a wrong value or an unknown key is an error)")
         table.add_column("key", style="bold")
-        table.add_column("type")
+        table.add_column("takes")
         table.add_column("default")
         for key, hint, default in _schema_rows(TrainerConfig, "trainer"):
-            table.add_row(key, str(hint).replace("typing.", ""), repr(default))
+            table.add_row(key, rules.describe(hint), repr(default))
         console.print(table)
     for kind in GROUPS[group]:
         table = Table(title=f"registered {kind} components")
@@ -115,7 +108,7 @@ def print_listing(config_dir: Traversable, args: list[str]) -> None:
             keys = [
                 f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
                 for p in inspect.signature(fn).parameters.values()
-                if p.name not in RUNTIME.get(kind, ())
+                if p.name not in SUPPLIED.get(kind, ())
             ]
             table.add_row(name, ", ".join(keys), _summary(fn), defined_at(fn))
         console.print(table)
@@ -133,13 +126,13 @@ def print_listing(config_dir: Traversable, args: list[str]) -> None:
 
 
 def _schema_rows(schema: type, prefix: str) -> list[tuple[str, object, object]]:
-    """(key, type, default) of every leaf of a structured-config dataclass."""
+    """(key, type, default) of every leaf of a schema dataclass (`mmtrain.spec`)."""
     rows = []
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     for field in dataclasses.fields(schema):
         key, hint = f"{prefix}.{field.name}", hints[field.name]
         if dataclasses.is_dataclass(hint):
             rows += _schema_rows(hint, key)
         else:
-            rows.append((key, getattr(hint, "__name__", hint), field.default))
+            rows.append((key, hint, field.default))
     return rows

@@ -24,14 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from mmtrain import registry
-from mmtrain.build import text_length, zeroshot_options
-from mmtrain.commands.load import batches, load_run, on_device, parse_args
-from mmtrain.config import loader_config, source_options
+from mmtrain import assemble
+from mmtrain.commands.arguments import parse_args
 from mmtrain.errors import UserError
-from mmtrain.models.zeroshot import can_embed, load_templates, prompt_embeddings
 from mmtrain.retrieval import topk
 
 log = logging.getLogger("mmtrain")
@@ -70,19 +66,9 @@ def predict_run(args: list[str]) -> Path:
             f"input={own['input']}: no such file ({source.resolve()}); give the CSV or JSONL "
             "manifest of the rows to predict (image and text columns; labels are not needed)."
         )
-    keys = {o: o[5:].split("=")[0] for o in overrides if o.startswith("data.")}
-    takes = registry.accepted("data", "manifest", dict.fromkeys(keys.values()))
-    for_input = [o for o in overrides if keys.get(o) in takes]
-    run = load_run(own["run"], [o for o in overrides if o not in for_input], own.get("checkpoint"))
-    options = source_options(run.cfg) if run.cfg.data.name == "manifest" else {"name": "manifest"}
-    options.update(OmegaConf.to_container(OmegaConf.from_dotlist(for_input)).get("data", {}))
-    policy = options.get("on_bad_sample", "error")
-    # No labels: every row is in the one class "0" (the manifest's unlabelled mode). Bad rows
-    # are collected here and reported below, once, in the words of this command.
-    options.update(train=None, val=str(source), test=None, label_column=None, on_bad_sample="skip")
-    split = registry.build(
-        "data", options, image_size=run.spec.image_size, class_names=["0"], num_classes=None
-    )["val"]
+    run, split, policy = assemble.prediction_input(
+        own["run"], source, overrides, own.get("checkpoint")
+    )
     if split.bad_rows and policy == "error":
         listing = "\n".join(f"  {row}" for row in split.bad_rows)
         raise UserError(
@@ -90,25 +76,15 @@ def predict_run(args: list[str]) -> Path:
             "add data.on_bad_sample=skip to predict the other rows (the skipped ones are "
             "marked in the output with their reason)."
         )
-    model, device, autocast = on_device(run)
-    embeds = can_embed(model)
+    embeds = run.spec.traits.embeds
     if not embeds and (output.suffix.lower() in EMBEDDING_FORMATS or wanted.used):
         raise UserError(
             f"{wanted.used[0] if wanted.used else 'output=' + own['output']}: only a "
             f"contrastive model's predictions have embeddings and candidates; run {run.path} "
-            f"trained {run.cfg.model.name!r}, whose predictions are labels (output=FILE.jsonl)."
+            f"trained {run.spec.model.name!r}, whose predictions are labels (output=FILE.jsonl)."
         )
-    results: list[dict[str, Any]] = []
-    outputs: dict[str, list[torch.Tensor]] = {"image_embeds": [], "text_embeds": []}
-    with torch.no_grad():
-        for batch in batches(run, split):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
-                out = model(**{k: v for k, v in batch.items() if k != "labels"})
-            results += _prediction_rows(out, run.class_names)
-            if embeds:
-                for name, values in outputs.items():
-                    values.append(out[name].float().cpu())
+    model, device, autocast = run.on_device()
+    results, outputs = _predictions(run, split, model, device, autocast)
     kept = split.index.tolist() if split.index is not None else list(range(len(split)))
     if output.suffix.lower() in EMBEDDING_FORMATS:
         total = len(split) + len(split.bad_rows)
@@ -125,8 +101,34 @@ def predict_run(args: list[str]) -> Path:
             results, _matches(run, model, device, images, texts, kept, wanted), strict=True
         ):
             row.update(extra)
-    # Rows kept and rows dropped (data.on_bad_sample=skip) back in the input's order.
-    kept = set(kept)
+    rows = _with_skipped_rows(results, split, set(kept))
+    _write_rows(rows, output)
+    log.info("wrote %d predictions to %s", len(rows), output)
+    return output
+
+
+def _predictions(
+    run: assemble.Trained, split: Any, model: Any, device: torch.device, autocast: Any
+) -> tuple[list[dict[str, Any]], dict[str, list[torch.Tensor]]]:
+    """Per kept row its prediction, and (an embedding model's) the embeddings of each batch."""
+    results: list[dict[str, Any]] = []
+    outputs: dict[str, list[torch.Tensor]] = {"image_embeds": [], "text_embeds": []}
+    with torch.no_grad():
+        for batch in run.batches(split):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            results += _prediction_rows(out, run.class_names)
+            if run.spec.traits.embeds:
+                for name, values in outputs.items():
+                    values.append(out[name].float().cpu())
+    return results, outputs
+
+
+def _with_skipped_rows(
+    results: list[dict[str, Any]], split: Any, kept: set[int]
+) -> list[dict[str, Any]]:
+    """Rows kept and rows dropped (data.on_bad_sample=skip) back in the input's order."""
     predictions, dropped = iter(results), iter(sorted(split.bad_rows, key=lambda row: row.line))
     rows: list[dict[str, Any]] = []
     for position in range(len(split) + len(split.bad_rows)):
@@ -137,9 +139,7 @@ def predict_run(args: list[str]) -> Path:
             rows.append(
                 {"row": position, "status": "skipped", "reason": bad.reason, "line": bad.line}
             )
-    _write_rows(rows, output)
-    log.info("wrote %d predictions to %s", len(rows), output)
-    return output
+    return rows
 
 
 def _prediction_rows(
@@ -230,7 +230,7 @@ def _write_embeddings(arrays: dict[str, torch.Tensor], output: Path) -> None:
 
 
 def _matches(
-    run: Any,
+    run: assemble.Trained,
     model: torch.nn.Module,
     device: torch.device,
     images: torch.Tensor,
@@ -246,25 +246,18 @@ def _matches(
         {"top_images": [kept[i] for i in line.tolist()], "top_image_scores": _rounded(values)}
         for line, values in zip(top, scores, strict=True)
     ]
-    length = text_length(loader_config(run.cfg).max_text_length, run.spec)
     for key, names, templates in (
         ("texts", options.candidates, ["{}"]),
-        ("classes", options.class_names, _templates(run.cfg)),
+        ("classes", options.class_names, assemble.templates(run.spec)),
     ):
         if names is None:
             continue
-        keys = prompt_embeddings(model, run.tokenizer, length, names, templates, device).cpu()
+        keys = run.prompt_embeddings(names, templates, device).cpu()
         scores, top = topk(images, keys, options.k)
         for row, line, values in zip(extra, top, scores, strict=True):
             row[f"top_{key}"] = [names[i] for i in line.tolist()]
             row[f"top_{key[:-1] if key == 'texts' else 'class'}_scores"] = _rounded(values)
     return extra
-
-
-def _templates(cfg: Any) -> list[str]:
-    """The run's zero-shot prompt templates (zeroshot.templates; openai by default)."""
-    options = zeroshot_options(cfg)
-    return load_templates(options.get("templates", "openai"))
 
 
 def _rounded(values: torch.Tensor) -> list[float]:

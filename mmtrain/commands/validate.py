@@ -6,31 +6,34 @@ each bad row is one `FILE:LINE: reason: detail` line, unwrapped, for grep and sc
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from mmtrain.build import build_data, check, check_num_classes, model_spec
-from mmtrain.config import plain
+from mmtrain import assemble
 from mmtrain.data.source import BadRow, SplitData
+from mmtrain.spec import parse
 
 
 def validate_data(cfg: DictConfig, console: Console | None = None) -> list[BadRow]:
     """Check `cfg` and every row of every split as `train` would; print what was found;
     return the bad rows."""
     console = console or Console()
-    check(cfg)
-    if "on_bad_sample" in cfg.data:
+    spec = parse(cfg)
+    if "on_bad_sample" in spec.data.options:
         # "skip" collects every bad row instead of stopping at the first split with one.
-        cfg = cfg.copy()
-        OmegaConf.update(cfg, "data.on_bad_sample", "skip")
-    spec = model_spec(cfg)
-    splits = build_data(cfg, spec, full_check=True)  # a damaged cache is rebuilt
+        source = dataclasses.replace(
+            spec.data, options={**spec.data.options, "on_bad_sample": "skip"}
+        )
+        spec = dataclasses.replace(spec, data=source)
+    shape = assemble.backbone(spec)
+    splits = assemble.data(spec, shape, full_check=True)  # a damaged cache is rebuilt
     bad = [row for split in splits.values() for row in split.bad_rows]
     if console.is_terminal:
-        _print_tables(console, cfg, splits, bad, spec.image_size)
+        _print_tables(console, spec.data.name, splits, bad, shape.image_size)
     else:
         for row in bad:
             print(row, flush=True)
@@ -45,7 +48,7 @@ def validate_data(cfg: DictConfig, console: Console | None = None) -> list[BadRo
         names = splits["train"].class_names
         shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
         console.print(f"{len(names)} classes (id order): {shown}", highlight=False, soft_wrap=True)
-        check_num_classes(plain(cfg.model), names)
+        assemble.num_classes(spec, names)
     if bad:
         console.print(
             f"{len(bad)} bad row(s). Fix or remove them, or train with data.on_bad_sample=skip "
@@ -59,9 +62,9 @@ def validate_data(cfg: DictConfig, console: Console | None = None) -> list[BadRo
 
 
 def _print_tables(
-    console: Console, cfg: DictConfig, splits: dict[str, SplitData], bad: list[BadRow], size: int
+    console: Console, source: str, splits: dict[str, SplitData], bad: list[BadRow], size: int
 ) -> None:
-    table = Table(title=f"data={cfg.data.name} at {size} px")
+    table = Table(title=f"data={source} at {size} px")
     for column in ("split", "rows", "usable", "bad", "bad by reason"):
         table.add_column(
             column, justify="left" if column in ("split", "bad by reason") else "right"

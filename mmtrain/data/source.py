@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,6 +115,12 @@ def matching_class(class_names: list[str], match_label: str | int | None) -> int
             "its image, or use auto, or null for every row."
         )
     return class_names.index(str(match_label))
+
+
+def bad_samples(splits: dict[str, SplitData]) -> dict[str, Any]:
+    """summary.json's `bad_samples`: rows dropped, in all, and per reason."""
+    reasons = Counter(row.reason for split in splits.values() for row in split.bad_rows)
+    return {"skipped": sum(reasons.values()), "by_reason": dict(reasons.most_common())}
 
 
 def save_class_names(class_names: list[str], run_dir: Path) -> Path:

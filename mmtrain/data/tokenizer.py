@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmtrain.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -64,3 +66,13 @@ def save_tokenizer(tokenizer: Any, run_dir: Path) -> Path:
     path = Path(run_dir) / "tokenizer"
     tokenizer.save_pretrained(path)
     return path
+
+
+def load_saved_tokenizer(run_dir: Path) -> Any:
+    """The tokenizer a run saved (`save_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    path = Path(run_dir) / "tokenizer"
+    if not path.is_dir():
+        raise UserError(f"{path} not found: the run directory is incomplete.")
+    return AutoTokenizer.from_pretrained(path)

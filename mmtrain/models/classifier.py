@@ -6,7 +6,7 @@ training loop, DDP and torch.compile wrap both at once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -18,15 +18,17 @@ from mmtrain.metrics import ClassificationMetrics
 from mmtrain.models.backbone import (
     BackboneSpec,
     PixelNormalize,
+    PositionInit,
     build_backbone,
     encode_image,
     encode_text,
-    prepare_backbone,
-    tower_depths,
     widths,
 )
+from mmtrain.models.finetune import Freeze, UnfreezeLast, prepare_backbone, tower_depths
 from mmtrain.models.fusion import Features
+from mmtrain.models.interface import ModelTraits
 from mmtrain.models.objectives import contrastive_loss
+from mmtrain.rules import Bounds
 
 
 class ImageTextClassifier(nn.Module):
@@ -38,8 +40,7 @@ class ImageTextClassifier(nn.Module):
     the fused classifier alone would find it.
     """
 
-    monitor = ("val/accuracy", "max")
-    metric_names = ClassificationMetrics.NAMES  # what validation reports, as val/NAME
+    traits = ModelTraits(monitor=("val/accuracy", "max"), metric_names=ClassificationMetrics.NAMES)
 
     def __init__(
         self,
@@ -50,9 +51,11 @@ class ImageTextClassifier(nn.Module):
         dropout: float,
         contrastive_weight: float,
         spec: BackboneSpec,
+        finetunes_pretrained_towers: bool = False,
     ):
         super().__init__()
         self.clip = clip
+        self.finetunes_pretrained_towers = finetunes_pretrained_towers
         self.fusion = fusion
         self.num_classes = num_classes
         self.contrastive_weight = contrastive_weight
@@ -112,12 +115,12 @@ class ImageTextClassifier(nn.Module):
         """{id(param): (layer id, layers)} of the towers (for optimizer.layer_decay)."""
         return tower_depths(self.clip)
 
-    def metrics(self, device: torch.device) -> ClassificationMetrics:
+    def metrics(self, device: torch.device, zeroshot: None = None) -> ClassificationMetrics:
         """A fresh set of streaming validation metrics (names: ClassificationMetrics.NAMES)."""
         return ClassificationMetrics(self.num_classes, device)
 
 
-@registry.register("model", "clip_fusion")
+@registry.register("model", "clip_fusion", traits=ImageTextClassifier.traits)
 def clip_fusion(
     *,
     tokenizer: Any,
@@ -125,16 +128,16 @@ def clip_fusion(
     backbone: str | None = None,
     backbone_config: dict[str, Any] | None = None,
     fusion: str = "cross_attention_concat",
-    fusion_layers: int = 1,
-    fusion_heads: int = 4,
+    fusion_layers: Annotated[int, Bounds(ge=1)] = 1,
+    fusion_heads: Annotated[int, Bounds(ge=1)] = 4,
     fusion_difference: bool = False,
     num_classes: int | None = None,
-    head_hidden: int = 256,
-    dropout: float = 0.1,
-    contrastive_weight: float = 0.5,
-    position_init: str = "sincos",
-    freeze: str = "none",
-    unfreeze_last_layers: int | None = None,
+    head_hidden: Annotated[int, Bounds(ge=1)] = 256,
+    dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.1,
+    contrastive_weight: Annotated[float, Bounds(ge=0)] = 0.5,
+    position_init: PositionInit = "sincos",
+    freeze: Freeze = "none",
+    unfreeze_last_layers: UnfreezeLast = None,
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
 ) -> ImageTextClassifier:
@@ -142,8 +145,6 @@ def clip_fusion(
     the fusion's `out_dim`."""
     if num_classes is None or num_classes < 2:  # null in the config: the data's classes
         raise UserError(f"model.num_classes must be at least 2 (got {num_classes}).")
-    if contrastive_weight < 0:
-        raise UserError(f"model.contrastive_weight must be >= 0 (got {contrastive_weight}).")
     clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
     offered = {
         **widths(clip),
@@ -154,9 +155,7 @@ def clip_fusion(
     }
     fuse = registry.build("fusion", fusion, **registry.accepted("fusion", fusion, offered))
     clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
-    model = ImageTextClassifier(
-        clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec
+    finetunes = backbone is not None and not (lora and lora.get("r"))
+    return ImageTextClassifier(
+        clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec, finetunes
     )
-    # What optimizer.backbone_lr_scale=auto asks: pretrained towers that train themselves.
-    model.finetunes_pretrained_towers = backbone is not None and not (lora and lora.get("r"))
-    return model

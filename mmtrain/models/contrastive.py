@@ -18,13 +18,14 @@ from mmtrain.metrics import RetrievalMetrics, ZeroShotClasses
 from mmtrain.models.backbone import (
     BackboneSpec,
     PixelNormalize,
+    PositionInit,
     build_backbone,
     encode_image,
     encode_text,
-    prepare_backbone,
-    tower_depths,
 )
 from mmtrain.models.feature_cache import replay_loss
+from mmtrain.models.finetune import Freeze, UnfreezeLast, prepare_backbone, tower_depths
+from mmtrain.models.interface import ModelTraits
 from mmtrain.models.objectives import MAX_LOGIT_SCALE, sigmoid_loss
 
 
@@ -32,16 +33,27 @@ class ContrastiveCLIP(nn.Module):
     """Image and text towers trained so that each image's own caption scores highest: with
     CLIP's InfoNCE (`loss="infonce"`) or SigLIP's pairwise sigmoid loss (`loss="sigmoid"`)."""
 
-    monitor = ("val/recall@1_i2t", "max")
-    metric_names = RetrievalMetrics.NAMES  # what validation reports, as val/NAME
     # trainer.accumulate_grad_batches scores every micro-batch against the negatives of all
     # of them (mmtrain.models.feature_cache), not each against its own.
-    accumulates_features = True
+    traits = ModelTraits(
+        monitor=("val/recall@1_i2t", "max"),
+        metric_names=RetrievalMetrics.NAMES,
+        embeds=True,
+        accumulates_features=True,
+        takes_negatives=True,
+    )
 
-    def __init__(self, clip: nn.Module, spec: BackboneSpec, loss: str = "infonce"):
+    def __init__(
+        self,
+        clip: nn.Module,
+        spec: BackboneSpec,
+        loss: str = "infonce",
+        finetunes_pretrained_towers: bool = False,
+    ):
         super().__init__()
         self.clip = clip  # the dual encoder: a CLIPModel or SiglipModel
         self.loss = loss
+        self.finetunes_pretrained_towers = finetunes_pretrained_towers
         self.normalize = PixelNormalize(spec)
         # DDP: every parameter gets a gradient each step, except SigLIP's bias under InfoNCE.
         self.has_unused_parameters = loss != "sigmoid" and hasattr(clip, "logit_bias")
@@ -163,9 +175,9 @@ def _dual_encoder(
     loss: str,
     backbone: str | None,
     backbone_config: dict[str, Any] | None,
-    position_init: str,
-    freeze: str,
-    unfreeze_last_layers: int | None,
+    position_init: PositionInit,
+    freeze: Freeze,
+    unfreeze_last_layers: UnfreezeLast,
     gradient_checkpointing: bool,
     lora: dict[str, Any] | None,
 ) -> ContrastiveCLIP:
@@ -177,22 +189,20 @@ def _dual_encoder(
             "for it, or a SigLIP model.backbone (or model.backbone_config.model_type=siglip)."
         )
     clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
-    model = ContrastiveCLIP(clip, spec, loss)
-    # What optimizer.backbone_lr_scale=auto asks: pretrained towers that train themselves.
-    model.finetunes_pretrained_towers = backbone is not None and not (lora and lora.get("r"))
-    return model
+    finetunes = backbone is not None and not (lora and lora.get("r"))
+    return ContrastiveCLIP(clip, spec, loss, finetunes)
 
 
-@registry.register("model", "clip_contrastive")
+@registry.register("model", "clip_contrastive", traits=ContrastiveCLIP.traits)
 def clip_contrastive(
     *,
     tokenizer: Any,
     spec: BackboneSpec,
     backbone: str | None = None,
     backbone_config: dict[str, Any] | None = None,
-    position_init: str = "sincos",
-    freeze: str = "none",
-    unfreeze_last_layers: int | None = None,
+    position_init: PositionInit = "sincos",
+    freeze: Freeze = "none",
+    unfreeze_last_layers: UnfreezeLast = None,
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
 ) -> ContrastiveCLIP:
@@ -204,16 +214,16 @@ def clip_contrastive(
     )  # fmt: skip
 
 
-@registry.register("model", "siglip_contrastive")
+@registry.register("model", "siglip_contrastive", traits=ContrastiveCLIP.traits)
 def siglip_contrastive(
     *,
     tokenizer: Any,
     spec: BackboneSpec,
     backbone: str | None = None,
     backbone_config: dict[str, Any] | None = None,
-    position_init: str = "sincos",
-    freeze: str = "none",
-    unfreeze_last_layers: int | None = None,
+    position_init: PositionInit = "sincos",
+    freeze: Freeze = "none",
+    unfreeze_last_layers: UnfreezeLast = None,
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
 ) -> ContrastiveCLIP:

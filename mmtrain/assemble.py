@@ -1,0 +1,430 @@
+"""The one place a run's objects are built from its spec: data aligned to the backbone, the
+tokenizer, the model, the loaders, the optimizer and schedule, zero-shot prompts and the
+experiment trackers. `train` (through `mmtrain.recipe`), `eval`, `predict`, `export` and
+`validate` all build here; nothing else calls a component's factory.
+
+- `training_run(spec, run_dir, device)`: a `mmtrain.loop.Run`, ready to step.
+- `trained(run_dir)`: a finished run rebuilt from its directory alone (config, tokenizer,
+  label names, weights); `untrained(spec, out)`: the same for a model never trained.
+
+What the model asks of the data (image size, mean/std, text length, padding) arrives as a
+`BackboneSpec` read from the backbone's config before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mmtrain import checkpoint as ckpt
+from mmtrain import distributed, loggers, registry
+from mmtrain.data import augment as aug
+from mmtrain.data.loader import Collate, make_loader
+from mmtrain.data.negatives import NegativeSampler
+from mmtrain.data.source import SplitData, bad_samples, load_class_names, save_class_names
+from mmtrain.data.summary import summarize
+from mmtrain.data.tokenizer import build_word_tokenizer, load_saved_tokenizer, save_tokenizer
+from mmtrain.devices import autocast_for, resolve_device, resolve_precision, seed_everything
+from mmtrain.errors import UserError
+from mmtrain.models.backbone import BackboneSpec, backbone_spec, image_processor, load_tokenizer
+from mmtrain.models.finetune import plain_backbone
+from mmtrain.models.interface import Model
+from mmtrain.models.zeroshot import ZeroShotTask, load_templates, prompt_embeddings
+from mmtrain.run import Run
+from mmtrain.spec import Component, RunSpec, metric_names, of_run, total_steps
+from mmtrain.watch import ChanceWatch
+
+log = logging.getLogger("mmtrain")
+
+
+# --- data, tokenizer and model ------------------------------------------------------------
+
+
+def backbone(spec: RunSpec) -> BackboneSpec:
+    """What the backbone asks of the data (size, mean/std, text length), loading no weights."""
+    options = spec.model.options
+    return backbone_spec(options.get("backbone"), options.get("backbone_config"))
+
+
+def data(
+    spec: RunSpec,
+    shape: BackboneSpec,
+    class_names: list[str] | None = None,
+    full_check: bool = False,
+) -> dict[str, SplitData]:
+    """The data source's splits at the backbone's image size; `class_names` (a run's
+    labels.json) fixes the label mapping; `full_check` (validate) checks every cached pixel
+    or decoded sample."""
+    log.info("building data %s at %d px", spec.data.name, shape.image_size)
+    splits = spec.data.build(
+        image_size=shape.image_size,
+        class_names=class_names,
+        num_classes=spec.model.options.get("num_classes"),
+        full_check=full_check,
+    )
+    for name, split in splits.items():
+        log.info("  %s: %d pairs", name, len(split))
+    return splits
+
+
+def num_classes(spec: RunSpec, class_names: list[str]) -> int:
+    """The number of classes: inferred from the data, or model.num_classes if it agrees."""
+    count, given = len(class_names), spec.model.options.get("num_classes")
+    if given not in (None, count):
+        shown = ", ".join(class_names[:20]) + (" ..." if count > 20 else "")
+        raise UserError(
+            f"model.num_classes={given} but the data has {count} classes ({shown}); set "
+            f"model.num_classes={count} or null to infer it."
+        )
+    return count
+
+
+def tokenizer(spec: RunSpec, train_texts: list[str]) -> Any:
+    """The pretrained backbone's own tokenizer, or a word-level one built from the training
+    texts for a backbone built from a config."""
+    name = spec.model.options.get("backbone")
+    if name is not None:
+        return load_tokenizer(name)
+    built = build_word_tokenizer(train_texts)
+    log.info("built a word-level tokenizer from the training texts: %d tokens", len(built))
+    return built
+
+
+def model(spec: RunSpec, tok: Any, shape: BackboneSpec, class_names: list[str] | None) -> Model:
+    """The model of `spec.model`, with the data's number of classes where it takes one."""
+    options = dict(spec.model.options)
+    if "num_classes" in options:
+        options["num_classes"] = num_classes(spec, class_names or [])
+    log.info("building model %s", spec.model.name)
+    built = dataclasses.replace(spec.model, options=options).build(tokenizer=tok, spec=shape)
+    trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in built.parameters() if not p.requires_grad)
+    log.info(
+        "  %s parameters: %s trainable, %s frozen",
+        f"{trainable + frozen:,}", f"{trainable:,}", f"{frozen:,}",
+    )  # fmt: skip
+    return built
+
+
+def text_length(spec: RunSpec, shape: BackboneSpec) -> int:
+    """`data.max_text_length`, capped at the backbone's positions (with a warning)."""
+    wanted = spec.batches.max_text_length
+    if wanted is None:
+        return shape.max_text_length
+    if wanted > shape.max_text_length:
+        log.warning(
+            "data.max_text_length=%d exceeds the backbone's %d text positions; using %d.",
+            wanted, shape.max_text_length, shape.max_text_length,
+        )  # fmt: skip
+        return shape.max_text_length
+    return wanted
+
+
+def zeroshot(spec: RunSpec, split: SplitData, tok: Any, length: int) -> ZeroShotTask | None:
+    """Zero-shot classification of `split`'s images as the zeroshot group says, when the
+    model embeds images and texts and the split has image classes; else None."""
+    if not spec.traits.embeds:
+        return None
+    task = spec.zeroshot.build(classes=split.zeroshot_classes(), tokenizer=tok, max_length=length)
+    if task is not None:
+        log.info(
+            "zero-shot classification: %d classes, %d prompt templates",
+            len(task.class_names), len(task.templates),
+        )  # fmt: skip
+    return task
+
+
+def templates(spec: RunSpec) -> list[str]:
+    """The run's zero-shot prompt templates (zeroshot.templates; openai by default)."""
+    return load_templates(spec.zeroshot.options.get("templates", "openai"))
+
+
+def eval_batches(spec: RunSpec, split: SplitData, tok: Any, shape: BackboneSpec) -> DataLoader:
+    """The rows of `split` in order, in the run's batch size, without augmentation."""
+    collate = Collate(tok, text_length(spec, shape), pad_to_max_length=shape.pad_to_max_length)
+    return make_loader(
+        split, collate, batch_size=spec.batches.batch_size,
+        num_workers=spec.batches.num_workers, shuffle=False, seed=0,
+    )  # fmt: skip
+
+
+# --- a training run -----------------------------------------------------------------------
+
+
+@dataclass
+class Parts:
+    """What a training run is built from before its loaders and optimizer: data aligned to
+    the backbone, its tokenizer, the model, and how batches are made."""
+
+    spec: RunSpec
+    shape: BackboneSpec
+    splits: dict[str, SplitData]
+    tokenizer: Any
+    model: Model
+    collate: Collate  # validation and test batches
+    train_collate: Collate  # training batches: text augmentation and hard negatives
+    # Applied on the training device to each training batch: (batch, key) -> batch.
+    augment: aug.ImageAugment
+    zeroshot: ZeroShotTask | None  # zero-shot classification of the val split
+    # random_resized_crop's options when the training images are whole pictures (a cache):
+    # the loader cuts the box from the whole picture instead of the device from the centre.
+    load_crop: dict[str, Any] | None = None
+
+
+def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = None) -> Parts:
+    """Data aligned to the backbone, the tokenizer and label names (saved to `run_dir`), the
+    model, and the training split's augmentation and hard negatives. `class_names` fixes the
+    label mapping (a resumed run passes its labels.json)."""
+    shape = backbone(spec)
+    splits = data(spec, shape, class_names)
+    for name in ("train", "val"):
+        if name not in splits:
+            raise UserError(
+                f"The data source {spec.data.name!r} must provide train and val splits."
+            )
+        if len(splits[name]) == 0:
+            raise UserError(
+                f"The {name} split has no usable rows"
+                f"{' (every row is bad)' if splits[name].bad_rows else ''}; "
+                "run `mmtrain validate` with the same overrides to see why."
+            )
+    train = splits["train"]
+    tok = tokenizer(spec, train.texts)
+    net = model(spec, tok, shape, train.class_names)
+    if run_dir is not None:
+        save_tokenizer(tok, run_dir)
+        save_class_names(train.class_names, run_dir)
+    length = text_length(spec, shape)
+    summarize(splits, tok, length)
+    entries, seed = dict(spec.augment), spec.trainer.seed
+    load_crop = None
+    if train.aspects is not None:
+        for entry in [e for e in entries[aug.IMAGE] if e[0] == "random_resized_crop"]:
+            entries[aug.IMAGE] = [e for e in entries[aug.IMAGE] if e is not entry]
+            load_crop = entry[2]
+            log.info("random_resized_crop: cut at load time from the whole cached pictures")
+    for kind, chosen in entries.items():
+        if chosen:
+            log.info("training %s: %s", kind.replace("_", " "), ", ".join(e[0] for e in chosen))
+    text_augment = aug.TextAugment(entries[aug.TEXT], seed) if entries[aug.TEXT] else None
+    pad = shape.pad_to_max_length
+    return Parts(
+        spec, shape, splits, tok, net, Collate(tok, length, pad_to_max_length=pad),
+        Collate(tok, length, text_augment, _negatives(spec, train), pad_to_max_length=pad),
+        aug.ImageAugment(entries[aug.IMAGE], seed), zeroshot(spec, splits["val"], tok, length),
+        load_crop,
+    )  # fmt: skip
+
+
+def _negatives(spec: RunSpec, train: SplitData) -> NegativeSampler | None:
+    """The hard-negative sampler of data.hard_negatives, tried once on the first row."""
+    batches = spec.batches
+    if not batches.hard_negatives:
+        return None
+    log.info(
+        "hard negatives: %d per image from %s", batches.hard_negatives, batches.negative_sampler
+    )
+    negatives = NegativeSampler(batches.negative_sampler, batches.hard_negatives, spec.trainer.seed)
+    # A sampler that cannot serve this data says so now, not from a loader worker.
+    negatives(train.texts[0], 0, 0, train.negatives[0] if train.negatives else None)
+    return negatives
+
+
+def loader(built: Parts, split: str, *, train: bool, device: torch.device) -> DataLoader:
+    """The DataLoader of `split`: shuffled by (seed, epoch) for training, in order otherwise;
+    this rank's share of it under DDP."""
+    spec = built.spec
+    return make_loader(
+        built.splits[split], built.train_collate if train else built.collate,
+        batch_size=spec.batches.batch_size, num_workers=spec.batches.num_workers,
+        shuffle=train, seed=spec.trainer.seed, pin_memory=device.type == "cuda",
+        rank=distributed.rank(), world_size=distributed.world_size(),
+        crop=built.load_crop if train else None,
+    )  # fmt: skip
+
+
+def training_run(
+    spec: RunSpec, run_dir: Path | None, device: torch.device, class_names: list[str] | None
+) -> Run:
+    """Everything a training run steps, on `device`. Only the main process passes `run_dir`
+    (where the tokenizer and labels are saved); a resumed run passes its `class_names`."""
+    built = parts(spec, run_dir, class_names)
+    net = built.model.to(device)
+    train_loader = loader(built, "train", train=True, device=device)
+    val_loader = loader(built, "val", train=False, device=device)
+    steps_per_epoch, max_steps = total_steps(spec.trainer, len(train_loader))
+    optimizer = _optimizer(spec, net)
+    schedule = spec.scheduler.build(optimizer=optimizer, total_steps=max_steps)
+    if built.zeroshot is None and spec.monitor not in metric_names(spec.traits):
+        raise UserError(
+            f"trainer.checkpoint.monitor={spec.monitor}: the validation split has no image "
+            f"classes to score zero-shot; choose one of: {', '.join(metric_names(spec.traits))}."
+        )
+    precision = resolve_precision(spec.trainer.precision, device)
+    return Run(
+        trainer=spec.trainer, device=device, precision=precision, model=net,
+        traits=spec.traits, step_model=_step_model(spec, net, device),
+        autocast=autocast_for(precision, device), optimizer=optimizer, scheduler=schedule,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "16"),
+        train_loader=train_loader, val_loader=val_loader, batch_size=spec.batches.batch_size,
+        augment=built.augment, zeroshot=built.zeroshot, steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps, monitor=spec.monitor, mode=spec.mode,
+        watch=ChanceWatch(getattr(built.splits["val"], "labels", None), max_steps),
+        bad_samples=lambda: bad_samples(built.splits),
+    )  # fmt: skip
+
+
+def _optimizer(spec: RunSpec, net: Model) -> torch.optim.Optimizer:
+    """The optimizer over `net`, told the samples of one step (what `lr=auto` scales with)."""
+    batches, trainer = spec.batches, spec.trainer
+    samples = batches.batch_size * trainer.accumulate_grad_batches * distributed.world_size()
+    return spec.optimizer.build(model=net, samples_per_step=samples)
+
+
+def _step_model(spec: RunSpec, net: Model, device: torch.device) -> nn.Module:
+    """What a training step calls: `net` under DDP across ranks, compiled if asked."""
+    step_model = net
+    if distributed.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        step_model = DistributedDataParallel(
+            net, device_ids=ids, find_unused_parameters=net.has_unused_parameters
+        )
+    if spec.trainer.compile:
+        step_model = torch.compile(step_model)
+    return step_model
+
+
+def trackers(spec: RunSpec, run_dir: Path, resumed: bool) -> list[loggers.Sink]:
+    """The experiment trackers of `spec.loggers` (rank 0 builds them), told the resolved
+    config and the metrics the run will log; `resumed` reopens the runs they tracked."""
+    names = ["train/loss", *metric_names(spec.traits)]
+    info = loggers.RunInfo.of(run_dir, spec.config, resumed, names)
+    return loggers.build({sink.name: sink.options for sink in spec.loggers}, info)
+
+
+# --- a finished run -----------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """A finished run rebuilt from its directory (or a model never trained, `untrained`)."""
+
+    path: Path
+    spec: RunSpec
+    shape: BackboneSpec
+    tokenizer: Any
+    class_names: list[str] | None
+    model: Model
+    checkpoint: Path | None  # None: never trained (`mmtrain eval out=DIR`)
+    step: int
+
+    def on_device(self) -> tuple[Model, torch.device, Callable[[], Any]]:
+        """The model on the device its trainer config names, with the autocast of its
+        precision (what `eval` and `predict` run it with)."""
+        device = resolve_device(self.spec.trainer.device)
+        precision = resolve_precision(self.spec.trainer.precision, device)
+        return self.model.to(device), device, autocast_for(precision, device)
+
+    def data(self) -> dict[str, SplitData]:
+        """The run's data splits, with the run's label mapping."""
+        return data(self.spec, self.shape, self.class_names)
+
+    def batches(self, split: SplitData) -> DataLoader:
+        """The rows of `split` in order, in the run's batch size, without augmentation."""
+        return eval_batches(self.spec, split, self.tokenizer, self.shape)
+
+    def text_length(self) -> int:
+        """The text length its batches and prompts are cut at."""
+        return text_length(self.spec, self.shape)
+
+    def prompt_embeddings(
+        self, names: list[str], prompts: list[str], device: torch.device
+    ) -> torch.Tensor:
+        """[C, D] class embeddings of `names` put into the `prompts` templates."""
+        return prompt_embeddings(
+            self.model, self.tokenizer, self.text_length(), names, prompts, device
+        )
+
+    def transformers_parts(self) -> tuple[nn.Module, Any]:
+        """The transformers dual encoder (LoRA adapters merged) and its image processor:
+        what `mmtrain export` saves."""
+        return plain_backbone(self.model.clip), image_processor(self.shape)
+
+
+def trained(run: str, overrides: list[str] = (), checkpoint: str | None = None) -> Trained:
+    """Rebuild a run's model from its directory (and `checkpoint`, default best.pt, else
+    last.pt), with config `overrides` applied."""
+    path = Path(run).expanduser()
+    spec = of_run(path, overrides)
+    weights = Path(checkpoint).expanduser() if checkpoint else path / "checkpoints" / "best.pt"
+    if not checkpoint and not weights.is_file():
+        weights = path / "checkpoints" / "last.pt"
+    if not weights.is_file():
+        raise UserError(
+            f"checkpoint={checkpoint}: no such file; give a .pt file from a run's checkpoints/ folder."
+            if checkpoint
+            else f"run={run} has no checkpoint (checkpoints/best.pt or last.pt): the run stopped "
+            "before its first save. Give another file with checkpoint=PATH, or finish the run "
+            "(`mmtrain train trainer.resume=auto hydra.run.dir=RUN_DIR`, with its overrides)."
+        )
+    saved = ckpt.load(weights)
+    shape = backbone(spec)
+    tok = load_saved_tokenizer(path)
+    class_names = load_class_names(path)
+    if "num_classes" in spec.model.options and class_names is None:
+        raise UserError(f"{path / 'labels.json'} not found: the run directory is incomplete.")
+    net = model(spec, tok, shape, class_names)
+    net.load_state_dict(saved["model"])
+    log.info("loaded %s (step %d)", weights, saved["step"])
+    return Trained(path, spec, shape, tok, class_names, net.eval(), weights, saved["step"])
+
+
+def untrained(spec: RunSpec, out: Path) -> tuple[Trained, dict[str, SplitData]]:
+    """A model built from `spec` without training (a pretrained backbone's weights, or fresh
+    ones, seeded as a training run's), its tokenizer and labels saved into `out`, and the
+    spec's data splits."""
+    seed_everything(spec.trainer.seed)
+    shape = backbone(spec)
+    splits = data(spec, shape)
+    names = splits["train"].class_names
+    tok = tokenizer(spec, splits["train"].texts)
+    net = model(spec, tok, shape, names)
+    save_tokenizer(tok, out)
+    save_class_names(names, out)
+    return Trained(out, spec, shape, tok, names, net.eval(), None, 0), splits
+
+
+def prediction_input(
+    run: str, manifest: Path, overrides: list[str], checkpoint: str | None
+) -> tuple[Trained, SplitData, str]:
+    """A finished run and the rows of `manifest` to predict, read as a manifest: with the
+    run's own manifest settings (columns, image root, cache) when it trained on one, and
+    every `data.KEY=` override the manifest source takes (the others change the run's
+    config). Returns the run, the rows (bad ones dropped and listed) and the bad-row policy."""
+    keys = {o: o[5:].split("=")[0] for o in overrides if o.startswith("data.")}
+    takes = registry.accepted("data", "manifest", dict.fromkeys(keys.values()))
+    for_input = [o for o in overrides if keys.get(o) in takes]
+    done = trained(run, [o for o in overrides if o not in for_input], checkpoint)
+    source = done.spec.data
+    options = dict(source.options) if source.name == "manifest" else {}
+    options.update(OmegaConf.to_container(OmegaConf.from_dotlist(for_input)).get("data", {}))
+    policy = options.get("on_bad_sample", "error")
+    # No labels: every row is in the one class "0" (the manifest's unlabelled mode). Bad rows
+    # are collected here and reported by the caller, in its own words.
+    options.update(
+        train=None, val=str(manifest), test=None, label_column=None, on_bad_sample="skip"
+    )
+    reader = Component.checked("data", {"name": "manifest", **options})
+    split = reader.build(image_size=done.shape.image_size, class_names=["0"], num_classes=None)
+    return done, split["val"], policy

@@ -1,0 +1,39 @@
+"""One evaluation pass: a model's validation metrics over every batch of a split (the
+loop's validation, `mmtrain eval`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmtrain.guard import StopSignal
+from mmtrain.models.interface import Metrics, Model
+
+
+def evaluate(
+    model: Model,
+    metrics: Metrics,
+    batches: Any,
+    device: torch.device,
+    autocast: Any,
+    stop: StopSignal | None = None,
+) -> dict[str, float] | None:
+    """Validation metrics (`val/...`) of `model` over every batch of `batches` (synced over
+    ranks by the metrics object); None when a `stop` signal abandoned the pass on any rank."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            # Checked before the batches' iterator starts its worker processes, too.
+            for batch in [] if stop is not None and stop.received else batches:
+                # Checked on this rank alone: ranks may hold one batch more or less.
+                if stop is not None and stop.received:
+                    break
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast():
+                    metrics.update(model(**batch), batch)
+    finally:
+        model.train()
+    if stop is not None and stop.everywhere(device):
+        return None
+    return {f"val/{name}": value for name, value in metrics.compute().items()}

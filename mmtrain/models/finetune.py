@@ -1,0 +1,170 @@
+"""Fine-tuning levers of a dual-encoder backbone: frozen towers or layers, per-layer
+depths (layer-wise learning-rate decay), LoRA adapters (peft) and gradient checkpointing.
+
+Generic over `mmtrain.models.backbone.FAMILIES`: towers named `vision_model` and
+`text_model` with `encoder.layers.N`, projections `visual_projection`/`text_projection`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Annotated, Any, Literal
+
+from torch import nn
+
+from mmtrain.errors import UserError
+from mmtrain.rules import Bounds
+
+# Keys every dual-encoder model takes; their rules, declared once for every factory.
+Freeze = Literal["none", "vision", "text", "both"]
+UnfreezeLast = Annotated[int, Bounds(ge=0)] | None
+# Attention projections of the towers' transformer layers, CLIP's and SigLIP's alike (a
+# regex, so SigLIP's attention-pooling head, whose out_proj nn.MultiheadAttention reads
+# directly, is left alone).
+LORA_TARGETS = r".*_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+def freeze_towers(model: nn.Module, freeze: Freeze) -> None:
+    """Stop gradients through the vision tower, the text tower, both, or neither."""
+    for side in ("vision", "text"):
+        if freeze in (side, "both"):
+            for name, param in model.named_parameters():
+                if _tower_of(name) == f"{side}_model":
+                    param.requires_grad_(False)
+
+
+def _tower_of(name: str) -> str | None:
+    """The tower a backbone parameter belongs to (projections count with their tower)."""
+    if "vision_model." in name or "visual_projection." in name:
+        return "vision_model"
+    if "text_model." in name or "text_projection." in name:
+        return "text_model"
+    return None
+
+
+_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """BEiT's layer id of a tower parameter: 0 for the embeddings (and anything before the
+    first layer), i + 1 for transformer layer i, num_layers + 1 after the last layer (final
+    norm, pooling head, projection)."""
+    match = _LAYER.search(name)
+    if match:
+        return int(match.group(2)) + 1
+    if ".embeddings." in name or "pre_layrnorm" in name:
+        return 0
+    return num_layers + 1
+
+
+def tower_depths(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """{id(param): (layer id, the tower's layer count)} of every tower parameter."""
+    counts = {
+        "vision_model": model.config.vision_config.num_hidden_layers,
+        "text_model": model.config.text_config.num_hidden_layers,
+    }
+    depths = {}
+    for name, param in model.named_parameters():
+        tower = _tower_of(name)
+        if tower is not None:
+            depths[id(param)] = (layer_depth(name, counts[tower]), counts[tower])
+    return depths
+
+
+def unfreeze_last(model: nn.Module, layers: int, freeze: str) -> None:
+    """Train only the last `layers` transformer layers of each tower and what follows them
+    (final norm, pooling head, projection); towers frozen by `freeze` stay frozen."""
+    counts = [
+        model.config.vision_config.num_hidden_layers,
+        model.config.text_config.num_hidden_layers,
+    ]
+    if layers > max(counts):
+        raise UserError(
+            f"model.unfreeze_last_layers={layers}, but the towers have {counts[0]} (vision) and "
+            f"{counts[1]} (text) layers; use at most {max(counts)}, or null to train every layer."
+        )
+    depths = tower_depths(model)
+    for param in model.parameters():
+        if id(param) in depths and param.requires_grad:
+            depth, count = depths[id(param)]
+            param.requires_grad_(depth > count - layers)
+    freeze_towers(model, freeze)
+
+
+def add_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    """The backbone with LoRA adapters (peft) on its attention projections: only the adapters
+    train in the towers; the temperature (and SigLIP's bias) stay trainable."""
+    known = {"r", "alpha", "dropout", "target_modules"}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise UserError(
+            f"Unknown key {unknown[0]!r} in model.lora; accepted: {', '.join(sorted(known))}."
+        )
+    r = lora.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"model.lora.r must be a positive integer, the adapters' rank (got {r!r}).")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError(
+            "model.lora needs the peft library: pip install 'mmtrain[peft]' "
+            "(or set model.lora.r=null to fine-tune without adapters)."
+        ) from None
+    targets = lora.get("target_modules") or LORA_TARGETS
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora.get("alpha") or r,
+        lora_dropout=lora.get("dropout") or 0.0,
+        target_modules=list(targets) if not isinstance(targets, str) else targets,
+    )
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(
+            f"model.lora.target_modules={targets!r} matched no layer of the backbone ({error}). "
+            "Name attention projections such as q_proj and v_proj, or leave it null for the default."
+        ) from None
+    for name in ("logit_scale", "logit_bias"):
+        param = getattr(model, name, None)
+        if isinstance(param, nn.Parameter):
+            param.requires_grad_(True)
+    return wrapped
+
+
+def prepare_backbone(
+    model: nn.Module,
+    freeze: str,
+    unfreeze_last_layers: int | None,
+    gradient_checkpointing: bool,
+    lora: dict[str, Any] | None,
+) -> nn.Module:
+    """Apply the memory levers: frozen towers or layers, LoRA adapters and gradient
+    checkpointing (transformers' own, non-reentrant so frozen inputs still backpropagate)."""
+    if unfreeze_last_layers is None:
+        freeze_towers(model, freeze)
+    else:
+        unfreeze_last(model, unfreeze_last_layers, freeze)
+    if gradient_checkpointing:
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if lora and lora.get("r") is not None:
+        if unfreeze_last_layers is not None or freeze != "none":
+            raise UserError(
+                "model.lora trains adapters instead of the backbone's weights; it does not combine "
+                "with model.freeze or model.unfreeze_last_layers. Set model.lora.r=null or leave "
+                "those at their defaults (none, null)."
+            )
+        model = add_lora(model, dict(lora))
+    return model
+
+
+def plain_backbone(model: nn.Module) -> nn.Module:
+    """The transformers model itself: LoRA adapters merged into its weights, when present
+    (what `mmtrain export` saves, so the export loads as a plain CLIPModel/SiglipModel)."""
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        return copy.deepcopy(model).merge_and_unload()
+    return model

@@ -1,0 +1,155 @@
+"""The training recipe: set a run up, train it, write what it ended with.
+
+`fit` is torchtune's setup()/train() split: `mmtrain.assemble` builds every object of the
+run from its spec, a checkpoint is restored if the run resumes, `mmtrain.loop.train_loop`
+steps it, and `finish` writes summary.json and the curves and tells the trackers how the
+run ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from mmtrain import assemble, distributed
+from mmtrain import checkpoint as ckpt
+from mmtrain.data.source import load_class_names
+from mmtrain.devices import resolve_device, resolve_precision, seed_everything
+from mmtrain.errors import Interrupted, UserError
+from mmtrain.guard import checkpoint_to_resume, locked, peer_failure
+from mmtrain.loop import Outputs, Throughput, TrainState, train_loop
+from mmtrain.run import Run
+from mmtrain.runlog import MetricsLog, plot_curves, resume_command, write_json
+from mmtrain.spec import RunSpec, upgrade
+
+log = logging.getLogger("mmtrain")
+
+
+def fit(spec: RunSpec, run_dir: Path) -> float:
+    """Train as `spec` says, writing everything into `run_dir`; return the best monitored
+    value. Under torchrun (or trainer.nproc_per_node) every rank runs this; only rank 0
+    writes."""
+    started = time.perf_counter()
+    trainer, run_dir = spec.trainer, Path(run_dir)
+    device = resolve_device(trainer.device)
+    with distributed.process_group(device), locked(run_dir, device), ExitStack() as stack:
+        main = distributed.is_main()
+        resume_from, saved = checkpoint_to_resume(trainer.resume, run_dir)
+        state = TrainState()
+        if saved is not None:
+            ckpt.check_compatible(upgrade(saved["config"]), spec.config, resume_from)
+            state = TrainState.from_checkpoint(saved, resume_from)
+        # The same seed on every rank, so dropout noise stays in step across ranks.
+        seed_everything(trainer.seed)
+        world = distributed.world_size()
+        log.info(
+            "run directory: %s (device %s, precision %s, %d process%s, process group: %s)",
+            run_dir, device, resolve_precision(trainer.precision, device), world,
+            "es" if world > 1 else "", distributed.backend(),
+        )  # fmt: skip
+        # A resumed run keeps its label mapping (labels.json), on every rank.
+        class_names = load_class_names(run_dir) if saved is not None else None
+        run = assemble.training_run(spec, run_dir if main else None, device, class_names)
+        stack.callback(run.close)
+        sinks = assemble.trackers(spec, run_dir, saved is not None) if main else []
+        outputs = Outputs(
+            run_dir, MetricsLog(run_dir, enabled=main, sinks=sinks), spec.config, main
+        )
+        # Whatever escapes, the trackers' runs end as failed or interrupted, not left open.
+        stack.push(lambda kind, error, trace: outputs.metrics.close(error) if error else None)
+        if saved is not None:
+            ckpt.restore(saved, run.model, run.optimizer, run.scheduler, run.scaler)
+            outputs.metrics.truncate_after(state.step)
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                resume_from, state.step, state.epoch, state.batch,
+            )  # fmt: skip
+            del saved
+        try:
+            status, stopped_by, speed = train_loop(run, state, outputs)
+        except UserError as error:  # a checkpoint that could not be written
+            finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
+            raise
+        except RuntimeError as error:
+            if world == 1 or not peer_failure(error):
+                raise
+            reason = str(error).strip().splitlines()[0][:200]
+            message = (
+                f"Another process of this job stopped unexpectedly ({reason}), so this one stops too. "
+                f"The last checkpoint ({ckpt.newest(outputs.checkpoints) or 'none yet'}) is whole; "
+                f"resume with: {resume_command(run_dir)}"
+            )
+            finish(run, state, outputs, "failed", None, Throughput(), started, message)
+            raise UserError(message) from None
+        return finish(run, state, outputs, status, stopped_by, speed, started)
+
+
+def finish(
+    run: Run,
+    state: TrainState,
+    out: Outputs,
+    status: str,
+    stopped_by: str | None,
+    speed: Throughput,
+    started: float,
+    error: str | None = None,
+) -> float:
+    """Write summary.json and curves.png; raise for an interrupted run or one that failed
+    in the loop (the caller raises `error`, the failure it passes)."""
+    # "final" holds the metrics of best.pt, the weights eval, predict and export use;
+    # "last" those of the last validation, when it was another one.
+    final: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for event in out.metrics.events:
+        if any(key.startswith("val/") for key in event):
+            last = {k: v for k, v in event.items() if k not in ("step", "epoch")}
+            if event["step"] == state.best_step or state.best_step is None:
+                final = last
+    best = state.best if state.best is not None and math.isfinite(state.best) else None
+    best = round(best, 6) if best is not None else None
+    samples_per_s = speed.rate()
+    summary = {
+        "status": status,
+        "best": {"metric": run.monitor, "value": best, "step": state.best_step},
+        "final": final,
+        **({"last": last} if last != final else {}),
+        "steps": state.step,
+        "epochs": state.epoch,
+        "samples_per_s": round(samples_per_s, 1) if math.isfinite(samples_per_s) else None,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "bad_samples": run.bad_samples(),
+        "nonfinite_steps_skipped": state.skipped,
+    }
+    if error:
+        summary["error"] = error
+    if out.main:
+        try:
+            write_json(out.run_dir / "summary.json", summary)
+            if out.metrics.events:
+                plot_curves(out.metrics.events, out.run_dir / "curves.png")
+        except OSError as problem:  # e.g. the disk that just filled up
+            log.warning(
+                "could not write summary.json or curves.png: %s", problem.strerror or problem
+            )
+    out.metrics.finish(status, summary)
+    if error:
+        return math.nan
+    if status == "interrupted":
+        raise Interrupted(
+            stopped_by or "SIGTERM",
+            f"Interrupted by {stopped_by} at step {state.step}; the checkpoint {out.checkpoints / 'last.pt'} is saved. "
+            f"Resume with: {resume_command(out.run_dir)}",
+        )
+    if status == "failed":
+        raise UserError(
+            f"Training stopped at step {state.step} on non-finite numbers; see {out.run_dir / 'train.log'}."
+        )
+    shown = f"{best:.4f}" if best is not None else "none"
+    log.info(
+        "%s: best %s %s at step %s; summary in %s",
+        status, run.monitor, shown, state.best_step, out.run_dir / "summary.json",
+    )  # fmt: skip
+    return best if best is not None else math.nan

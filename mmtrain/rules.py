@@ -1,0 +1,161 @@
+"""What a config value may be, declared beside its key, and the one check of it.
+
+A key's type annotation is its rule: `int`, `float`, `str`, `bool`, lists of them
+(`list[str]`, `Sequence[float]`), mappings (`dict[str, str]`), a union with None (the key
+may be null), `typing.Literal` (a choice among words), and `typing.Annotated` with `Bounds`
+(a numeric range; for a list of numbers, each element's):
+
+    lr: Annotated[float, Bounds(gt=0)] | Literal["auto"] = "auto"
+    precision: Literal["auto", "32", "bf16", "16"] = "auto"
+
+The registry applies it to a factory's parameters and `mmtrain.spec` to the fields of the
+trainer and batching schemas: one mechanism, one wording (`describe`). What it does not
+judge (the values inside a mapping, objects) is left to the code that uses them.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a number accepts, as `typing.Annotated` metadata."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return not (
+            (self.gt is not None and not value > self.gt)
+            or (self.ge is not None and not value >= self.ge)
+            or (self.lt is not None and not value < self.lt)
+            or (self.le is not None and not value <= self.le)
+        )
+
+    def limits(self) -> str:
+        """The range in symbols: ">= 0 and < 1"."""
+        pairs = [(">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)]
+        return " and ".join(f"{op} {limit:g}" for op, limit in pairs if limit is not None)
+
+    def describe(self, noun: str) -> str:
+        """`noun` ("an integer", "a number") within this range, in words."""
+        positive = {"an integer": "a positive integer", "a number": "a positive number"}
+        if self == Bounds(gt=0) or (self == Bounds(ge=1) and noun == "an integer"):
+            return positive[noun]
+        return f"{noun} {self.limits()}"
+
+
+class Mismatch(ValueError):
+    """A value that breaks its key's rule; the message says what the key takes."""
+
+
+_NOUNS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
+def _alternatives(hint: Any) -> tuple[list[Any], bool]:
+    """The non-None members of a union (or the hint alone), and whether None is one."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [hint], hint is type(None)
+
+
+def _parts(hint: Any) -> tuple[Any, Bounds | None]:
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *meta = typing.get_args(hint)
+        return base, next((m for m in meta if isinstance(m, Bounds)), None)
+    return hint, None
+
+
+def _sequence_item(base: Any) -> Any:
+    """The element type of Sequence[X] / list[X] / tuple[X, ...] / tuple[X, X] (Any when
+    mixed), else None."""
+    if typing.get_origin(base) not in (list, tuple, Sequence):
+        return None
+    args = [a for a in typing.get_args(base) if a is not Ellipsis]
+    return args[0] if args and all(a == args[0] for a in args) else Any
+
+
+def _is_mapping(base: Any) -> bool:
+    return typing.get_origin(base) in (dict, Mapping) or base in (dict, Mapping)
+
+
+def describe(hint: Any) -> str:
+    """What a key of type `hint` takes, in words: "a positive integer or null",
+    "one of: auto, 32, bf16, 16", "a number > 0 or auto"."""
+    options, nullable = _alternatives(hint)
+    words: list[str] = []
+    for option in options:
+        base, bounds = _parts(option)
+        if typing.get_origin(base) is typing.Literal:
+            choices = ", ".join(map(str, typing.get_args(base)))
+            words.append(f"one of: {choices}" if len(options) == 1 else choices)
+        elif base in _NOUNS:
+            noun = _NOUNS[base]
+            words.append(bounds.describe(noun) if bounds and base in (int, float) else noun)
+        elif (item := _sequence_item(base)) is not None:
+            noun = f"a list of {_PLURALS[item]}" if item in _PLURALS else "a list"
+            words.append(noun + (f", each {bounds.limits()}" if bounds else ""))
+        elif _is_mapping(base):
+            words.append("a mapping")
+        else:
+            words.append(getattr(base, "__name__", str(base)))
+    return " or ".join(words) + (" or null" if nullable else "")
+
+
+def _one(value: Any, base: Any, bounds: Bounds | None) -> tuple[bool, Any]:
+    """(fits, the value as the key holds it) for one alternative of a union."""
+    if typing.get_origin(base) is typing.Literal:
+        choices = typing.get_args(base)
+        # YAML and the command line read `precision: 16` as a number; the choice is "16".
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        return value in choices, value
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if base is float:
+        if not number or not math.isfinite(value):
+            return False, value
+        value = float(value)
+    elif base is int:
+        if not number or not isinstance(value, int):
+            return False, value
+    elif base in (str, bool):
+        return type(value) is base, value
+    elif (item := _sequence_item(base)) is not None:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            return False, value
+        fits = [_one(v, item, bounds) for v in value]
+        items = [v for _, v in fits]
+        return all(ok for ok, _ in fits), tuple(items) if isinstance(value, tuple) else items
+    elif _is_mapping(base):
+        return isinstance(value, Mapping), value
+    else:
+        return True, value
+    return bounds is None or bounds.holds(value), value
+
+
+def conform(value: Any, hint: Any) -> Any:
+    """`value` as a key of type `hint` holds it (an integer where a number is asked becomes
+    a float, a number where a word is chosen becomes that word); `Mismatch` when it breaks
+    the rule."""
+    options, nullable = _alternatives(hint)
+    if value is None and nullable:
+        return None
+    for option in options:
+        ok, converted = _one(value, *_parts(option))
+        if ok:
+            return converted
+    wanted = describe(hint)
+    if isinstance(value, float) and not math.isfinite(value):
+        wanted = wanted.replace("a positive number", "a finite positive number")
+        wanted = wanted.replace("a number", "a finite number")
+    raise Mismatch(wanted)

@@ -1,0 +1,63 @@
+"""A training run as the loop receives it: the flat set of objects `mmtrain.assemble` builds
+from a spec and `mmtrain.loop.train_loop` steps. The loop reads these fields and nothing
+else; it never builds anything itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mmtrain.data.loader import close_workers
+from mmtrain.models.interface import Metrics, Model, ModelTraits
+from mmtrain.models.zeroshot import ZeroShotTask
+from mmtrain.spec import TrainerConfig
+from mmtrain.watch import ChanceWatch
+
+
+@dataclass
+class Run:
+    """Everything the training loop steps, built and on its device (`mmtrain.assemble`)."""
+
+    trainer: TrainerConfig
+    device: torch.device
+    precision: str
+    model: Model  # the plain module: evaluated, saved and restored
+    traits: ModelTraits
+    step_model: nn.Module  # what a training step calls: DDP across ranks, compiled if asked
+    autocast: Callable[[], Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    batch_size: int  # per process and micro-batch
+    # Applied on the training device to each training batch: (batch, key) -> batch with
+    # key = (step, micro-batch, rank); deterministic in (seed, key).
+    augment: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+    zeroshot: ZeroShotTask | None  # zero-shot classification of the val split
+    steps_per_epoch: int
+    max_steps: int
+    monitor: str  # the validation metric that picks best.pt and early stopping
+    mode: str  # max | min
+    watch: ChanceWatch  # hints once when validation stays at chance
+    # summary.json's bad_samples, asked at the end: streamed splits count theirs while training.
+    bad_samples: Callable[[], dict[str, Any]]
+
+    def close(self) -> None:
+        """End the loaders' worker processes (the run is over, however it ended)."""
+        close_workers(self.train_loader)
+        close_workers(self.val_loader)
+
+    def val_metrics(self) -> Metrics:
+        """A fresh set of the model's validation metrics; with zero-shot classification, its
+        classes embedded by the model as it is now (prompts are re-embedded every time)."""
+        if self.zeroshot is None:
+            return self.model.metrics(self.device)
+        return self.model.metrics(
+            self.device, zeroshot=self.zeroshot.classes(self.model, self.device)
+        )

@@ -1,0 +1,355 @@
+"""A run's spec: the composed config as typed values, checked once before anything is built.
+
+`parse` turns the composed config (Hydra's DictConfig, or the plain dict a run directory
+or a checkpoint holds) into a `RunSpec`:
+
+- the trainer group and the data group's batching keys become dataclasses (`TrainerConfig`,
+  `BatchConfig`) whose fields declare their rules beside the key (`mmtrain.rules`);
+- every other group names a registered component (`Component`), whose keys are checked
+  against its factory's signature, with the same rules (`mmtrain.registry.check`).
+
+A mistyped or unknown key, a value of the wrong type or out of range, an unknown component
+and a choice that contradicts another (hard negatives for a model that takes none, a
+monitored metric the model does not report) fail here, naming the key, before any data is
+read or any weight is made. Everything below receives these values, never the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+
+import mmtrain.components  # noqa: F401  (registers the built-in components)
+from mmtrain import loggers, registry, rules
+from mmtrain.data import augment as aug
+from mmtrain.errors import UserError
+from mmtrain.metrics import RetrievalMetrics
+from mmtrain.models.interface import ModelTraits
+from mmtrain.models.zeroshot import load_templates
+from mmtrain.rules import Bounds
+
+Positive = Annotated[int, Bounds(ge=1)]
+Count = Annotated[int, Bounds(ge=0)]
+
+
+@dataclass
+class CheckpointConfig:
+    """`trainer.checkpoint`: which checkpoints are written and which one is best."""
+
+    every_n_steps: Positive | None = None
+    keep_last: Count | None = 2
+    monitor: str | None = None
+    mode: Literal["max", "min", "auto"] = "auto"
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """`trainer.early_stopping`."""
+
+    patience: Positive | None = None
+
+
+@dataclass
+class TrainerConfig:
+    """The `trainer` group: how long, where and how a run trains, and what it keeps."""
+
+    max_epochs: Positive | None = 10
+    max_steps: Positive | None = None
+    min_steps: Positive | None = 2000
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "32", "bf16", "16"] = "auto"
+    accumulate_grad_batches: Positive = 1
+    grad_clip: Annotated[float, Bounds(gt=0)] | None = 1.0
+    compile: bool = False
+    nproc_per_node: Positive = 1
+    seed: int = 42
+    val_every_n_steps: Positive | None = None
+    val_before_training: bool = False
+    log_every_n_steps: Positive = 20
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    resume: str | None = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is None and self.max_steps is None:
+            raise UserError("Set trainer.max_epochs or trainer.max_steps (both are null).")
+
+
+@dataclass
+class BatchConfig:
+    """The data group's keys that shape batches rather than choose rows: every data source
+    has them; the source's own keys go to its factory."""
+
+    batch_size: Positive = 32
+    num_workers: Count = 0
+    max_text_length: Positive | None = None
+    # {name: {p: ..., options}}: each checked against its registered augmentation.
+    augment: dict[str, Any] = field(default_factory=dict)
+    hard_negatives: Count = 0
+    negative_sampler: str = "perturb"
+
+
+BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
+# Per kind of component, the keyword arguments mmtrain supplies at run time (not config
+# keys). A data source gets the ones its factory has a parameter for: the backbone's image
+# size, a finished run's label names, the model's number of classes, and `full_check`
+# (`mmtrain validate` asks it to verify its cache).
+RUNTIME = {
+    "data": ("image_size", "class_names", "num_classes", "full_check"),
+    "model": ("tokenizer", "spec"),
+    "optimizer": ("model", "samples_per_step"),
+    "scheduler": ("optimizer", "total_steps"),
+    "zeroshot": ("classes", "tokenizer", "max_length"),
+    "logger": ("run",),
+}
+DEFAULT_TRAITS = ModelTraits(monitor=("val/loss", "min"), metric_names=("loss",))
+
+
+def _unknown_key(path: str, key: str, names: list[str], more: str) -> UserError:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return UserError(
+        f"Unknown key '{path}.{key}'.{hint} Accepted keys of {path}: {', '.join(names)}.{more}"
+    )
+
+
+def typed(schema: type, values: Any, path: str, more: str = "") -> Any:
+    """`values` (a mapping of a config section) as an instance of the dataclass `schema`,
+    each field conformed to its rule; a UserError naming the key when one does not fit."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must be a mapping of its keys (got {values!r}).")
+    hints = typing.get_type_hints(schema, include_extras=True)
+    names = [f.name for f in dataclasses.fields(schema)]
+    kept = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(path, str(key), names, more)
+        if dataclasses.is_dataclass(hints[key]):
+            kept[key] = typed(hints[key], value, f"{path}.{key}")
+            continue
+        try:
+            kept[key] = rules.conform(value, hints[key])
+        except rules.Mismatch as wanted:
+            if typing.get_origin(hints[key]) is Literal:
+                raise UserError(f"{path}.{key}={value} is not valid; choose {wanted}.") from None
+            raise UserError(f"{path}.{key} must be {wanted} (got {value!r}).") from None
+    return schema(**kept)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registered component chosen by a config group: its kind, name and config keys."""
+
+    kind: str
+    name: str
+    options: dict[str, Any]
+
+    @classmethod
+    def checked(cls, kind: str, values: Any) -> Component:
+        """The component `values` (`{"name": ..., keys}`) selects, checked against its
+        factory (with the `RUNTIME` keywords it takes supplied later, at build time)."""
+        registry.check(kind, values, runtime=_takes(kind, values))
+        options = dict(values)
+        return cls(kind, str(options.pop("name")), options)
+
+    def build(self, **runtime: Any) -> Any:
+        """Call the factory with the config keys and those of the `runtime` values it has
+        a parameter for (run-time facts offered to every component of a kind)."""
+        offered = registry.accepted(self.kind, self.name, runtime)
+        return registry.build(self.kind, {"name": self.name, **self.options}, **offered)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run is built from, checked."""
+
+    config: dict[str, Any]  # the resolved config: saved in checkpoints, given to trackers
+    trainer: TrainerConfig
+    data: Component  # the data source and its own keys
+    batches: BatchConfig
+    augment: dict[str, list[aug.Entry]]  # data.augment's switched-on entries, per kind
+    model: Component
+    traits: ModelTraits  # the model's, from its registration
+    optimizer: Component
+    scheduler: Component
+    zeroshot: Component
+    loggers: list[Component]
+    monitor: str  # the validation metric that picks best.pt, stops early, a sweep optimises
+    mode: Literal["max", "min"]
+
+
+def plain(cfg: Any) -> Any:
+    """A DictConfig/ListConfig as plain Python containers, interpolations resolved."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return copy.deepcopy(cfg)
+
+
+def _takes(kind: str, values: Any) -> tuple[str, ...]:
+    """The run-time keyword names of `RUNTIME[kind]` that the factory `values` names has a
+    parameter for (none when it names no factory: the check then says why)."""
+    name = values.get("name") if isinstance(values, dict) else None
+    if name is None:
+        return ()
+    return tuple(registry.accepted(kind, str(name), dict.fromkeys(RUNTIME.get(kind, ()))))
+
+
+def traits_of(model: str) -> ModelTraits:
+    """The traits model `model` was registered with (an unknown name lists the known ones)."""
+    return registry.about("model", model).get("traits", DEFAULT_TRAITS)
+
+
+def monitored(traits: ModelTraits, monitor: str | None, mode: str) -> tuple[str, str]:
+    """The monitored validation metric and whether higher ("max") or lower ("min") is
+    better: trainer.checkpoint.monitor/mode, with `auto` the model's own metric and mode,
+    or "min" for a monitored loss."""
+    default_metric, default_mode = traits.monitor
+    metric = monitor or default_metric
+    if mode == "auto":
+        mode = default_mode if metric == default_metric else ("min" if "loss" in metric else "max")
+    return metric, mode
+
+
+def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
+    """Check every group of the composed config and return it as a `RunSpec`."""
+    config = plain(cfg)
+    trainer = typed(TrainerConfig, config.get("trainer"), "trainer")
+    data = dict(config.get("data") or {})
+    more = f" The data source {data.get('name')!r} takes the others (`mmtrain list data`)."
+    batches = typed(BatchConfig, {k: data.pop(k) for k in BATCH_KEYS if k in data}, "data", more)
+    data = Component.checked("data", data)
+    augment = aug.parse(batches.augment)
+    registry.get("negatives", batches.negative_sampler)
+    model = Component.checked("model", config.get("model") or {})
+    if "fusion" in model.options:
+        registry.get("fusion", model.options["fusion"])
+    traits = traits_of(model.name)
+    if batches.hard_negatives and not traits.takes_negatives:
+        raise UserError(
+            f"data.hard_negatives={batches.hard_negatives}, but model {model.name!r} takes no "
+            "negative texts; use a contrastive model (model=clip_contrastive) or set "
+            "data.hard_negatives=0."
+        )
+    # Runs written before the zeroshot group existed get its default.
+    zeroshot = Component.checked("zeroshot", config.get("zeroshot") or {"name": "prompts"})
+    if "templates" in zeroshot.options:  # a missing template file fails now
+        load_templates(zeroshot.options["templates"])
+    optimizer = config.get("optimizer") or {}
+    optimizer = Component.checked("optimizer", optimizer)
+    scheduler = Component.checked("scheduler", config.get("scheduler") or {})
+    loggers.check(config.get("logger"))
+    sinks = [
+        Component("logger", name, options)
+        for name, options in loggers.entries(config.get("logger"))
+    ]
+    monitor, mode = monitored(traits, trainer.checkpoint.monitor, trainer.checkpoint.mode)
+    reported = metric_names(traits, zeroshot)
+    if monitor not in reported:
+        raise UserError(
+            f"trainer.checkpoint.monitor={monitor} is not a validation metric of model "
+            f"{model.name!r}; choose one of: {', '.join(reported)}."
+        )
+    return RunSpec(
+        config, trainer, data, batches, augment, model, traits, optimizer, scheduler,
+        zeroshot, sinks, monitor, mode,
+    )  # fmt: skip
+
+
+def metric_names(traits: ModelTraits, zeroshot: Component | None = None) -> list[str]:
+    """The `val/NAME` metrics a validation of the model reports (zero-shot ones when the
+    model embeds and `zeroshot` is on and the split turns out to have image classes)."""
+    names = list(traits.metric_names)
+    if traits.embeds and zeroshot is not None and zeroshot.name != "none":
+        names += RetrievalMetrics.ZEROSHOT_NAMES
+    return [f"val/{name}" for name in names]
+
+
+def total_steps(trainer: TrainerConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps): max_epochs' steps, raised to
+    min_steps (a small data set still gets a budget that can learn), capped by max_steps."""
+    per_epoch = math.ceil(batches_per_epoch / trainer.accumulate_grad_batches)
+    limits = []
+    if trainer.max_epochs is not None:
+        limits.append(max(trainer.max_epochs * per_epoch, trainer.min_steps or 0))
+    if trainer.max_steps is not None:
+        limits.append(trainer.max_steps)
+    return per_epoch, min(limits)
+
+
+def of_run(run_dir: Path, overrides: list[str] = ()) -> RunSpec:
+    """The spec of the run in `run_dir` (its .hydra/config.yaml, in this release's keys),
+    with `overrides` (`data.batch_size=256`) applied; its trackers left out."""
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(
+            f"run={run_dir}: {config_file} not found; give the directory of a finished "
+            "`mmtrain train` run (it holds .hydra/, checkpoints/, tokenizer/)."
+        )
+    config = upgrade(OmegaConf.to_container(OmegaConf.load(config_file)))
+    config.pop("logger", None)  # trackers follow training only: eval needs no W&B or MLflow
+    if overrides:
+        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+        unknown = sorted(set(given) - set(config))
+        if unknown:
+            raise UserError(
+                f"Unknown override group {unknown[0]!r}; overrides change the run's config, "
+                f"whose groups are: {', '.join(map(str, config))} (e.g. data.batch_size=256)."
+            )
+        config = OmegaConf.to_container(OmegaConf.merge(config, given))
+    try:
+        return parse(config)
+    except UserError as error:
+        raise UserError(
+            f"run={run_dir}: its config ({config_file}) does not fit this release of mmtrain: "
+            f"{error} If another release of mmtrain trained it, use that release; if an "
+            "override above caused it, change the override."
+        ) from None
+
+
+# Model keys added after 0.2.0; a run written before them trained without them.
+FINE_TUNING_DEFAULTS = {
+    "unfreeze_last_layers": None,
+    "gradient_checkpointing": False,
+    "lora": {"r": None, "alpha": None, "dropout": 0.0, "target_modules": None},
+}
+
+
+def upgrade(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config that mmtrain 0.1.0 wrote (a checkpoint's, a run's
+    .hydra/config.yaml), in this release's keys; a config of this release comes back equal.
+
+    0.1.0 kept hard negatives in the model group (model.hard_negatives,
+    model.negative_sampler); the data pipeline draws them now (data.*). Its `shapes` took
+    data.on_bad_sample, which only sources that read files take now.
+    """
+    config = copy.deepcopy(config)
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if model.get("name") in ("clip_fusion", "clip_contrastive"):  # before the fine-tuning keys
+        for key, value in FINE_TUNING_DEFAULTS.items():
+            model.setdefault(key, copy.deepcopy(value))
+    if data.get("name") == "shapes":
+        data.pop("on_bad_sample", None)
+    if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off
+        model.setdefault("fusion_difference", False)
+    if "hard_negatives" not in model and "hard_negatives" in data:
+        return config  # written by this release
+    for key in ("hard_negatives", "negative_sampler"):
+        if key in model:
+            data.setdefault(key, model.pop(key))
+    if not data.get("hard_negatives") and data.get("name") in ("shapes", "manifest"):
+        # Without negatives the sampler is never used: take this release's default of the
+        # data option, so the run's config equals the one its overrides compose today.
+        data["hard_negatives"] = 0
+        data["negative_sampler"] = "shapes" if data["name"] == "shapes" else "perturb"
+    return config
