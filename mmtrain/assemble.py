@@ -175,9 +175,6 @@ class Parts:
     # Applied on the training device to each training batch: (batch, key) -> batch.
     augment: aug.ImageAugment
     zeroshot: ZeroShotTask | None  # zero-shot classification of the val split
-    # random_resized_crop's options when the training images are whole pictures (a cache):
-    # the loader cuts the box from the whole picture instead of the device from the centre.
-    load_crop: dict[str, Any] | None = None
 
 
 def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = None) -> Parts:
@@ -205,13 +202,7 @@ def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = N
         save_class_names(train.class_names, run_dir)
     length = text_length(spec, shape)
     summarize(splits, tok, length)
-    entries, seed = dict(spec.augment), spec.trainer.seed
-    load_crop = None
-    if train.aspects is not None:
-        for entry in [e for e in entries[aug.IMAGE] if e[0] == "random_resized_crop"]:
-            entries[aug.IMAGE] = [e for e in entries[aug.IMAGE] if e is not entry]
-            load_crop = entry[2]
-            log.info("random_resized_crop: cut at load time from the whole cached pictures")
+    entries, seed = spec.augment, spec.trainer.seed
     for kind, chosen in entries.items():
         if chosen:
             log.info("training %s: %s", kind.replace("_", " "), ", ".join(e[0] for e in chosen))
@@ -220,8 +211,8 @@ def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = N
     return Parts(
         spec, shape, splits, tok, net, Collate(tok, length, pad_to_max_length=pad),
         Collate(tok, length, text_augment, _negatives(spec, train), pad_to_max_length=pad),
-        aug.ImageAugment(entries[aug.IMAGE], seed), zeroshot(spec, splits["val"], tok, length),
-        load_crop,
+        aug.ImageAugment(entries[aug.IMAGE], seed, shape.image_size),
+        zeroshot(spec, splits["val"], tok, length),
     )  # fmt: skip
 
 
@@ -248,7 +239,7 @@ def loader(built: Parts, split: str, *, train: bool, device: torch.device) -> Da
         batch_size=spec.batches.batch_size, num_workers=spec.batches.num_workers,
         shuffle=train, seed=spec.trainer.seed, pin_memory=device.type == "cuda",
         rank=distributed.rank(), world_size=distributed.world_size(),
-        crop=built.load_crop if train else None,
+        whole=train and built.augment.cuts_whole_pictures,
     )  # fmt: skip
 
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
 import torch
-from conftest import TINY, assert_same_weights, build_parts, data_loader, resume_from_step, run_cli
+from conftest import (
+    CONF,
+    TINY,
+    assert_same_weights,
+    build_parts,
+    data_loader,
+    resume_from_step,
+    run_cli,
+)
 from conftest import compose_train as _compose
 
 from mmtrain import registry
@@ -80,7 +89,9 @@ def test_config_mistakes_are_clear():
         augment.parse({"flop": {"p": 0.5}})
     with pytest.raises(UserError, match="Unknown key 'prob' for image_augment 'flip'"):
         augment.parse({"flip": {"prob": 0.5}})
-    with pytest.raises(UserError, match=r"data.augment.flip.p must be a number in \[0, 1\]"):
+    with pytest.raises(
+        UserError, match=r"Key 'p' of image_augment 'flip' must be a number >= 0 and <= 1"
+    ):
         augment.parse({"flip": {"p": 1.5}})
     with pytest.raises(UserError, match="data.augment.flip must be a mapping"):
         augment.parse({"flip": 0.5})
@@ -98,6 +109,24 @@ def test_only_the_mild_training_crop_is_on_by_default():
     assert options["p"] == 1.0 and list(options["scale"]) == [0.9, 1.0]
     off = _compose(["data.augment.random_resized_crop.p=0"])
     assert augment.parse(dict(off.data.augment)) == {augment.IMAGE: [], augment.TEXT: []}
+    none = _compose(["data/augment=none"])
+    assert augment.parse(dict(none.data.augment)) == {augment.IMAGE: [], augment.TEXT: []}
+
+
+@pytest.mark.parametrize("option", ["shapes", "manifest", "hf", "webdataset"])
+def test_every_data_option_composes_the_one_augment_block(option):
+    """One augment block (conf/data/augment/default.yaml) in every data option, and its
+    crop is random_resized_crop's own default: one crop, one default scale."""
+    from omegaconf import OmegaConf
+
+    block = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "augment" / "default.yaml"))
+    composed = OmegaConf.to_container(_compose([f"data={option}"]).data.augment)
+    assert composed == block
+    defaults = inspect.signature(augment.random_resized_crop).parameters
+    crop = composed["random_resized_crop"]
+    assert crop["p"] == defaults["p"].default
+    assert tuple(crop["scale"]) == defaults["scale"].default
+    assert tuple(crop["ratio"]) == pytest.approx(defaults["ratio"].default, abs=1e-4)
 
 
 @registry.register(augment.IMAGE, "test_invert")
@@ -114,6 +143,9 @@ def test_a_new_augmentation_is_a_function_and_a_config_entry(tmp_path):
     batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
     out = parts.augment(batch, 0)
     assert torch.equal(out["images"], 255 - batch["images"].float())
+    # Every augmentation's p keeps its rule, also where the function declares none.
+    with pytest.raises(UserError, match=r"data.augment.test_invert.p must be a number >= 0"):
+        augment.parse({"test_invert": {"p": 1.5}})
 
 
 def _texts(cfg, split: str, train: bool, epoch: int) -> list[list[int]]:

@@ -44,7 +44,7 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
     spec = parse(cfg)
     parts = build_parts(cfg, tmp_path)
     batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
-    out = parts.model(**batch)
+    out = parts.model(**parts.augment(batch, (0, 0, 0)))  # the loop's step 0
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     optimizer = spec.optimizer.build(model=parts.model)
     _, steps = total_steps(spec.trainer, 8)

@@ -1,5 +1,5 @@
-"""The cache keeps whole pictures: evaluation sees the processor's centre square, training's
-random_resized_crop reaches the whole picture, both cut at load time."""
+"""The cache keeps whole pictures: evaluation sees the processor's centre square (cut at load
+time), training's random_resized_crop reaches the whole picture (cut on the device)."""
 
 from __future__ import annotations
 
@@ -47,17 +47,37 @@ def test_evaluation_sees_the_processors_centre_square(tmp_path):
     assert image[1].float().mean() > 200 and image[0].float().mean() < 40  # green only
 
 
+def _crop(split, key, **options):
+    """The training crop of the 4 rows of `split`, whole pictures cut on the device."""
+    from mmtrain import registry
+    from mmtrain.data.augment import IMAGE, ImageAugment
+
+    items = [PairDataset(split, whole=True)[i] for i in range(len(split))]
+    images = torch.stack([item[1] for item in items])
+    aspects = torch.tensor([item[7] for item in items], dtype=torch.float32)
+    crop = ImageAugment(
+        [("random_resized_crop", registry.get(IMAGE, "random_resized_crop"), options)], 3, 16
+    )
+    return crop({"images": images, "aspects": aspects}, key)
+
+
 def test_random_resized_crop_reaches_outside_the_centre_square(tmp_path):
     split = _split(tmp_path)
-    crop = {"p": 1.0, "scale": [0.2, 0.3], "ratio": [0.75, 1.333]}
-    dataset = PairDataset(split, crop, seed=3)
-    means = torch.stack([dataset[(epoch, 0)][1].float().mean(dim=(1, 2)) for epoch in range(16)])
+    assert PairDataset(split, whole=True)[0][1].shape == (3, 24, 24)  # uncut, with its aspect
+    options = {"p": 1.0, "scale": [0.2, 0.3], "ratio": [0.75, 1.333]}
+    out = torch.cat([_crop(split, (step, 0, 0), **options)["images"] for step in range(8)])
+    assert out.shape == (32, 3, 16, 16)
+    means = out.mean(dim=(2, 3))
     # Boxes anywhere in the picture: some mostly red, some mostly blue, neither of which is
     # in the centre square, the only part a centre-cropped cache could hold.
     assert means[:, 0].max() > 150 and means[:, 2].max() > 150
-    again = PairDataset(split, crop, seed=3)
-    assert torch.equal(dataset[(2, 1)][1], again[(2, 1)][1])  # keyed by (seed, epoch, index)
-    assert not torch.equal(dataset[(2, 1)][1], dataset[(3, 1)][1])
+    again = _crop(split, (2, 0, 0), **options)["images"]
+    assert torch.equal(again, _crop(split, (2, 0, 0), **options)["images"])  # keyed by step
+    assert not torch.equal(again, _crop(split, (3, 0, 0), **options)["images"])
+    # An image the crop passes over gets the processor's centre square: green only.
+    centre = _crop(split, (0, 0, 0), p=0.0)["images"]
+    assert centre.shape == (4, 3, 16, 16) and "aspects" not in _crop(split, (0, 0, 0))
+    assert centre[:, 1].mean() > 200 and centre[:, 0].mean() < 40 and centre[:, 2].mean() < 40
 
 
 def test_cache_scale_is_checked(tmp_path):

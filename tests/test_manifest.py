@@ -256,8 +256,13 @@ def test_text_length_beyond_the_backbone_is_capped_with_a_warning(tmp_path, capl
     assert parts.collate.max_length == 16
     assert parts.splits["train"].image_size == 32  # the backbone's size
     batch = next(iter(data_loader(parts, "train", train=True, pin_memory=False)))
-    assert batch["images"].shape[-2:] == (32, 32)  # cut from the whole cached pictures
+    # Whole cached pictures (32 x cache_scale) with their aspects, for the device's crop ...
+    assert batch["images"].shape[-2:] == (37, 37) and batch["aspects"].shape == (6,)
     assert batch["images"].dtype == torch.uint8 and batch["input_ids"].shape[1] <= 16
+    # ... which cuts the model's input from them; validation's are cut at load time.
+    assert parts.augment(batch, (0, 0, 0))["images"].shape[-2:] == (32, 32)
+    val = next(iter(data_loader(parts, "val", train=False, pin_memory=False)))
+    assert val["images"].shape[-2:] == (32, 32) and "aspects" not in val
 
 
 def test_manifest_run_trains_beats_chance_and_counts_skipped_rows(tmp_path):

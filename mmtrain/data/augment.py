@@ -19,21 +19,28 @@ exactly as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import random
 import string
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch.nn import functional as F
 
-from mmtrain import registry
+from mmtrain import registry, rules
 from mmtrain.errors import UserError
 from mmtrain.registry import register
+from mmtrain.rules import Bounds
 
 IMAGE, TEXT = "image_augment", "text_augment"
-RUNTIME = {IMAGE: ("images", "generator"), TEXT: ("text", "rng")}
+# What the pipeline passes besides the config keys: the batch's images and a generator (and,
+# to an image augmentation that takes them, whole pictures' `aspects` and the output `size`),
+# or a text and a Random.
+RUNTIME = {IMAGE: ("images", "generator", "aspects", "size"), TEXT: ("text", "rng")}
+# Every augmentation's `p`: how often it acts; 0 switches it off.
+Probability = Annotated[float, Bounds(ge=0, le=1)]
 
 
 def _seed(*parts: Any) -> int:
@@ -55,7 +62,7 @@ def _uniform(
 
 
 @register(IMAGE, "flip")
-def flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+def flip(images: torch.Tensor, generator: torch.Generator, p: Probability = 0.5) -> torch.Tensor:
     """Mirror images left to right."""
     return torch.where(_chosen(images, generator, p), images.flip(-1), images)
 
@@ -64,30 +71,50 @@ def flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> to
 def random_resized_crop(
     images: torch.Tensor,
     generator: torch.Generator,
-    p: float = 0.5,
-    scale: tuple[float, float] = (0.5, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    p: Probability = 1.0,
+    scale: Annotated[tuple[float, float], Bounds(gt=0, le=1)] = (0.9, 1.0),
+    ratio: Annotated[tuple[float, float], Bounds(gt=0)] = (3 / 4, 4 / 3),
+    aspects: torch.Tensor | None = None,
+    size: int | None = None,
 ) -> torch.Tensor:
-    """Cut a random box (`scale`: its share of the area, `ratio`: width/height) and resize
-    it back to the full size, a different box per image."""
+    """Cut a random box (`scale`: its share of the picture's area, `ratio`: its width/height)
+    and resize it to the model's input, a different box per image (open_clip's training
+    crop by default: 90-100% of the picture).
+
+    The images are the model's input as they are, or with `aspects` (width/height of each)
+    whole pictures squeezed into squares, as a decoded-image cache keeps them: the box is
+    then drawn in each picture's own proportions, anywhere in it, and the output is `size`
+    square; an image the crop passes over (`p`) gets the processor's centre square."""
     (low, high), (ratio_low, ratio_high) = scale, ratio
     area = _uniform(images, generator, low, high).flatten()
     aspect = torch.exp(
         _uniform(images, generator, math.log(ratio_low), math.log(ratio_high)).flatten()
     )
-    width = (area * aspect).sqrt().clamp(max=1.0)  # fractions of the image's sides
-    height = (area / aspect).sqrt().clamp(max=1.0)
+    if aspects is None:
+        width = (area * aspect).sqrt().clamp(max=1.0)  # fractions of the image's sides
+        height = (area / aspect).sqrt().clamp(max=1.0)
+    else:  # in the picture's own pixels: its width is aspects x its height
+        picture = aspects.to(images.device, images.dtype)
+        width = (area * aspect / picture).sqrt().clamp(max=1.0)
+        height = (area * picture / aspect).sqrt().clamp(max=1.0)
     # Box centres in the [-1, 1] coordinates of affine_grid, keeping the box inside.
     centre_x = (1 - width) * _uniform(images, generator, -1, 1).flatten()
     centre_y = (1 - height) * _uniform(images, generator, -1, 1).flatten()
+    chosen = _chosen(images, generator, p)
+    if aspects is not None:  # the others: the centre square of their picture
+        keep = chosen.flatten()
+        width = torch.where(keep, width, (1 / picture).clamp(max=1.0))
+        height = torch.where(keep, height, picture.clamp(max=1.0))
+        centre_x, centre_y = centre_x * keep, centre_y * keep
     theta = torch.zeros(len(images), 2, 3, device=images.device, dtype=images.dtype)
     theta[:, 0, 0], theta[:, 0, 2] = width, centre_x
     theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    side = size or images.shape[-1]
+    grid = F.affine_grid(theta, [len(images), 3, side, side], align_corners=False)
     cropped = F.grid_sample(
         images, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
-    return torch.where(_chosen(images, generator, p), cropped, images)
+    return cropped if aspects is not None else torch.where(chosen, cropped, images)
 
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
@@ -98,7 +125,7 @@ _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.
 def color_jitter(
     images: torch.Tensor,
     generator: torch.Generator,
-    p: float = 0.8,
+    p: Probability = 0.8,
     brightness: float = 0.4,
     contrast: float = 0.4,
     saturation: float = 0.4,
@@ -130,7 +157,7 @@ def color_jitter(
 
 @register(IMAGE, "gaussian_noise")
 def gaussian_noise(
-    images: torch.Tensor, generator: torch.Generator, p: float = 0.5, std: float = 0.05
+    images: torch.Tensor, generator: torch.Generator, p: Probability = 0.5, std: float = 0.05
 ) -> torch.Tensor:
     """Add pixel noise with standard deviation `std` (a fraction of the 0..255 range)."""
     noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
@@ -139,7 +166,7 @@ def gaussian_noise(
 
 
 @register(TEXT, "word_dropout")
-def word_dropout(text: str, rng: random.Random, p: float = 0.1) -> str:
+def word_dropout(text: str, rng: random.Random, p: Probability = 0.1) -> str:
     """Drop each word with probability `p` (at least one word stays)."""
     words = text.split()
     kept = [word for word in words if rng.random() >= p]
@@ -147,7 +174,7 @@ def word_dropout(text: str, rng: random.Random, p: float = 0.1) -> str:
 
 
 @register(TEXT, "word_swap")
-def word_swap(text: str, rng: random.Random, p: float = 0.1) -> str:
+def word_swap(text: str, rng: random.Random, p: Probability = 0.1) -> str:
     """Swap each word with its right neighbour with probability `p`."""
     words = text.split()
     for i in range(len(words) - 1):
@@ -157,7 +184,7 @@ def word_swap(text: str, rng: random.Random, p: float = 0.1) -> str:
 
 
 @register(TEXT, "char_noise")
-def char_noise(text: str, rng: random.Random, p: float = 0.05) -> str:
+def char_noise(text: str, rng: random.Random, p: Probability = 0.05) -> str:
     """Typos: each character is, with probability `p`, deleted, replaced by a random letter,
     followed by an inserted random letter, or swapped with the next one."""
     chars, out, i = list(text), [], 0
@@ -183,7 +210,7 @@ Entry = tuple[str, Callable[..., Any], dict[str, Any]]
 
 def parse(augment: Mapping[str, Any] | None) -> dict[str, list[Entry]]:
     """The switched-on augmentations of a `data.augment` mapping, per kind, in config order;
-    unknown names, unknown keys and probabilities outside [0, 1] are UserErrors."""
+    unknown names, unknown keys and values that break their rules are UserErrors."""
     entries: dict[str, list[Entry]] = {IMAGE: [], TEXT: []}
     for name, options in (augment or {}).items():
         if name in registry.names(IMAGE):
@@ -203,30 +230,51 @@ def parse(augment: Mapping[str, Any] | None) -> dict[str, list[Entry]]:
                 f"(got {options!r}); e.g. data.augment.{name}.p=0.5."
             )
         options = dict(options or {})
-        registry.check(kind, {"name": name, **options}, runtime=RUNTIME[kind])
-        p = options.get("p", 1.0)
-        if not isinstance(p, int | float) or isinstance(p, bool) or not 0 <= p <= 1:
-            raise UserError(f"data.augment.{name}.p must be a number in [0, 1] (got {p!r}).")
+        takes = registry.accepted(kind, name, dict.fromkeys(RUNTIME[kind]))
+        registry.check(kind, {"name": name, **options}, runtime=takes)
+        fn = registry.get(kind, name)
+        default = inspect.signature(fn).parameters.get("p")
+        p = options.get("p", default.default if default is not None else 1.0)
+        try:  # the rule of every augmentation's p, also where its function declares none
+            p = rules.conform(p, Probability)
+        except rules.Mismatch as wanted:
+            raise UserError(f"data.augment.{name}.p must be {wanted} (got {p!r}).") from None
         if p > 0:
-            entries[kind].append((name, registry.get(kind, name), options))
+            entries[kind].append((name, fn, options))
     return entries
 
 
 class ImageAugment:
     """`(batch, key) -> batch` on the training device; deterministic in (seed, key). The loop's
-    key is (step, micro-batch, rank)."""
+    key is (step, micro-batch, rank). A batch of whole pictures (with `aspects`, see
+    `random_resized_crop`) leaves as the model's `size` x `size` input."""
 
-    def __init__(self, entries: list[Entry], seed: int):
-        self.entries, self.seed = entries, seed
+    def __init__(self, entries: list[Entry], seed: int, size: int | None = None):
+        self.entries, self.seed, self.size = entries, seed, size
+        # The pipeline's extras each entry takes: whole pictures' aspects, the output size.
+        self.extras = [
+            tuple(registry.accepted(IMAGE, name, dict.fromkeys(("aspects", "size"))))
+            for name, _, _ in entries
+        ]
+
+    @property
+    def cuts_whole_pictures(self) -> bool:
+        """Whether an entry cuts whole pictures to the model's input (the loader then hands
+        them over uncut, with their aspects)."""
+        return any("aspects" in extra for extra in self.extras)
 
     def __call__(self, batch: dict[str, torch.Tensor], key: Any) -> dict[str, torch.Tensor]:
         if not self.entries:
             return batch
-        images = batch["images"].float()
-        for name, fn, options in self.entries:
+        batch = dict(batch)
+        images, aspects = batch.pop("images").float(), batch.pop("aspects", None)
+        for (name, fn, options), extra in zip(self.entries, self.extras, strict=True):
             generator = torch.Generator(device=images.device)
             generator.manual_seed(_seed(self.seed, key, name))
-            images = fn(images, generator, **options)
+            given = {"aspects": aspects, "size": self.size}
+            images = fn(images, generator, **options, **{k: given[k] for k in extra})
+            if "aspects" in extra:
+                aspects = None  # cut to the model's input from here on
         return {**batch, "images": images}
 
 

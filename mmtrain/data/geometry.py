@@ -1,16 +1,15 @@
-"""From a cached whole image to the model's input, at load time (in the loader workers).
+"""From a cached whole image to the model's input: the processor's centre square, cut at
+load time (in the loader workers).
 
 The cache keeps each image whole: squeezed to an L x L array (L = the model's size times
 data.cache_scale, timm's crop_pct idea) with its true width/height ratio beside it. Any box
-of the original picture is a box of that array, so evaluation cuts the processor's centre
-square and training's random_resized_crop samples from the whole picture, both resized
-(bicubic, antialiased) to the model's size.
+of the original picture is a box of that array: evaluation (and training without a random
+crop) cuts the centre square here, resized (bicubic, antialiased) to the model's size;
+training's random_resized_crop cuts its boxes from the whole picture on the device
+(`mmtrain.data.augment`).
 """
 
 from __future__ import annotations
-
-import math
-import random
 
 import torch
 from torch.nn import functional as F
@@ -25,20 +24,6 @@ def centre_square(aspect: float) -> Box:
         return (1 - width) / 2, 0.0, width, 1.0
     height = aspect
     return 0.0, (1 - height) / 2, 1.0, height
-
-
-def random_box(
-    aspect: float, rng: random.Random, scale: tuple[float, float], ratio: tuple[float, float]
-) -> Box:
-    """torchvision's RandomResizedCrop box: `scale` of the picture's area, width/height in
-    `ratio` (in the picture's own pixels); the centre square after ten misses."""
-    for _ in range(10):
-        area = rng.uniform(*scale)
-        box_ratio = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        width, height = math.sqrt(area * box_ratio / aspect), math.sqrt(area * aspect / box_ratio)
-        if width <= 1 and height <= 1:
-            return rng.uniform(0, 1 - width), rng.uniform(0, 1 - height), width, height
-    return centre_square(aspect)
 
 
 def crop(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -18,50 +17,47 @@ from mmtrain.data.augment import TextAugment
 from mmtrain.data.shards import StreamSplit, stream_loader
 from mmtrain.data.source import SplitData
 
-Row = tuple[int, torch.Tensor, str, int, bool, int | None, list[str] | None]
+# What the dataset yields per row and the collate stacks: (index, uint8 image, text, label,
+# paired, epoch, negatives, aspect of a whole picture or None).
+Item = tuple[int, torch.Tensor, str, int, bool, int | None, list[str] | None, float | None]
 
 
 class PairDataset(Dataset):
-    """(index, uint8 image, text, label, paired, epoch, negatives) rows of one split.
+    """The items of one split.
 
     A key is a row index, or (epoch, index) from a sampler with `tag_epoch`: the epoch is
     passed on so that text augmentation can depend on (seed, epoch, index) alone.
-    A split of whole pictures is cut to the model's size here: the centre square, or with
-    `crop` (random_resized_crop's options) a random box keyed by (seed, epoch, index).
+    A split of whole pictures (a cache) is cut here to the processor's centre square at the
+    model's size, unless `whole`: then the picture is handed over as stored, with its aspect,
+    for the device's random_resized_crop to cut (`mmtrain.data.augment`).
     """
 
-    def __init__(self, split: SplitData, crop: dict[str, Any] | None = None, seed: int = 0):
-        self.split, self.crop, self.seed = split, crop, seed
+    def __init__(self, split: SplitData, whole: bool = False):
+        self.split, self.whole = split, whole and split.aspects is not None
 
-    def _image(self, index: int, epoch: int | None) -> torch.Tensor:
+    def _image(self, index: int) -> torch.Tensor:
         split = self.split
         image = split.image(index)
-        if split.aspects is None:
+        if split.aspects is None or self.whole:
             return image
-        aspect = split.aspect(index)
-        box = geometry.centre_square(aspect)
-        if self.crop is not None:
-            rng = random.Random(f"{self.seed}:{epoch}:{index}:random_resized_crop")
-            if rng.random() < self.crop.get("p", 0.5):
-                scale = tuple(self.crop.get("scale", (0.08, 1.0)))
-                ratio = tuple(self.crop.get("ratio", (3 / 4, 4 / 3)))
-                box = geometry.random_box(aspect, rng, scale, ratio)
+        box = geometry.centre_square(split.aspect(index))
         return geometry.crop(image, box, split.image_size)
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Row:
+    def __getitem__(self, key: int | tuple[int, int]) -> Item:
         epoch, index = key if isinstance(key, tuple) else (None, key)
         split = self.split
         return (
             index,
-            self._image(index, epoch),
+            self._image(index),
             split.texts[index],
             int(split.labels[index]),
             bool(split.paired[index]),
             epoch,
             split.negatives[index] if split.negatives is not None else None,
+            split.aspect(index) if self.whole else None,
         )
 
 
@@ -133,8 +129,10 @@ class Collate:
         # Rounding up must never pass the backbone's last text position.
         self.multiple = 8 if max_length % 8 == 0 else None
 
-    def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
-        indices, images, texts, labels, paired, epochs, row_negatives = zip(*rows, strict=True)
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        indices, images, texts, labels, paired, epochs, row_negatives, aspects = zip(
+            *items, strict=True
+        )
         captions = texts  # negatives are drawn from the caption before augmentation
         if self.text_augment is not None:
             texts = [
@@ -150,6 +148,8 @@ class Collate:
             "labels": torch.tensor(labels),
             "paired": torch.tensor(paired),
         }
+        if aspects[0] is not None:  # whole pictures, for the device's crop
+            batch["aspects"] = torch.tensor(aspects, dtype=torch.float32)
         if self.negatives is not None:  # K hard-negative texts per row, row after row
             negatives = [
                 negative
@@ -207,11 +207,11 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    crop: dict[str, Any] | None = None,
+    whole: bool = False,
 ) -> DataLoader:
     """A DataLoader over `split` whose order is set by an EpochSampler (see `loader.sampler`);
-    with `world_size` > 1, this rank's share of it. `crop`: random_resized_crop's options,
-    cut at load time from a split of whole pictures. A streamed split gets a `StreamLoader`."""
+    with `world_size` > 1, this rank's share of it. `whole`: a split of whole pictures hands
+    them over uncut (see `PairDataset`). A streamed split gets a `StreamLoader`."""
     if isinstance(split, StreamSplit):
         return stream_loader(
             split, collate, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
@@ -224,11 +224,11 @@ def make_loader(
         seed=seed,
         rank=rank,
         world_size=world_size,
-        tag_epoch=collate.needs_epoch or crop is not None,
+        tag_epoch=collate.needs_epoch,
         pad=shuffle,
     )
     return DataLoader(
-        PairDataset(split, crop, seed),
+        PairDataset(split, whole),
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate,

@@ -347,7 +347,7 @@ class ShardStream(IterableDataset):
             return None
         image, text, label = decoded
         epoch = self.epoch if self.tag_epoch else None
-        return (sample["__index__"], image, text, label, True, epoch, None)
+        return (sample["__index__"], image, text, label, True, epoch, None, None)
 
 
 class StreamLoader:
