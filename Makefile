@@ -4,6 +4,8 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
+# Test processes (pytest-xdist): the suite runs on both cores of a 2-core machine.
+JOBS ?= 2
 
 .PHONY: train test test-fast test-gpu lint format clean
 
@@ -16,10 +18,10 @@ train: $(STAMP)  ## run `mmtrain train` (pass overrides with ARGS="optimizer.lr=
 	$(VENV)/bin/mmtrain train $(ARGS)
 
 test: $(STAMP)  ## the whole test suite, slow tests included (what CI runs)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not gpu" $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) -m "not gpu" $(ARGS)
 
 test-fast: $(STAMP)  ## the default suite without tests marked slow
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow and not gpu" $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) -m "not slow and not gpu" $(ARGS)
 
 test-gpu: $(STAMP)  ## the CUDA tests (skipped without a GPU); benchmarks/gpu_check.sh runs them with the speed checks
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m gpu $(ARGS)

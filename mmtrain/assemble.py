@@ -38,7 +38,7 @@ from mmtrain.errors import UserError
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, image_processor, load_tokenizer
 from mmtrain.models.finetune import plain_backbone
 from mmtrain.models.interface import Model
-from mmtrain.models.zeroshot import ZeroShotTask, load_templates, prompt_embeddings
+from mmtrain.models.zeroshot import ZeroShotTask, prompt_embeddings
 from mmtrain.run import Run
 from mmtrain.spec import Component, RunSpec, metric_names, of_run, total_steps
 from mmtrain.watch import ChanceWatch
@@ -115,20 +115,6 @@ def model(spec: RunSpec, tok: Any, shape: BackboneSpec, class_names: list[str] |
     return built
 
 
-def text_length(spec: RunSpec, shape: BackboneSpec) -> int:
-    """`data.max_text_length`, capped at the backbone's positions (with a warning)."""
-    wanted = spec.batches.max_text_length
-    if wanted is None:
-        return shape.max_text_length
-    if wanted > shape.max_text_length:
-        log.warning(
-            "data.max_text_length=%d exceeds the backbone's %d text positions; using %d.",
-            wanted, shape.max_text_length, shape.max_text_length,
-        )  # fmt: skip
-        return shape.max_text_length
-    return wanted
-
-
 def zeroshot(spec: RunSpec, split: SplitData, tok: Any, length: int) -> ZeroShotTask | None:
     """Zero-shot classification of `split`'s images as the zeroshot group says, when the
     model embeds images and texts and the split has image classes; else None."""
@@ -141,20 +127,6 @@ def zeroshot(spec: RunSpec, split: SplitData, tok: Any, length: int) -> ZeroShot
             len(task.class_names), len(task.templates),
         )  # fmt: skip
     return task
-
-
-def templates(spec: RunSpec) -> list[str]:
-    """The run's zero-shot prompt templates (zeroshot.templates; openai by default)."""
-    return load_templates(spec.zeroshot.options.get("templates", "openai"))
-
-
-def eval_batches(spec: RunSpec, split: SplitData, tok: Any, shape: BackboneSpec) -> DataLoader:
-    """The rows of `split` in order, in the run's batch size, without augmentation."""
-    collate = Collate(tok, text_length(spec, shape), pad_to_max_length=shape.pad_to_max_length)
-    return make_loader(
-        split, collate, batch_size=spec.batches.batch_size,
-        num_workers=spec.batches.num_workers, shuffle=False, seed=0,
-    )  # fmt: skip
 
 
 # --- a training run -----------------------------------------------------------------------
@@ -200,7 +172,7 @@ def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = N
     if run_dir is not None:
         save_tokenizer(tok, run_dir)
         save_class_names(train.class_names, run_dir)
-    length = text_length(spec, shape)
+    length = shape.text_length(spec.batches.max_text_length)
     summarize(splits, tok, length)
     entries, seed = spec.augment, spec.trainer.seed
     for kind, chosen in entries.items():
@@ -269,6 +241,7 @@ def training_run(
         train_loader=train_loader, val_loader=val_loader, batch_size=spec.batches.batch_size,
         augment=built.augment, zeroshot=built.zeroshot, steps_per_epoch=steps_per_epoch,
         max_steps=max_steps, monitor=spec.monitor, mode=spec.mode,
+        # A streamed split's labels are not known before it is read: no hint then.
         watch=ChanceWatch(getattr(built.splits["val"], "labels", None), max_steps),
         bad_samples=lambda: bad_samples(built.splits),
     )  # fmt: skip
@@ -333,11 +306,17 @@ class Trained:
 
     def batches(self, split: SplitData) -> DataLoader:
         """The rows of `split` in order, in the run's batch size, without augmentation."""
-        return eval_batches(self.spec, split, self.tokenizer, self.shape)
+        pad = self.shape.pad_to_max_length
+        collate = Collate(self.tokenizer, self.text_length(), pad_to_max_length=pad)
+        batches = self.spec.batches
+        return make_loader(
+            split, collate, batch_size=batches.batch_size, num_workers=batches.num_workers,
+            shuffle=False, seed=0,
+        )  # fmt: skip
 
     def text_length(self) -> int:
         """The text length its batches and prompts are cut at."""
-        return text_length(self.spec, self.shape)
+        return self.shape.text_length(self.spec.batches.max_text_length)
 
     def prompt_embeddings(
         self, names: list[str], prompts: list[str], device: torch.device

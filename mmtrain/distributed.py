@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,15 +90,6 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_nn
 
     return torch.cat(dist_nn.all_gather(tensor), dim=0)
-
-
-def gather_objects(items: list[Any]) -> list[Any]:
-    """Every rank's `items`, concatenated in rank order (for metrics kept as Python lists)."""
-    if world_size() == 1:
-        return items
-    gathered: list[list[Any]] = [[] for _ in range(world_size())]
-    dist.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
 
 
 def maximum(value: int, device: torch.device) -> int:

@@ -188,6 +188,10 @@ class RunSpec:
     monitor: str  # the validation metric that picks best.pt, stops early, a sweep optimises
     mode: Literal["max", "min"]
 
+    def prompt_templates(self) -> list[str]:
+        """The zero-shot prompt templates (zeroshot.templates; openai by default)."""
+        return load_templates(self.zeroshot.options.get("templates", "openai"))
+
 
 def plain(cfg: Any) -> Any:
     """A DictConfig/ListConfig as plain Python containers, interpolations resolved."""

@@ -193,7 +193,7 @@ def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
     from safetensors.torch import load_file
 
     head = load_file(tmp_path / "export" / "head.safetensors")
-    assert torch.equal(head["head.4.weight"], trained.state_dict()["head.4.weight"])
+    assert torch.equal(head["head.4.weight"], trained_model.state_dict()["head.4.weight"])
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def _matches(
     ]
     for key, names, templates in (
         ("texts", options.candidates, ["{}"]),
-        ("classes", options.class_names, assemble.templates(run.spec)),
+        ("classes", options.class_names, run.spec.prompt_templates()),
     ):
         if names is None:
             continue

@@ -12,6 +12,7 @@ learned `logit_scale` and, for SigLIP, a `logit_bias`.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from mmtrain.errors import UserError
+
+log = logging.getLogger("mmtrain")
 
 # The normalisation CLIP was trained with (transformers.image_utils.OPENAI_CLIP_MEAN/STD),
 # for backbones built from a config. Importing transformers' image utilities for these six
@@ -70,6 +73,19 @@ class BackboneSpec:
     max_text_length: int
     pad_to_max_length: bool = False  # pad every text to max_text_length (SigLIP)
     family: str = "clip"
+
+    def text_length(self, wanted: int | None) -> int:
+        """`wanted` text positions (data.max_text_length; null: the backbone's), capped at
+        the backbone's with a warning."""
+        if wanted is None:
+            return self.max_text_length
+        if wanted > self.max_text_length:
+            log.warning(
+                "data.max_text_length=%d exceeds the backbone's %d text positions; using %d.",
+                wanted, self.max_text_length, self.max_text_length,
+            )  # fmt: skip
+            return self.max_text_length
+        return wanted
 
 
 class PixelNormalize(nn.Module):

@@ -8,9 +8,10 @@ respect to each embedding is then pushed through the towers micro-batch by micro
 The gradient equals the big batch's, at the memory of one micro-batch plus the embeddings,
 for one extra forward pass.
 
-A model that supports it has `embed(**batch)` (the embeddings its loss needs, as a dict),
-`objective(embeds, paired)` (the loss from them), `loss_parameters()` (parameters the loss
-itself uses, e.g. the temperature) and a forward that takes `cached_grads` and returns
+A model that supports it is a `FeatureCachingModel` (`mmtrain.models.interface`, registered
+with `traits.accumulates_features`): `embed(**batch)` (the embeddings its loss needs, as a
+dict), `objective(embeds, paired)` (the loss from them), `loss_parameters()` (parameters the
+loss itself uses, e.g. the temperature) and a forward that takes `cached_grads` and returns
 `replay_loss`.
 """
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from mmtrain import distributed
+from mmtrain.models.interface import FeatureCachingModel
 
 
 def replay_loss(
@@ -52,7 +54,7 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 def accumulated_backward(
-    model: nn.Module,
+    model: FeatureCachingModel,
     step_model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
     autocast: Callable[[], Any],

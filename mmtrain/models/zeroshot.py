@@ -2,9 +2,9 @@
 normalised text embeddings of its name in every prompt template ("a photo of a {}."),
 normalised again, and an image is put in the class whose embedding is most similar.
 
-Generic over any model that embeds texts (`embed_texts(input_ids, attention_mask)`, L2
-normalised) and returns `image_embeds` from its forward: the tokenizer, the class names and
-the labels arrive as values from `mmtrain.build`.
+Generic over any `EmbeddingModel` (`mmtrain.models.interface`): it embeds texts with
+`embed_texts` and its forward returns `image_embeds`. The tokenizer, the class names and
+the labels arrive as values from `mmtrain.assemble`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from mmtrain.errors import UserError
 from mmtrain.metrics import ZeroShotClasses
+from mmtrain.models.interface import EmbeddingModel
 from mmtrain.registry import register
 
 # OpenAI's 80 ImageNet prompts (CLIP's notebook; open_clip's OPENAI_IMAGENET_TEMPLATES).
@@ -160,20 +160,20 @@ class ZeroShotTask:
     max_length: int
 
     @torch.no_grad()
-    def class_embeddings(self, model: nn.Module, device: torch.device) -> torch.Tensor:
+    def class_embeddings(self, model: EmbeddingModel, device: torch.device) -> torch.Tensor:
         """[C, D]: per class, the renormalised mean of its prompts' text embeddings."""
         return prompt_embeddings(
             model, self.tokenizer, self.max_length, self.class_names, self.templates, device
         )
 
-    def classes(self, model: nn.Module, device: torch.device) -> ZeroShotClasses:
+    def classes(self, model: EmbeddingModel, device: torch.device) -> ZeroShotClasses:
         """The targets the metrics score against, embedded by `model` as it is now."""
         return ZeroShotClasses(self.class_embeddings(model, device), self.labels, self.class_names)
 
 
 @torch.no_grad()
 def prompt_embeddings(
-    model: nn.Module,
+    model: EmbeddingModel,
     tokenizer: Any,
     max_length: int,
     class_names: list[str],
@@ -199,13 +199,6 @@ def prompt_embeddings(
     model.train(training)
     embeds = torch.cat(parts).float().view(len(class_names), len(templates), -1)
     return F.normalize(F.normalize(embeds, dim=-1).mean(1), dim=-1)
-
-
-def can_embed(model: nn.Module) -> bool:
-    """Whether `model` embeds images and texts (zero-shot classification applies)."""
-    return callable(getattr(model, "embed_texts", None)) and callable(
-        getattr(model, "embed_images", None)
-    )
 
 
 @register("zeroshot", "prompts")
