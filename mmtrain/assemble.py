@@ -3,7 +3,8 @@ tokenizer, the model, the loaders, the optimizer and schedule, zero-shot prompts
 experiment trackers. `train` (through `mmtrain.recipe`), `eval`, `predict`, `export` and
 `validate` all build here; nothing else calls a component's factory.
 
-- `training_run(spec, run_dir, device)`: a `mmtrain.loop.Run`, ready to step.
+- `training_run(spec, run_dir, device, class_names)`: a `mmtrain.run.Run`, ready to step;
+  `parts(spec, run_dir)`: what it is built from before its loaders and optimizer.
 - `trained(run_dir)`: a finished run rebuilt from its directory alone (config, tokenizer,
   label names, weights); `untrained(spec, out)`: the same for a model never trained.
 
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -40,7 +40,7 @@ from mmtrain.models.finetune import plain_backbone
 from mmtrain.models.interface import Model
 from mmtrain.models.zeroshot import ZeroShotTask, prompt_embeddings
 from mmtrain.run import Run
-from mmtrain.spec import Component, RunSpec, metric_names, of_run, total_steps
+from mmtrain.spec import Component, RunSpec, dotlist, metric_names, of_run, total_steps
 from mmtrain.watch import ChanceWatch
 
 log = logging.getLogger("mmtrain")
@@ -388,7 +388,7 @@ def prediction_input(
     done = trained(run, [o for o in overrides if o not in for_input], checkpoint)
     source = done.spec.data
     options = dict(source.options) if source.name == "manifest" else {}
-    options.update(OmegaConf.to_container(OmegaConf.from_dotlist(for_input)).get("data", {}))
+    options.update(dotlist(for_input).get("data", {}))
     policy = options.get("on_bad_sample", "error")
     # No labels: every row is in the one class "0" (the manifest's unlabelled mode). Bad rows
     # are collected here and reported by the caller, in its own words.

@@ -126,8 +126,8 @@ def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) 
     for key, value in options.items():
         try:
             rules.conform(value, hints.get(key, Any))
-        except rules.Mismatch as wanted:
-            raise UserError(f"Key {key!r} of {where} must be {wanted} (got {value!r}).") from None
+        except rules.Mismatch as wrong:
+            raise _refusal(wrong, key, where) from None
     clash = [key for key in options if key in runtime]
     if clash:
         raise UserError(
@@ -148,6 +148,20 @@ def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) 
             f"Missing key {missing[0]!r} for {where}; set it in the config "
             f"(e.g. {kind}.{missing[0]}=...). Accepted keys: {', '.join(config_keys)}."
         ) from None
+
+
+def _refusal(wrong: rules.Mismatch, key: str, where: str) -> UserError:
+    """The message of a key's value that breaks its rule (inside a schema: the inner key)."""
+    path = ".".join((key, *wrong.path))
+    if wrong.accepted is None:
+        return UserError(f"Key {path!r} of {where} must be {wrong} (got {wrong.value!r}).")
+    parent, name = ".".join((key, *wrong.path[:-1])), wrong.path[-1]
+    close = difflib.get_close_matches(name, wrong.accepted, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return UserError(
+        f"Unknown key {path!r} for {where}.{hint} Accepted keys of {parent}: "
+        f"{', '.join(wrong.accepted)}."
+    )
 
 
 def build(kind: str, cfg: Mapping[str, Any] | str, **runtime: Any) -> Any:

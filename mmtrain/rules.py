@@ -2,19 +2,21 @@
 
 A key's type annotation is its rule: `int`, `float`, `str`, `bool`, lists of them
 (`list[str]`, `Sequence[float]`), mappings (`dict[str, str]`), a union with None (the key
-may be null), `typing.Literal` (a choice among words), and `typing.Annotated` with `Bounds`
-(a numeric range; for a list of numbers, each element's):
+may be null), `typing.Literal` (a choice among words), `typing.Annotated` with `Bounds` (a
+numeric range; for a list of numbers, each element's), and a dataclass (a schema: a
+mapping of its fields, each with its own rule, unknown keys refused):
 
     lr: Annotated[float, Bounds(gt=0)] | Literal["auto"] = "auto"
     precision: Literal["auto", "32", "bf16", "16"] = "auto"
 
-The registry applies it to a factory's parameters and `mmtrain.spec` to the fields of the
-trainer and batching schemas: one mechanism, one wording (`describe`). What it does not
+The registry applies it to a factory's parameters and `mmtrain.spec` to the trainer and
+batching schemas: one mechanism, one wording (`describe`). What it does not
 judge (the values inside a mapping, objects) is left to the code that uses them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
@@ -54,7 +56,15 @@ class Bounds:
 
 
 class Mismatch(ValueError):
-    """A value that breaks its key's rule; the message says what the key takes."""
+    """A value that breaks its key's rule; the message says what the key takes. Inside a
+    schema (a dataclass), `path` leads to the key that breaks it, `value` is that key's
+    value, and `accepted` lists the schema's keys when the key is not one of them."""
+
+    def __init__(
+        self, wanted: str, value: Any, path: tuple[str, ...] = (), accepted: list[str] | None = None
+    ):
+        super().__init__(wanted)
+        self.value, self.path, self.accepted = value, path, accepted
 
 
 _NOUNS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -107,6 +117,9 @@ def describe(hint: Any) -> str:
             words.append(noun + (f", each {bounds.limits()}" if bounds else ""))
         elif _is_mapping(base):
             words.append("a mapping")
+        elif dataclasses.is_dataclass(base):
+            keys = ", ".join(f.name for f in dataclasses.fields(base))
+            words.append(f"a mapping of its keys ({keys})")
         else:
             words.append(getattr(base, "__name__", str(base)))
     return " or ".join(words) + (" or null" if nullable else "")
@@ -138,18 +151,41 @@ def _one(value: Any, base: Any, bounds: Bounds | None) -> tuple[bool, Any]:
         return all(ok for ok, _ in fits), tuple(items) if isinstance(value, tuple) else items
     elif _is_mapping(base):
         return isinstance(value, Mapping), value
+    elif dataclasses.is_dataclass(base):  # a schema takes a mapping (see conform)
+        return False, value
     else:
         return True, value
     return bounds is None or bounds.holds(value), value
 
 
+def _schema(value: Any, schema: type) -> Any:
+    """The dataclass `schema` made of the mapping `value`, each field conformed to its rule."""
+    hints = typing.get_type_hints(schema, include_extras=True)
+    names = [f.name for f in dataclasses.fields(schema)]
+    kept = {}
+    for key, item in value.items():
+        if key not in hints:
+            raise Mismatch("one of its keys", item, (str(key),), names)
+        try:
+            kept[key] = conform(item, hints[key])
+        except Mismatch as inner:
+            raise Mismatch(str(inner), inner.value, (key, *inner.path), inner.accepted) from None
+    return schema(**kept)
+
+
 def conform(value: Any, hint: Any) -> Any:
     """`value` as a key of type `hint` holds it (an integer where a number is asked becomes
-    a float, a number where a word is chosen becomes that word); `Mismatch` when it breaks
-    the rule."""
+    a float, a number where a word is chosen becomes that word, a mapping where a schema is
+    asked becomes the schema's dataclass); `Mismatch` when it breaks the rule."""
     options, nullable = _alternatives(hint)
     if value is None and nullable:
         return None
+    for option in options:
+        base = _parts(option)[0]
+        if dataclasses.is_dataclass(base) and isinstance(value, base):
+            return value
+        if dataclasses.is_dataclass(base) and isinstance(value, Mapping):
+            return _schema(value, base)
     for option in options:
         ok, converted = _one(value, *_parts(option))
         if ok:
@@ -158,4 +194,4 @@ def conform(value: Any, hint: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         wanted = wanted.replace("a positive number", "a finite positive number")
         wanted = wanted.replace("a number", "a finite number")
-    raise Mismatch(wanted)
+    raise Mismatch(wanted, value)

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import difflib
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -114,37 +113,22 @@ RUNTIME = {
 DEFAULT_TRAITS = ModelTraits(monitor=("val/loss", "min"), metric_names=("loss",))
 
 
-def _unknown_key(path: str, key: str, names: list[str], more: str) -> UserError:
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return UserError(
-        f"Unknown key '{path}.{key}'.{hint} Accepted keys of {path}: {', '.join(names)}.{more}"
-    )
-
-
 def typed(schema: type, values: Any, path: str, more: str = "") -> Any:
     """`values` (a mapping of a config section) as an instance of the dataclass `schema`,
     each field conformed to its rule; a UserError naming the key when one does not fit."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise UserError(f"{path} must be a mapping of its keys (got {values!r}).")
-    hints = typing.get_type_hints(schema, include_extras=True)
-    names = [f.name for f in dataclasses.fields(schema)]
-    kept = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise _unknown_key(path, str(key), names, more)
-        if dataclasses.is_dataclass(hints[key]):
-            kept[key] = typed(hints[key], value, f"{path}.{key}")
-            continue
-        try:
-            kept[key] = rules.conform(value, hints[key])
-        except rules.Mismatch as wanted:
-            if typing.get_origin(hints[key]) is Literal:
-                raise UserError(f"{path}.{key}={value} is not valid; choose {wanted}.") from None
-            raise UserError(f"{path}.{key} must be {wanted} (got {value!r}).") from None
-    return schema(**kept)
+    try:
+        return rules.conform({} if values is None else values, schema)
+    except rules.Mismatch as wrong:
+        where = ".".join((path, *wrong.path))
+        if wrong.accepted is None:
+            raise UserError(f"{where} must be {wrong} (got {wrong.value!r}).") from None
+        parent, key = ".".join((path, *wrong.path[:-1])), wrong.path[-1]
+        close = difflib.get_close_matches(key, wrong.accepted, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(
+            f"Unknown key '{where}'.{hint} Accepted keys of {parent}: "
+            f"{', '.join(wrong.accepted)}.{more}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -303,7 +287,7 @@ def of_run(run_dir: Path, overrides: list[str] = ()) -> RunSpec:
     config = upgrade(OmegaConf.to_container(OmegaConf.load(config_file)))
     config.pop("logger", None)  # trackers follow training only: eval needs no W&B or MLflow
     if overrides:
-        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+        given = dotlist(overrides)
         unknown = sorted(set(given) - set(config))
         if unknown:
             raise UserError(
@@ -319,6 +303,11 @@ def of_run(run_dir: Path, overrides: list[str] = ()) -> RunSpec:
             f"{error} If another release of mmtrain trained it, use that release; if an "
             "override above caused it, change the override."
         ) from None
+
+
+def dotlist(overrides: list[str]) -> dict[str, Any]:
+    """`KEY.PATH=VALUE` overrides as a nested mapping, values typed as YAML types them."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
 
 
 # Model keys added after 0.2.0; a run written before them trained without them.

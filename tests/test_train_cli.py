@@ -109,7 +109,7 @@ def test_unknown_option_and_bad_value_are_clear(tmp_path):
     )
     result = run_cli("train", "trainer.precision=64", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
-    assert "trainer.precision=64 is not valid; choose one of: auto, 32, bf16, 16" in result.stderr
+    assert "trainer.precision must be one of: auto, 32, bf16, 16 (got 64)" in result.stderr
 
 
 def test_cfg_job_and_help_work():

@@ -24,7 +24,7 @@ from mmtrain.models.backbone import (
     encode_text,
     widths,
 )
-from mmtrain.models.finetune import Freeze, UnfreezeLast, prepare_backbone, tower_depths
+from mmtrain.models.finetune import Freeze, Lora, UnfreezeLast, prepare_backbone, tower_depths
 from mmtrain.models.fusion import Features
 from mmtrain.models.interface import ModelTraits
 from mmtrain.models.objectives import contrastive_loss
@@ -139,7 +139,7 @@ def clip_fusion(
     freeze: Freeze = "none",
     unfreeze_last_layers: UnfreezeLast = None,
     gradient_checkpointing: bool = False,
-    lora: dict[str, Any] | None = None,
+    lora: Lora | None = None,
 ) -> ImageTextClassifier:
     """A CLIP classifier on `fusion` of image and text features; the head's input size is
     the fusion's `out_dim`."""
@@ -155,7 +155,7 @@ def clip_fusion(
     }
     fuse = registry.build("fusion", fusion, **registry.accepted("fusion", fusion, offered))
     clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
-    finetunes = backbone is not None and not (lora and lora.get("r"))
+    finetunes = backbone is not None and not (lora is not None and lora.on)
     return ImageTextClassifier(
         clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec, finetunes
     )

@@ -24,7 +24,7 @@ from mmtrain.models.backbone import (
     encode_text,
 )
 from mmtrain.models.feature_cache import replay_loss
-from mmtrain.models.finetune import Freeze, UnfreezeLast, prepare_backbone, tower_depths
+from mmtrain.models.finetune import Freeze, Lora, UnfreezeLast, prepare_backbone, tower_depths
 from mmtrain.models.interface import ModelTraits
 from mmtrain.models.objectives import MAX_LOGIT_SCALE, sigmoid_loss
 
@@ -179,7 +179,7 @@ def _dual_encoder(
     freeze: Freeze,
     unfreeze_last_layers: UnfreezeLast,
     gradient_checkpointing: bool,
-    lora: dict[str, Any] | None,
+    lora: Lora | None,
 ) -> ContrastiveCLIP:
     clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
     if loss == "sigmoid" and not hasattr(clip, "logit_bias"):
@@ -189,7 +189,7 @@ def _dual_encoder(
             "for it, or a SigLIP model.backbone (or model.backbone_config.model_type=siglip)."
         )
     clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
-    finetunes = backbone is not None and not (lora and lora.get("r"))
+    finetunes = backbone is not None and not (lora is not None and lora.on)
     return ContrastiveCLIP(clip, spec, loss, finetunes)
 
 
@@ -204,7 +204,7 @@ def clip_contrastive(
     freeze: Freeze = "none",
     unfreeze_last_layers: UnfreezeLast = None,
     gradient_checkpointing: bool = False,
-    lora: dict[str, Any] | None = None,
+    lora: Lora | None = None,
 ) -> ContrastiveCLIP:
     """A dual encoder trained with symmetric InfoNCE over the batch (hard negatives from the
     data)."""
@@ -225,7 +225,7 @@ def siglip_contrastive(
     freeze: Freeze = "none",
     unfreeze_last_layers: UnfreezeLast = None,
     gradient_checkpointing: bool = False,
-    lora: dict[str, Any] | None = None,
+    lora: Lora | None = None,
 ) -> ContrastiveCLIP:
     """A SigLIP dual encoder trained with the sigmoid pairwise loss (Zhai et al., 2023): every
     image-text pair of the batch is a binary decision, with a learned temperature and bias."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from torch import nn
 
@@ -19,6 +20,23 @@ from mmtrain.rules import Bounds
 # Keys every dual-encoder model takes; their rules, declared once for every factory.
 Freeze = Literal["none", "vision", "text", "both"]
 UnfreezeLast = Annotated[int, Bounds(ge=0)] | None
+
+
+@dataclass(frozen=True)
+class Lora:
+    """`model.lora`: LoRA adapters (peft) on the towers' attention projections."""
+
+    r: Annotated[int, Bounds(ge=1)] | None = None  # the adapters' rank; null: no adapters
+    alpha: Annotated[float, Bounds(gt=0)] | None = None  # scaling numerator (alpha / r); null: r
+    dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
+    # Module names (a list) or a regex; null: q/k/v/out projections of every tower layer.
+    target_modules: list[str] | str | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.r is not None
+
+
 # Attention projections of the towers' transformer layers, CLIP's and SigLIP's alike (a
 # regex, so SigLIP's attention-pooling head, whose out_proj nn.MultiheadAttention reads
 # directly, is left alone).
@@ -92,18 +110,9 @@ def unfreeze_last(model: nn.Module, layers: int, freeze: str) -> None:
     freeze_towers(model, freeze)
 
 
-def add_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
     """The backbone with LoRA adapters (peft) on its attention projections: only the adapters
     train in the towers; the temperature (and SigLIP's bias) stay trainable."""
-    known = {"r", "alpha", "dropout", "target_modules"}
-    unknown = sorted(set(lora) - known)
-    if unknown:
-        raise UserError(
-            f"Unknown key {unknown[0]!r} in model.lora; accepted: {', '.join(sorted(known))}."
-        )
-    r = lora.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise UserError(f"model.lora.r must be a positive integer, the adapters' rank (got {r!r}).")
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -111,11 +120,11 @@ def add_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
             "model.lora needs the peft library: pip install 'mmtrain[peft]' "
             "(or set model.lora.r=null to fine-tune without adapters)."
         ) from None
-    targets = lora.get("target_modules") or LORA_TARGETS
+    targets = lora.target_modules or LORA_TARGETS
     config = LoraConfig(
-        r=r,
-        lora_alpha=lora.get("alpha") or r,
-        lora_dropout=lora.get("dropout") or 0.0,
+        r=lora.r,
+        lora_alpha=lora.alpha or lora.r,
+        lora_dropout=lora.dropout,
         target_modules=list(targets) if not isinstance(targets, str) else targets,
     )
     try:
@@ -137,7 +146,7 @@ def prepare_backbone(
     freeze: str,
     unfreeze_last_layers: int | None,
     gradient_checkpointing: bool,
-    lora: dict[str, Any] | None,
+    lora: Lora | None,
 ) -> nn.Module:
     """Apply the memory levers: frozen towers or layers, LoRA adapters and gradient
     checkpointing (transformers' own, non-reentrant so frozen inputs still backpropagate)."""
@@ -151,14 +160,14 @@ def prepare_backbone(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    if lora and lora.get("r") is not None:
+    if lora is not None and lora.on:
         if unfreeze_last_layers is not None or freeze != "none":
             raise UserError(
                 "model.lora trains adapters instead of the backbone's weights; it does not combine "
                 "with model.freeze or model.unfreeze_last_layers. Set model.lora.r=null or leave "
                 "those at their defaults (none, null)."
             )
-        model = add_lora(model, dict(lora))
+        model = add_lora(model, lora)
     return model
 
 

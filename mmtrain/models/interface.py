@@ -17,7 +17,7 @@ methods: the traits say which contract it keeps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class ModelTraits:
     takes_negatives: bool = False  # forward takes negative_input_ids (data.hard_negatives)
 
 
+@runtime_checkable
 class Metrics(Protocol):
     """Streaming validation metrics: `update` per batch, `compute` once."""
 
@@ -44,6 +45,7 @@ class Metrics(Protocol):
     def compute(self) -> dict[str, float]: ...
 
 
+@runtime_checkable
 class Model(Protocol):
     """Every model: an nn.Module whose forward takes a batch (uint8 `images`, `input_ids`,
     `attention_mask`, and with labels `labels`/`paired`) and returns a dict with `loss`
@@ -71,6 +73,7 @@ class Model(Protocol):
         ...
 
 
+@runtime_checkable
 class EmbeddingModel(Model, Protocol):
     """A model that embeds images and texts into one space (L2-normalised); its forward
     also returns `image_embeds`, `text_embeds` and their `similarity`."""
@@ -82,6 +85,7 @@ class EmbeddingModel(Model, Protocol):
     ) -> torch.Tensor: ...
 
 
+@runtime_checkable
 class FeatureCachingModel(EmbeddingModel, Protocol):
     """An embedding model whose loss is computed from a whole batch's embeddings, so that
     accumulated micro-batches share negatives (GradCache)."""
