@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
+from mmtrain.data.cache import cache_options, cached_images
+from mmtrain.data.cached import decoded_on_read
 from mmtrain.data.manifest import Checker, Row, _bad_row_report, _label_key, class_names_of
 from mmtrain.data.source import BadRow, SplitData, check_on_bad_sample
 from mmtrain.errors import UserError

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
+from mmtrain.data.cache import cache_options, cached_images
+from mmtrain.data.cached import decoded_on_read
 from mmtrain.data.source import BadRow, SplitData, check_on_bad_sample, matching_class
 from mmtrain.errors import UserError
 from mmtrain.registry import register
