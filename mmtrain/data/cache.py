@@ -353,20 +353,6 @@ def cached_images(
 
 
 def cache_options(cache: bool, workers: int | None, scale: float, verify: bool) -> dict[str, Any]:
-    """`data.cache`, `data.cache_workers` and `data.cache_scale`, checked, as the options
-    `cached_images` takes."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 1 <= scale <= 4:
-        raise UserError(
-            f"data.cache_scale must be a number from 1 to 4 (got {scale!r}): the cached image's "
-            "side as a multiple of the model's input size."
-        )
-    if not isinstance(cache, bool):
-        raise UserError(f"data.cache must be true or false (got {cache!r}).")
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 0
-    ):
-        raise UserError(
-            f"data.cache_workers must be an integer >= 0 or null (got {workers!r}); 0 decodes "
-            "with threads of the training process, null uses one process per CPU (at most 8)."
-        )
+    """`data.cache`, `data.cache_workers` and `data.cache_scale` (checked by the sources'
+    signatures) as the options `cached_images` takes; `verify` checks every cached pixel."""
     return {"enabled": cache, "workers": workers, "verify": verify, "scale": float(scale)}

@@ -12,16 +12,17 @@ import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
 from mmtrain.data.cache import cache_options, cached_images
 from mmtrain.data.cached import decoded_on_read
 from mmtrain.data.manifest import Checker, Row, _bad_row_report, _label_key, class_names_of
-from mmtrain.data.source import BadRow, SplitData, check_on_bad_sample
+from mmtrain.data.source import BadRow, SplitData
 from mmtrain.errors import UserError
 from mmtrain.registry import register
+from mmtrain.rules import Bounds
 
 log = logging.getLogger("mmtrain")
 INSTALL = "pip install 'mmtrain[hf]'"
@@ -109,10 +110,10 @@ def hf(
     label_column: str | None = "label",
     cache_dir: str | None = None,
     cache: bool = True,
-    cache_workers: int | None = None,
-    cache_scale: float = 1.143,
-    max_image_pixels: int = 100_000_000,
-    on_bad_sample: str = "error",
+    cache_workers: Annotated[int, Bounds(ge=0)] | None = None,
+    cache_scale: Annotated[float, Bounds(ge=1, le=4)] = 1.143,
+    max_image_pixels: Annotated[int, Bounds(ge=1)] = 100_000_000,
+    on_bad_sample: Literal["error", "skip"] = "error",
     class_names: list[str] | None = None,
     num_classes: int | None = None,
     full_check: bool = False,
@@ -120,7 +121,6 @@ def hf(
     """Image-text pairs of the Hugging Face dataset `path` (splits `train_split`,
     `val_split`, optional `test_split`), checked and cached as manifests are; decoded images
     are cached in `cache_dir` (default: `.mmtrain_cache/` in the current folder)."""
-    check_on_bad_sample(on_bad_sample)
     if path is None:
         raise UserError(
             "data=hf needs data.path: a local folder (imagefolder with metadata.jsonl, parquet "

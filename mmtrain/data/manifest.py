@@ -20,15 +20,16 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
 from mmtrain.data.cache import cache_options, cached_images
 from mmtrain.data.cached import decoded_on_read
-from mmtrain.data.source import BadRow, SplitData, check_on_bad_sample, matching_class
+from mmtrain.data.source import BadRow, SplitData, matching_class
 from mmtrain.errors import UserError
 from mmtrain.registry import register
+from mmtrain.rules import Bounds
 
 log = logging.getLogger("mmtrain")
 # A class id as text: no sign, no leading zeros ("00" and "0" are two class names).
@@ -333,11 +334,11 @@ def manifest(
     label_column: str | None = "label",
     negative_column: str | None = None,
     cache_dir: str | None = None,
-    max_image_pixels: int = 100_000_000,
-    on_bad_sample: str = "error",
+    max_image_pixels: Annotated[int, Bounds(ge=1)] = 100_000_000,
+    on_bad_sample: Literal["error", "skip"] = "error",
     cache: bool = True,
-    cache_workers: int | None = None,
-    cache_scale: float = 1.143,
+    cache_workers: Annotated[int, Bounds(ge=0)] | None = None,
+    cache_scale: Annotated[float, Bounds(ge=1, le=4)] = 1.143,
     match_label: str | int | None = "auto",
     class_names: list[str] | None = None,
     num_classes: int | None = None,
@@ -353,16 +354,11 @@ def manifest(
     model's size (the loader cuts the model's input), or decoded by the loader every
     epoch with `cache=False`; `full_check` (`mmtrain validate`) checks every cached pixel.
     """
-    check_on_bad_sample(on_bad_sample)
     if val is None or (train is None and class_names is None):
         raise UserError(
             "data=manifest needs data.train=PATH and data.val=PATH (CSV or JSONL files with "
             f"the columns {image_column!r}, {text_column!r}, {label_column!r}); "
             "data.test is optional."
-        )
-    if not isinstance(max_image_pixels, int) or max_image_pixels < 1:
-        raise UserError(
-            f"data.max_image_pixels must be a positive integer (got {max_image_pixels!r})."
         )
     columns = {"image": image_column, "text": text_column, "label": label_column}
     if negative_column:

@@ -24,16 +24,17 @@ import random
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.manifest import class_names_of
-from mmtrain.data.source import BadRow, check_on_bad_sample
+from mmtrain.data.source import BadRow
 from mmtrain.errors import UserError
 from mmtrain.registry import register
+from mmtrain.rules import Bounds
 
 log = logging.getLogger("mmtrain")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -457,11 +458,11 @@ def webdataset(
     train: str | list[str] | None = None,
     val: str | list[str] | None = None,
     test: str | list[str] | None = None,
-    samples_per_epoch: int | None = None,
-    shuffle_buffer: int = 1000,
+    samples_per_epoch: Annotated[int, Bounds(ge=1)] | None = None,
+    shuffle_buffer: Annotated[int, Bounds(ge=1)] = 1000,
     label_key: str | None = "label",
-    max_image_pixels: int = 100_000_000,
-    on_bad_sample: str = "error",
+    max_image_pixels: Annotated[int, Bounds(ge=1)] = 100_000_000,
+    on_bad_sample: Literal["error", "skip"] = "error",
     class_names: list[str] | None = None,
     num_classes: int | None = None,
     full_check: bool = False,
@@ -472,20 +473,11 @@ def webdataset(
     `cls`, else the json field `label_key` (null: no labels, one class); class names from
     a run's labels.json, classes.txt beside the shards, model.num_classes, or one scan."""
     require_webdataset()
-    check_on_bad_sample(on_bad_sample)
     if val is None or (train is None and class_names is None):
         raise UserError(
             "data=webdataset needs data.train=SHARDS and data.val=SHARDS (brace patterns such "
             "as data/train-{00000..00099}.tar, or lists of .tar files); data.test is optional."
         )
-    if samples_per_epoch is not None and (
-        not isinstance(samples_per_epoch, int) or samples_per_epoch < 1
-    ):
-        raise UserError(
-            f"data.samples_per_epoch must be a positive integer or null (got {samples_per_epoch!r})."
-        )
-    if not isinstance(shuffle_buffer, int) or shuffle_buffer < 1:
-        raise UserError(f"data.shuffle_buffer must be a positive integer (got {shuffle_buffer!r}).")
     given = {"train": train, "val": val, "test": test}
     shards = {k: expand_shards(v, k) for k, v in given.items() if v is not None}
     counts: dict[str, int] = {}
