@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmtrain.data import geometry
 from mmtrain.data.augment import TextAugment
-from mmtrain.data.shards import StreamSplit, stream_loader
+from mmtrain.data.shard_stream import StreamSplit, stream_loader
 from mmtrain.data.source import SplitData
 
 Row = tuple[int, torch.Tensor, str, int, bool, int | None, list[str] | None]
