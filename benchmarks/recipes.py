@@ -1,6 +1,6 @@
 """The default recipe against the fusions on a suite of tasks nothing was tuned on.
 
-Writes the task suite (`mmtrain.data.suite`: glyphs, colours, counting, relations, scenes)
+Writes the task suite (`benchmarks/suite.py`: glyphs, colours, counting, relations, scenes)
 as manifests and image files, then runs the real command on each, as a user would:
 
     mmtrain train data=manifest data.train=TASK/train.csv data.val=TASK/val.csv [RECIPE]
@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mmtrain.data.suite import TASKS, write_task
+from suite import TASKS, write_task
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a picture of {}", "the digit {}", "{}", "a handwritten {}")

@@ -19,6 +19,7 @@ from conftest import ROOT, run_cli
 from manifest_files import MODEL_TINY, write_csv, write_learnable
 from PIL import Image
 
+from mmtrain import registry
 from mmtrain.data.manifest import manifest
 from mmtrain.errors import UserError
 
@@ -125,10 +126,14 @@ def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path, caplog):
 
 def test_bad_cache_options_are_refused(tmp_path):
     train, val = write_learnable(tmp_path, train=3, val=3)
-    with pytest.raises(UserError, match="data.cache_workers must be an integer >= 0"):
-        _load(train, val, workers=-1)
-    with pytest.raises(UserError, match="data.cache must be true or false"):
-        _load(train, val, cache="yes")
+    config = {"name": "manifest", "train": str(train), "val": str(val)}
+    with pytest.raises(
+        UserError, match="Key 'cache_workers' of data 'manifest' must be an integer >= 0 or null"
+    ):
+        registry.build("data", {**config, "cache_workers": -1}, image_size=16)
+    with pytest.raises(UserError, match="Key 'cache' of data 'manifest' must be true or false"):
+        registry.build("data", {**config, "cache": "yes"}, image_size=16)
+    assert not (tmp_path / ".mmtrain_cache").exists()  # refused before anything is decoded
 
 
 def test_cache_false_decodes_on_read_and_checks_headers(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from manifest_files import write_csv
 from PIL import Image
 
+from mmtrain import registry
 from mmtrain.data.images import load_image
 from mmtrain.data.loader import PairDataset
 from mmtrain.data.manifest import manifest
@@ -81,5 +82,10 @@ def test_random_resized_crop_reaches_outside_the_centre_square(tmp_path):
 
 
 def test_cache_scale_is_checked(tmp_path):
-    with pytest.raises(UserError, match="data.cache_scale must be a number from 1 to 4"):
-        _split(tmp_path, scale=0.5)
+    train = write_csv(tmp_path / "train.csv", [{"image": "x.png", "text": "t", "label": 0}])
+    config = {"name": "manifest", "train": str(train), "val": str(train), "cache_scale": 0.5}
+    with pytest.raises(UserError) as error:
+        registry.build("data", config, image_size=16)
+    assert str(error.value) == (
+        "Key 'cache_scale' of data 'manifest' must be a number >= 1 and <= 4 (got 0.5)."
+    )

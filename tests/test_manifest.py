@@ -22,6 +22,7 @@ from manifest_files import (
 )
 from PIL import Image
 
+from mmtrain import registry
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.manifest import manifest
 from mmtrain.data.source import load_class_names
@@ -97,10 +98,13 @@ def test_every_bad_row_is_listed_with_file_line_and_reason(tmp_path):
 
 def test_an_unknown_bad_sample_policy_is_refused(tmp_path):
     train, val = write_learnable(tmp_path, train=3, val=3)
-    with pytest.raises(
-        UserError, match="data.on_bad_sample=drop is not valid; choose one of: error, skip"
-    ):
-        manifest(image_size=16, train=str(train), val=str(val), on_bad_sample="drop")
+    config = {"name": "manifest", "train": str(train), "val": str(val), "on_bad_sample": "drop"}
+    with pytest.raises(UserError) as error:
+        registry.build("data", config, image_size=16)
+    assert str(error.value) == (
+        "Key 'on_bad_sample' of data 'manifest' must be one of: error, skip (got 'drop')."
+    )
+    assert not (tmp_path / ".mmtrain_cache").exists()  # refused before anything is read
 
 
 def test_skip_drops_bad_rows_counts_them_and_changes_no_row(tmp_path, caplog):

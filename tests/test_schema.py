@@ -34,7 +34,14 @@ def test_the_trainer_yaml_holds_the_schemas_defaults():
         ("+data.size=5", "Unknown key 'size' for data 'shapes'"),
         ("+model.fusion_layer=2", "Unknown key 'fusion_layer' for model 'clip_fusion'. Did you mean 'fusion_layers'?"),
         ("optimizer.lr=abc", "Key 'lr' of optimizer 'adamw' must be a positive number or auto (got 'abc')"),
-        ("data.train_size=1e3", "Key 'train_size' of data 'shapes' must be an integer (got 1000.0)"),
+        ("data.train_size=1e3", "Key 'train_size' of data 'shapes' must be a positive integer (got 1000.0)"),
+        ("data.val_size=0", "Key 'val_size' of data 'shapes' must be a positive integer (got 0)"),
+        ("data.test_size=-1", "Key 'test_size' of data 'shapes' must be an integer >= 0 (got -1)"),
+        ("data=manifest data.on_bad_sample=drop", "Key 'on_bad_sample' of data 'manifest' must be one of: error, skip (got 'drop')."),
+        ("data=webdataset data.shuffle_buffer=0", "Key 'shuffle_buffer' of data 'webdataset' must be a positive integer (got 0)."),
+        ("data=webdataset data.samples_per_epoch=-5", "Key 'samples_per_epoch' of data 'webdataset' must be a positive integer or null (got -5)."),
+        ("data=hf data.max_image_pixels=0", "Key 'max_image_pixels' of data 'hf' must be a positive integer (got 0)."),
+        ("data=hf data.cache_scale=5", "Key 'cache_scale' of data 'hf' must be a number >= 1 and <= 4 (got 5)."),
         ("model.fusion_layers=true", "Key 'fusion_layers' of model 'clip_fusion' must be a positive integer (got True)"),
         ("data.augment.flip.p=often", "Key 'p' of image_augment 'flip' must be a number >= 0 and <= 1 (got 'often')"),
         ("data.hard_negatives=2", "data.hard_negatives=2, but model 'clip_fusion' takes no negative texts"),
@@ -42,7 +49,7 @@ def test_the_trainer_yaml_holds_the_schemas_defaults():
 )  # fmt: skip
 def test_a_bad_key_or_value_names_the_key(override, expected):
     with pytest.raises(UserError) as error:
-        parse(_compose([override]))
+        parse(_compose(override.split()))
     assert expected in str(error.value)
 
 

@@ -1,4 +1,4 @@
-"""The task suite (mmtrain.data.suite) and the default recipe's parts: the step budget, the
+"""The task suite (benchmarks/suite.py) and the default recipe's parts: the step budget, the
 fusion that keeps concat's features, the data summary and the not-learning hint."""
 
 import csv
@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import CONF, TINY, read_jsonl, run_cli
 from hydra import compose, initialize_config_dir
+from suite import TASKS, render_pair, write_task
 
 from mmtrain.data.manifest import manifest
 from mmtrain.data.source import SplitData
-from mmtrain.data.suite import TASKS, render_pair, write_task
 from mmtrain.data.summary import summarize
 from mmtrain.data.tokenizer import build_word_tokenizer
 from mmtrain.errors import UserError

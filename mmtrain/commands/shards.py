@@ -1,12 +1,13 @@
 """`mmtrain shards MANIFEST OUT_DIR [KEY=VALUE ...]`: webdataset tar shards from a manifest.
 
-Every row gets the checks of `data=manifest` (the image is decoded once to prove it can be);
-bad rows stop the command with every one listed, or are left out with `on_bad_sample=skip`.
-Each sample holds the image file's own bytes (`jpg`/`png`/`webp`; other formats are
-written as PNG), its text (`txt`) and its label: a class id (`cls`), or a class name
-(`json`'s `label`, so that every split maps names to the training split's ids). Beside:
-`sizes.json` (samples per shard, so training needs no counting pass) and, for class
-names, `classes.txt` (one per line, in id order).
+Every row gets the checks and the label rule of `data=manifest` (the image is decoded once
+to prove it can be); bad rows stop the command with every one listed, or are left out with
+`on_bad_sample=skip`. Each sample holds the image file's own bytes (`jpg`/`png`/`webp`;
+other formats are written as PNG), its text (`txt`) and its class id (`cls`). When the
+labels are class names, each sample also holds its name (`json`'s `label`, so that every
+split maps names to the training split's ids) and `classes.txt` beside the shards names
+the ids (one name per line, in id order: open_clip's layout). Beside them too:
+`sizes.json` (samples per shard, so training needs no counting pass).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mmtrain.data.images import ImageProblem, load_image
-from mmtrain.data.manifest import Checker, _label_key, check_row, class_names_of, read_manifest
-from mmtrain.data.shards import CLASSES_FILE, IMAGE_KEYS, SIZES_FILE, require_webdataset
+from mmtrain.data.labels import Classes, classes_of
+from mmtrain.data.rows import Checker, ManifestRow, check_row, read_manifest
+from mmtrain.data.samples import CLASSES_FILE, IMAGE_KEYS, SIZES_FILE, require_webdataset
 from mmtrain.data.source import BadRow
 from mmtrain.errors import UserError
 
@@ -64,44 +66,28 @@ def _parse(args: list[str]) -> tuple[Path, Path, dict[str, str]]:
     return Path(positional[0]).expanduser().resolve(), Path(positional[1]).expanduser(), options
 
 
-def write_shards(args: list[str]) -> Path:
-    """Check every row of the manifest and write the good ones as shards; the output folder."""
-    wds = require_webdataset()
-    manifest, out, options = _parse(args)
-    if not manifest.is_file():
-        raise UserError(f"The manifest {manifest} does not exist.")
-    label_column = None if options["label_column"] in ("null", "") else options["label_column"]
-    columns = {
-        "image": options["image_column"],
-        "text": options["text_column"],
-        "label": label_column,
-    }
-    _, rows = read_manifest(manifest, columns)
-    if not rows:
-        raise UserError(f"The manifest {manifest} has no rows.")
+def _classes(rows: list[ManifestRow], label_column: str | None) -> Classes:
+    """The classes of the manifest's labels (one class without a label column)."""
     if label_column is None:
         for row in rows:
             row.label = 0
-    keys = [k for k in (_label_key(row.label) for row in rows) if k is not None]
-    names, integer = class_names_of(keys, None)
-    root = (
-        Path(options["image_root"]).expanduser().resolve()
-        if options["image_root"]
-        else manifest.parent
-    )
-    checker = Checker(str(manifest), root, names, integer)
-    max_pixels = int(options["max_image_pixels"])
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob("*.tar")):
-        raise UserError(f"{out} already holds .tar files; choose an empty folder.")
+    return classes_of([row.label for row in rows])
 
-    bad: list[BadRow] = []
-    good = []
-    progress = Progress(
-        TextColumn("[bold]checking rows"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+
+def _progress(what: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=Console(stderr=True),
     )  # fmt: skip
-    with progress:
+
+
+def _check(
+    rows: list[ManifestRow], checker: Checker, manifest: Path, max_pixels: int
+) -> tuple[list[tuple[Path, str, int]], list[BadRow]]:
+    """(path, text, class id) of every good row, and the bad rows."""
+    bad: list[BadRow] = []
+    good = []
+    with _progress("checking rows") as progress:
         task = progress.add_task("check", total=len(rows))
         for row in rows:
             path, label, problem = check_row(checker, row)
@@ -115,6 +101,59 @@ def write_shards(args: list[str]) -> Path:
             else:
                 bad.append(BadRow("rows", str(manifest), row.line, *problem))
             progress.advance(task)
+    return good, bad
+
+
+def _write(good: list[tuple[Path, str, int]], out: Path, size: int, classes: Classes) -> dict:
+    """Write the good rows as shards of `size` samples into `out`; {shard name: samples}."""
+    wds = require_webdataset()
+    sizes: dict[str, int] = {}
+    with (
+        _progress("writing shards") as progress,
+        wds.ShardWriter(str(out / "%05d.tar"), maxcount=size, verbose=0) as sink,
+    ):
+        task = progress.add_task("write", total=len(good))
+        for number, (path, text, label) in enumerate(good):
+            ext, data = _image_bytes(path)
+            sample = {"__key__": f"{number:09d}", ext: data, "txt": text, "cls": str(label)}
+            if not classes.ids:  # the name: every split maps it to the training split's id
+                sample["json"] = json.dumps({"label": classes.names[label]})
+            sink.write(sample)
+            sizes[f"{number // size:05d}.tar"] = sizes.get(f"{number // size:05d}.tar", 0) + 1
+            progress.advance(task)
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    if not classes.ids:
+        names = "".join(f"{name}\n" for name in classes.names)
+        (out / CLASSES_FILE).write_text(names, encoding="utf-8")
+    return sizes
+
+
+def write_shards(args: list[str]) -> Path:
+    """Check every row of the manifest and write the good ones as shards; the output folder."""
+    require_webdataset()
+    manifest, out, options = _parse(args)
+    if not manifest.is_file():
+        raise UserError(f"The manifest {manifest} does not exist.")
+    label_column = None if options["label_column"] in ("null", "") else options["label_column"]
+    columns = {
+        "image": options["image_column"],
+        "text": options["text_column"],
+        "label": label_column,
+    }
+    _, rows = read_manifest(manifest, columns)
+    if not rows:
+        raise UserError(f"The manifest {manifest} has no rows.")
+    classes = _classes(rows, label_column)
+    root = (
+        Path(options["image_root"]).expanduser().resolve()
+        if options["image_root"]
+        else manifest.parent
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):
+        raise UserError(f"{out} already holds .tar files; choose an empty folder.")
+    checker = Checker(str(manifest), root, classes)
+    good, bad = _check(rows, checker, manifest, int(options["max_image_pixels"]))
     if bad and options["on_bad_sample"] == "error":
         listing = "\n".join(f"  {row}" for row in bad)
         raise UserError(
@@ -123,28 +162,7 @@ def write_shards(args: list[str]) -> Path:
         )
     if not good:
         raise UserError(f"No usable row in {manifest}; nothing to write.")
-
-    size = int(options["shard_size"])
-    sizes: dict[str, int] = {}
-    progress = Progress(
-        TextColumn("[bold]writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )  # fmt: skip
-    with progress, wds.ShardWriter(str(out / "%05d.tar"), maxcount=size, verbose=0) as sink:
-        task = progress.add_task("write", total=len(good))
-        for number, (path, text, label) in enumerate(good):
-            ext, data = _image_bytes(path)
-            sample = {"__key__": f"{number:09d}", ext: data, "txt": text}
-            if integer:
-                sample["cls"] = str(label)
-            else:  # the name: ids come from the training split's classes, for every split
-                sample["json"] = json.dumps({"label": names[label]})
-            sink.write(sample)
-            sizes[f"{number // size:05d}.tar"] = sizes.get(f"{number // size:05d}.tar", 0) + 1
-            progress.advance(task)
-    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
-    if not integer:
-        (out / CLASSES_FILE).write_text("".join(f"{name}\n" for name in names))
+    sizes = _write(good, out, int(options["shard_size"]), classes)
     last = len(sizes) - 1
     Console(stderr=True).print(
         f"wrote {len(good)} samples in {len(sizes)} shard(s) to {out} ({len(bad)} bad row(s) left out). "

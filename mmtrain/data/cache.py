@@ -1,30 +1,23 @@
-"""A decoded-image cache: every image of a manifest, decoded and resized once, memory-mapped.
+"""Building the decoded-image cache: every image of a manifest decoded and resized once.
 
-The cache of one manifest at one resolution is a pair of files in the cache folder:
+`cached_images` returns the cache of one manifest at one resolution (`mmtrain.data.cached`
+says what its files hold and opens them), building it when there is none or it is damaged:
+the images are decoded whole into a square of L = the model's size x data.cache_scale by
+worker processes or threads. The loader cuts the model's input from each whole image at
+load time (`geometry`): the processor's centre square, or training's random_resized_crop
+box anywhere in the picture.
 
-    KEY.npy    uint8 [N, 3, L, L], one whole image per manifest row, squeezed into a square
-               of L = the model's size x data.cache_scale (zeros where it failed)
-    KEY.json   the index: shape, byte size, per row the crc32 of its pixels, its picture's
-               width/height and null or the [reason, detail] of its image problem
-
-The loader cuts the model's input from each whole image at load time (`geometry`): the
-processor's centre square, or training's random_resized_crop box anywhere in the picture.
-
-KEY hashes the manifest's bytes, each image's resolved path, size and mtime, the resolution
-and the decoding settings: change any of them and the next run builds a new cache. Both
-files are written to temporary names and renamed into place (the .json last, so its
-presence means the .npy is complete); a lock file makes concurrent sweep jobs wait for the
-one that is building instead of decoding the same images twice.
-
-The cache checks itself: opening it checks the index and the array's size, `verify=True`
-(`mmtrain validate`) also every row's checksum. A damaged cache is named in the log,
-discarded and rebuilt. SIGTERM/SIGINT during a build stop it, remove its temporary files
-and exit with 143/130; temporaries left by a killed process are removed at the next start.
+The key hashes the manifest's bytes, each image's resolved path, size and mtime, the
+resolution and the decoding settings: change any of them and the next run builds a new
+cache. Both files are written to temporary names and renamed into place (the .json last,
+so its presence means the .npy is complete); a lock file makes concurrent sweep jobs wait
+for the one that is building instead of decoding the same images twice. SIGTERM/SIGINT
+during a build stop it, remove its temporary files and exit with 143/130; temporaries left
+by a killed process are removed at the next start.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -39,20 +32,13 @@ import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from mmtrain.data.images import (
-    ImageProblem,
-    decode_chunks,
-    image_header,
-    load_whole,
-    source_file,
-)
+from mmtrain.data.cached import FORMAT, CachedImages, cache_key, open_cache, reuse_cache
+from mmtrain.data.images import ImageProblem, decode_chunks, load_whole, source_file
 from mmtrain.errors import UserError
 
 try:
@@ -61,43 +47,8 @@ except ImportError:  # Windows: no lock; the atomic renames still keep the cache
     fcntl = None
 
 log = logging.getLogger("mmtrain")
-FORMAT = 3  # bump when the decoding or the index changes, so old caches are not reused
 _CHUNK = 64  # rows per task of a worker process
 _TEMP = ".tmp"  # temporary files are named .KEY.PID.tmp.npy / .json
-
-
-@dataclass
-class CachedImages:
-    """The images of every row (memory-mapped) and, per row, None or (reason, detail)."""
-
-    images: torch.Tensor
-    problems: list[tuple[str, str] | None]
-    path: Path
-    built: bool  # True when this call decoded the images, False when it reused a cache
-    aspects: torch.Tensor | None = None  # per row, its picture's width / height
-
-
-class Damaged(Exception):
-    """A cache whose files do not match their index; the message says how."""
-
-
-def cache_key(
-    manifest_bytes: bytes, paths: Sequence[Path | None], size: int, max_pixels: int
-) -> str:
-    """A hash of everything the cached pixels depend on."""
-    digest = hashlib.sha256(f"mmtrain-cache-{FORMAT}:{size}:{max_pixels}:".encode())
-    digest.update(hashlib.sha256(manifest_bytes).digest())
-    for path in paths:
-        if isinstance(path, bytes):  # an image's encoded bytes (a dataset's): its content
-            digest.update(b"\n" + hashlib.sha256(path).digest())
-            continue
-        try:
-            stat = os.stat(path) if path is not None else None
-        except OSError:
-            stat = None
-        signature = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "missing"
-        digest.update(f"\n{path}\0{signature}".encode())
-    return digest.hexdigest()[:32]
 
 
 @contextmanager
@@ -111,51 +62,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _open(data: Path, meta: Path, size: int, verify: bool) -> CachedImages:
-    """The cache in `data`/`meta`; raises Damaged when its files disagree with the index."""
-    try:
-        record = json.loads(meta.read_text())
-        rows, problems, crcs = record["rows"], record["problems"], record["crc32"]
-        aspects = torch.tensor(record["aspect"], dtype=torch.float64)
-        shape = tuple(record["shape"])
-        if not (
-            len(problems) == len(crcs) == len(aspects) == rows and shape == (rows, 3, size, size)
-        ):
-            raise ValueError("its lists and shape disagree")
-        problems = [tuple(p) if p else None for p in problems]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise Damaged(f"its index {meta.name} is unreadable ({error})") from None
-    actual, expected = data.stat().st_size, record["bytes"]
-    if actual != expected:
-        raise Damaged(f"{data.name} is {actual:,} bytes, its index says {expected:,}")
-    try:
-        # Copy-on-write: a writable view (torch wants one) that never changes the file.
-        array = np.load(data, mmap_mode="c")
-    except (OSError, ValueError) as error:
-        raise Damaged(f"{data.name} is not a readable array ({error})") from None
-    if array.shape != shape or array.dtype != np.uint8:
-        raise Damaged(f"{data.name} holds {array.dtype} {array.shape}, not uint8 {shape}")
-    if verify:
-        wrong = [row for row in range(rows) if zlib.crc32(array[row]) != crcs[row]]
-        if wrong:
-            shown = ", ".join(map(str, wrong[:10])) + (" ..." if len(wrong) > 10 else "")
-            raise Damaged(f"the pixels of {len(wrong)} row(s) fail their checksum ({shown})")
-    return CachedImages(torch.from_numpy(array), problems, data, built=False, aspects=aspects)
-
-
-def _reuse(data: Path, meta: Path, size: int, verify: bool) -> CachedImages | None:
-    """The cache if it is there and whole; None (after discarding it) when it is damaged."""
-    if not (meta.is_file() and data.is_file()):
-        return None
-    try:
-        return _open(data, meta, size, verify)
-    except Damaged as damage:
-        log.warning("the image cache %s is damaged: %s; discarding and rebuilding it", data, damage)
-        for path in (meta, data):  # the index first: without it the array is never trusted
-            path.unlink(missing_ok=True)
-        return None
 
 
 def remove_stale_temporaries(cache_dir: Path) -> None:
@@ -180,7 +86,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class Interrupted(Exception):
+class CacheBuildInterrupted(Exception):
     """SIGTERM or SIGINT arrived during a cache build."""
 
     def __init__(self, signum: int):
@@ -190,13 +96,13 @@ class Interrupted(Exception):
 
 @contextmanager
 def _interruptible() -> Iterator[None]:
-    """Turn SIGTERM/SIGINT into `Interrupted` while a build runs (main thread only)."""
+    """Turn SIGTERM/SIGINT into `CacheBuildInterrupted` while a build runs (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handle(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
+        raise CacheBuildInterrupted(signum)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -343,6 +249,63 @@ def _gb(count: int) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
+def _writable(cache_dir: Path) -> None:
+    """Create `cache_dir` and prove a file can be written there; a UserError if not."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".probe-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"Cannot write the decoded-image cache in {cache_dir} ({error.strerror}). "
+            "Set data.cache_dir to a writable folder (it is shared by every run and sweep job "
+            "that reads this data)."
+        ) from None
+
+
+def _write(
+    data: Path, meta: Path, paths: Sequence[Path | None], size: int, max_pixels: int, workers: int
+) -> None:
+    """Decode `paths` into temporary files and rename them into place as `data` and `meta`
+    (the index last); on SIGTERM/SIGINT remove the temporaries and exit with 128 + signal."""
+    shape = (len(paths), 3, size, size)
+    key, cache_dir = data.stem, data.parent
+    temp_data = cache_dir / f".{key}.{os.getpid()}{_TEMP}.npy"
+    temp_meta = cache_dir / f".{key}.{os.getpid()}{_TEMP}.json"
+    try:
+        with _interruptible():
+            array = np.lib.format.open_memmap(temp_data, mode="w+", dtype=np.uint8, shape=shape)
+            array.flush()
+            del array
+            problems, crcs, aspects = _decode_into(temp_data, paths, size, max_pixels, workers)
+            record = {
+                "format": FORMAT,
+                "rows": len(paths),
+                "shape": list(shape),
+                "bytes": temp_data.stat().st_size,
+                "size": size,
+                "max_image_pixels": max_pixels,
+                "problems": problems,
+                "crc32": crcs,
+                "aspect": aspects,
+                "first_image": str(next((p for p in paths if isinstance(p, Path)), "")),
+            }
+            temp_meta.write_text(json.dumps(record))
+            for temp in (temp_data, temp_meta):
+                os.chmod(temp, 0o644)  # readable by the other users of a shared cache
+            os.replace(temp_data, data)
+            os.replace(temp_meta, meta)
+    except CacheBuildInterrupted as stop:
+        log.error(
+            "%s received while building the image cache: stopped; its temporary files are "
+            "removed. Nothing was trained.", stop,
+        )  # fmt: skip
+        raise SystemExit(128 + stop.signum) from None
+    finally:
+        for temp in (temp_data, temp_meta):
+            temp.unlink(missing_ok=True)
+
+
 def cached_images(
     paths: Sequence[Path | None],
     manifest_bytes: bytes,
@@ -355,141 +318,41 @@ def cached_images(
 ) -> CachedImages:
     """The decoded images of `paths` (None: a row without an image, left as zeros), from
     the cache in `cache_dir` when it is up to date and whole, else decoded now by `workers`
-    processes (0: threads of this process; None: chosen by the number of images) and cached. `verify` checks every row's
-    checksum of a cache that is reused. Images are kept whole at `size` x `scale`."""
+    processes (0: threads of this process; None: chosen by the number of images) and
+    cached. `verify` checks every row's checksum of a cache that is reused. Images are kept
+    whole at `size` x `scale`."""
     size = max(size, round(size * scale))
     if workers is None:  # automatic: processes pay off beyond a few hundred images
         workers = 0 if len(paths) < 256 else min(8, os.cpu_count() or 1)
     key = cache_key(manifest_bytes, paths, size, max_pixels)
     data, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    found = _reuse(data, meta, size, verify)
+    found = reuse_cache(data, meta, size, verify)
     if found is not None:
         return found
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".probe-"):
-            pass
-    except OSError as error:
-        raise UserError(
-            f"Cannot write the decoded-image cache in {cache_dir} ({error.strerror}). "
-            "Set data.cache_dir to a writable folder (it is shared by every run and sweep job "
-            "that reads this data)."
-        ) from None
+    _writable(cache_dir)
     with _locked(cache_dir / f"{key}.lock"):
-        found = _reuse(data, meta, size, verify)  # another job built it while we waited
+        found = reuse_cache(data, meta, size, verify)  # another job built it while we waited
         if found is not None:
             return found
         remove_stale_temporaries(cache_dir)
-        shape = (len(paths), 3, size, size)
-        _check_space(cache_dir, int(np.prod(shape)), len(paths), size)
+        _check_space(cache_dir, len(paths) * 3 * size * size, len(paths), size)
         log.info(
             "decoding %d images at %d px into the cache %s with %s (once; later runs reuse it)",
             len(paths), size, data, f"{workers} worker processes" if workers else "threads",
         )  # fmt: skip
         started = time.perf_counter()
-        temp_data = cache_dir / f".{key}.{os.getpid()}{_TEMP}.npy"
-        temp_meta = cache_dir / f".{key}.{os.getpid()}{_TEMP}.json"
-        try:
-            with _interruptible():
-                array = np.lib.format.open_memmap(temp_data, mode="w+", dtype=np.uint8, shape=shape)
-                array.flush()
-                del array
-                problems, crcs, aspects = _decode_into(temp_data, paths, size, max_pixels, workers)
-                record = {
-                    "format": FORMAT,
-                    "rows": len(paths),
-                    "shape": list(shape),
-                    "bytes": temp_data.stat().st_size,
-                    "size": size,
-                    "max_image_pixels": max_pixels,
-                    "problems": problems,
-                    "crc32": crcs,
-                    "aspect": aspects,
-                    "first_image": str(next((p for p in paths if isinstance(p, Path)), "")),
-                }
-                temp_meta.write_text(json.dumps(record))
-                for temp in (temp_data, temp_meta):
-                    os.chmod(temp, 0o644)  # readable by the other users of a shared cache
-                os.replace(temp_data, data)
-                os.replace(temp_meta, meta)
-        except Interrupted as stop:
-            log.error(
-                "%s received while building the image cache: stopped; its temporary files are "
-                "removed. Nothing was trained.", stop,
-            )  # fmt: skip
-            raise SystemExit(128 + stop.signum) from None
-        finally:
-            for temp in (temp_data, temp_meta):
-                temp.unlink(missing_ok=True)
+        _write(data, meta, paths, size, max_pixels, workers)
         seconds = time.perf_counter() - started
         log.info(
             "  cached %d images in %.1f s (%.0f images/s)",
             len(paths), seconds, len(paths) / max(seconds, 1e-9),
         )  # fmt: skip
-    cached = _open(data, meta, size, verify=False)
+    cached = open_cache(data, meta, size, verify=False)
     cached.built = True
     return cached
 
 
 def cache_options(cache: bool, workers: int | None, scale: float, verify: bool) -> dict[str, Any]:
-    """`data.cache`, `data.cache_workers` and `data.cache_scale`, checked, as the options
-    `cached_images` takes."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 1 <= scale <= 4:
-        raise UserError(
-            f"data.cache_scale must be a number from 1 to 4 (got {scale!r}): the cached image's "
-            "side as a multiple of the model's input size."
-        )
-    if not isinstance(cache, bool):
-        raise UserError(f"data.cache must be true or false (got {cache!r}).")
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 0
-    ):
-        raise UserError(
-            f"data.cache_workers must be an integer >= 0 or null (got {workers!r}); 0 decodes "
-            "with threads of the training process, null uses one process per CPU (at most 8)."
-        )
+    """`data.cache`, `data.cache_workers` and `data.cache_scale` (checked by the sources'
+    signatures) as the options `cached_images` takes; `verify` checks every cached pixel."""
     return {"enabled": cache, "workers": workers, "verify": verify, "scale": float(scale)}
-
-
-class DecodedOnRead:
-    """Images decoded from their files each time one is read (data.cache=false): what the
-    loader workers do every epoch instead of reading a cache."""
-
-    def __init__(self, paths: Sequence[Path | None], size: int, max_pixels: int):
-        self.paths, self.size, self.max_pixels = list(paths), size, max_pixels
-        self.shape = (len(self.paths), 3, size, size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, row: int) -> torch.Tensor:
-        path = self.paths[row]
-        if path is None:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-        try:
-            return torch.from_numpy(
-                np.ascontiguousarray(load_whole(source_file(path), self.size, self.max_pixels)[0])
-            )
-        except ImageProblem as problem:
-            raise UserError(
-                f"{problem.reason}: {problem.detail} (data.cache=false decodes images while "
-                "training, so this was not found before; run `mmtrain validate` to check them all)"
-            ) from None
-
-
-def decoded_on_read(
-    paths: Sequence[Path | None], size: int, max_pixels: int, scale: float = 1.0
-) -> CachedImages:
-    """`paths` decoded (whole, at `size` x `scale`) when read, with only their headers
-    checked now (cheap: no pixels)."""
-
-    def header(path: Path | None) -> tuple[tuple[str, str] | None, float]:
-        return (None, 1.0) if path is None else image_header(path, max_pixels)
-
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        found = list(pool.map(header, paths))
-    log.info("data.cache=false: %d images are decoded by the loader every epoch", len(paths))
-    images = DecodedOnRead(paths, max(size, round(size * scale)), max_pixels)
-    aspects = torch.tensor([aspect for _, aspect in found], dtype=torch.float64)
-    problems = [problem for problem, _ in found]
-    return CachedImages(images, problems, Path(), built=False, aspects=aspects)  # type: ignore[arg-type]

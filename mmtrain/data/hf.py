@@ -2,25 +2,29 @@
 
 `data.path` is a local folder (`imagefolder` with metadata.jsonl, parquet files, or a
 `save_to_disk` folder), a parquet file, or a dataset name on the hub (when it is reachable).
-Columns are named as for manifests; every row gets the manifest's checks, and the images
-(bytes in parquet, files in an imagefolder) go through the same decoded-image cache.
+Columns are named as for manifests; every row gets the manifest's checks and label rule
+(`mmtrain.data.rows`, `mmtrain.data.labels`; a ClassLabel column's names are its classes,
+its integers their ids), and the images (bytes in parquet, files in an imagefolder) go
+through the same decoded-image cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
-from mmtrain.data.cache import cache_options, cached_images, decoded_on_read
-from mmtrain.data.manifest import Checker, Row, _bad_row_report, _label_key, class_names_of
-from mmtrain.data.source import BadRow, SplitData, check_on_bad_sample
+from mmtrain.data.cache import cache_options, cached_images
+from mmtrain.data.cached import decoded_on_read
+from mmtrain.data.labels import Classes, classes_of
+from mmtrain.data.rows import Checker, ManifestRow, settle_bad_rows
+from mmtrain.data.source import BadRow, SplitData
 from mmtrain.errors import UserError
 from mmtrain.registry import register
+from mmtrain.rules import Bounds
 
 log = logging.getLogger("mmtrain")
 INSTALL = "pip install 'mmtrain[hf]'"
@@ -65,7 +69,8 @@ def open_dataset(path: str, data_files: Any = None) -> Any:
         ) from None
 
 
-def _split(found: Any, name: str, key: str) -> Any:
+def _dataset_split(found: Any, name: str, key: str) -> Any:
+    """The split `name` of a DatasetDict (a single Dataset is every split)."""
     if not hasattr(found, "keys"):  # a single Dataset: it is every split
         return found
     if name not in found:
@@ -94,6 +99,87 @@ def _image_sources(dataset: Any, column: str) -> list[Path | bytes | None]:
     return sources
 
 
+def _labels(dataset: Any, column: str | None) -> list[Any]:
+    return [0] * len(dataset) if column is None else list(dataset[column])
+
+
+def _check_columns(splits: dict[str, Any], columns: dict[str, str | None], path: str) -> None:
+    """A UserError naming the first column a split lacks, and the columns it has."""
+    for name, dataset in splits.items():
+        missing = [c for c in columns.values() if c is not None and c not in dataset.column_names]
+        if missing:
+            raise UserError(
+                f"The {name} split of {path} has no column {missing[0]!r}; its columns are: "
+                f"{', '.join(dataset.column_names)}. Name the right one with "
+                f"data.{next(k for k, v in columns.items() if v == missing[0])}_column=COLUMN."
+            )
+
+
+def _classes(
+    train: Any, labels: list[Any], label_column: str | None, num_classes: int | None
+) -> Classes:
+    """The classes of the training split: a ClassLabel column's own names (its integers are
+    their ids), else those its labels define."""
+    feature = train.features.get(label_column) if label_column else None
+    if feature is not None and hasattr(feature, "names"):
+        return Classes(list(feature.names), ids=True)
+    return classes_of(labels, num_classes)
+
+
+def _row_problems(
+    checker: Checker, rows: list[ManifestRow], sources: list[Path | bytes | None]
+) -> tuple[list[int | None], list[tuple[str, str] | None]]:
+    """Per row, its class id and None or the (reason, detail) of its first problem."""
+    labels, problems = [], []
+    for row, source in zip(rows, sources, strict=True):
+        label, label_problem = checker.label(row)
+        labels.append(label)
+        problem = checker.text(row) or label_problem
+        if source is None:
+            problem = ("missing image", "the image is empty")
+        elif isinstance(source, Path) and not source.is_file():
+            problem = ("missing file", f"{source} does not exist")
+        problems.append(problem)
+    return labels, problems
+
+
+def _load_split(
+    name: str, dataset: Any, where: str, checker: Checker, labels: list[Any], text_column: str,
+    image_column: str, folder: Path, image_size: int, max_pixels: int, options: dict[str, Any],
+) -> SplitData:  # fmt: skip
+    """One split of the dataset, checked, its images cached (or decoded on read)."""
+    texts = dataset[text_column]
+    rows = [ManifestRow(i, None, texts[i], labels[i]) for i in range(len(dataset))]
+    sources = _image_sources(dataset, image_column)
+    ids, problems = _row_problems(checker, rows, sources)
+    sources = [s if p is None else None for s, p in zip(sources, problems, strict=True)]
+    fingerprint = f"hf:{getattr(dataset, '_fingerprint', '')}:{where}:{len(dataset)}".encode()
+    if options["enabled"]:
+        images = cached_images(
+            sources, hashlib.sha256(fingerprint).digest(), folder, image_size, max_pixels,
+            options["workers"], options["verify"], options["scale"],
+        )  # fmt: skip
+    else:
+        images = decoded_on_read(sources, image_size, max_pixels, options["scale"])
+    bad, good = [], []
+    for i, problem in enumerate(problems):
+        problem = images.problems[i] or problem
+        if problem is None:
+            good.append(i)
+        else:
+            bad.append(BadRow(name, where, i, *problem))
+    return SplitData(
+        images=images.images,
+        texts=[rows[i].text for i in good],
+        labels=torch.tensor([ids[i] for i in good], dtype=torch.long),
+        class_names=checker.class_names,
+        index=None if len(good) == len(rows) else torch.tensor(good, dtype=torch.long),
+        bad_rows=bad,
+        aspects=images.aspects,
+        image_size=image_size,
+    )
+
+
 @register("data", "hf")
 def hf(
     *,
@@ -108,10 +194,10 @@ def hf(
     label_column: str | None = "label",
     cache_dir: str | None = None,
     cache: bool = True,
-    cache_workers: int | None = None,
-    cache_scale: float = 1.143,
-    max_image_pixels: int = 100_000_000,
-    on_bad_sample: str = "error",
+    cache_workers: Annotated[int, Bounds(ge=0)] | None = None,
+    cache_scale: Annotated[float, Bounds(ge=1, le=4)] = 1.143,
+    max_image_pixels: Annotated[int, Bounds(ge=1)] = 100_000_000,
+    on_bad_sample: Literal["error", "skip"] = "error",
     class_names: list[str] | None = None,
     num_classes: int | None = None,
     full_check: bool = False,
@@ -119,7 +205,6 @@ def hf(
     """Image-text pairs of the Hugging Face dataset `path` (splits `train_split`,
     `val_split`, optional `test_split`), checked and cached as manifests are; decoded images
     are cached in `cache_dir` (default: `.mmtrain_cache/` in the current folder)."""
-    check_on_bad_sample(on_bad_sample)
     if path is None:
         raise UserError(
             "data=hf needs data.path: a local folder (imagefolder with metadata.jsonl, parquet "
@@ -132,87 +217,27 @@ def hf(
         wanted["train"] = (
             None if train_split not in getattr(found, "keys", lambda: [])() else train_split
         )
-    splits_in = {k: _split(found, v, f"{k}_split") for k, v in wanted.items() if v is not None}
-    columns = {"image": image_column, "text": text_column, "label": label_column}
-    for name, dataset in splits_in.items():
-        missing = [c for c in columns.values() if c is not None and c not in dataset.column_names]
-        if missing:
-            raise UserError(
-                f"The {name} split of {path} has no column {missing[0]!r}; its columns are: "
-                f"{', '.join(dataset.column_names)}. Name the right one with "
-                f"data.{next(k for k, v in columns.items() if v == missing[0])}_column=COLUMN."
-            )
-
-    labels_of = {name: _labels(ds, label_column) for name, ds in splits_in.items()}
+    chosen = {k: _dataset_split(found, v, f"{k}_split") for k, v in wanted.items() if v}
+    _check_columns(
+        chosen, {"image": image_column, "text": text_column, "label": label_column}, path
+    )
+    labels_of = {name: _labels(ds, label_column) for name, ds in chosen.items()}
     if class_names is not None:
-        names, integer = list(class_names), class_names == [str(i) for i in range(len(class_names))]
+        classes = Classes.given(class_names)
     else:
-        feature = splits_in["train"].features.get(label_column) if label_column else None
-        if feature is not None and hasattr(feature, "names"):  # a ClassLabel: its own names
-            names, integer = list(feature.names), True
-        else:
-            keys = [k for k in (_label_key(v) for v in labels_of["train"]) if k is not None]
-            names, integer = class_names_of(keys, num_classes)
-    if not names:
+        classes = _classes(chosen["train"], labels_of["train"], label_column, num_classes)
+    if not classes.names:
         raise UserError(
             f"The train split of {path} has no usable label in column {label_column!r}."
         )
     folder = Path(cache_dir).expanduser().resolve() if cache_dir else Path.cwd() / ".mmtrain_cache"
-
     splits: dict[str, SplitData] = {}
-    for name, dataset in splits_in.items():
+    for name, dataset in chosen.items():
         where = f"{path}[{wanted[name]}]"
-        checker = Checker(where, Path("."), names, integer)
-        texts = dataset[text_column]
-        rows = [Row(i, None, texts[i], labels_of[name][i]) for i in range(len(dataset))]
-        sources = _image_sources(dataset, image_column)
-        problems, labels = [], []
-        for row, source in zip(rows, sources, strict=True):
-            label, label_problem = checker.label(row)
-            labels.append(label)
-            problem = checker.text(row) or label_problem
-            if source is None:
-                problem = ("missing image", "the image is empty")
-            elif isinstance(source, Path) and not source.is_file():
-                problem = ("missing file", f"{source} does not exist")
-            problems.append(problem)
-        sources = [s if p is None else None for s, p in zip(sources, problems, strict=True)]
-        fingerprint = f"hf:{getattr(dataset, '_fingerprint', '')}:{where}:{len(dataset)}".encode()
-        if options["enabled"]:
-            images = cached_images(
-                sources, hashlib.sha256(fingerprint).digest(), folder, image_size, max_image_pixels,
-                options["workers"], options["verify"], options["scale"],
-            )  # fmt: skip
-        else:
-            images = decoded_on_read(sources, image_size, max_image_pixels, options["scale"])
-        bad, good = [], []
-        for i, problem in enumerate(problems):
-            problem = images.problems[i] or problem
-            if problem is None:
-                good.append(i)
-            else:
-                bad.append(BadRow(name, where, i, *problem))
-        splits[name] = SplitData(
-            images=images.images,
-            texts=[rows[i].text for i in good],
-            labels=torch.tensor([labels[i] for i in good], dtype=torch.long),
-            class_names=names,
-            index=None if len(good) == len(rows) else torch.tensor(good, dtype=torch.long),
-            bad_rows=bad,
-            aspects=images.aspects,
-            image_size=image_size,
-        )
-    bad = [row for split in splits.values() for row in split.bad_rows]
-    if bad and on_bad_sample == "error":
-        raise UserError(_bad_row_report(bad).replace("in the manifests", "in the dataset"))
-    if bad:
-        counts = Counter(row.reason for row in bad)
-        log.warning(
-            "skipped %d bad row(s) (data.on_bad_sample=skip): %s",
-            len(bad), ", ".join(f"{reason}: {n}" for reason, n in counts.most_common()),
+        splits[name] = _load_split(
+            name, dataset, where, Checker(where, Path("."), classes), labels_of[name], text_column,
+            image_column, folder, image_size, max_image_pixels, options,
         )  # fmt: skip
+    bad = [row for split in splits.values() for row in split.bad_rows]
+    settle_bad_rows(bad, on_bad_sample, "in the dataset")
     return splits
-
-
-def _labels(dataset: Any, column: str | None) -> list[Any]:
-    return [0] * len(dataset) if column is None else list(dataset[column])

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmtrain.data import geometry
 from mmtrain.data.augment import TextAugment
-from mmtrain.data.shards import StreamSplit, stream_loader
+from mmtrain.data.shard_stream import StreamSplit, stream_loader
 from mmtrain.data.source import SplitData
 
 # What the dataset yields per row and the collate stacks: (index, uint8 image, text, label,

@@ -8,7 +8,7 @@ the label is 0. Neither modality alone predicts the label: the model must compar
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from mmtrain.data.source import SplitData
 from mmtrain.errors import UserError
 from mmtrain.registry import register
+from mmtrain.rules import Bounds
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -114,16 +115,14 @@ def render_split(seed: int, split: str, size: int, image_size: int) -> SplitData
 def shapes(
     *,
     image_size: int,
-    train_size: int = 6000,
-    val_size: int = 1000,
-    test_size: int = 1000,
+    train_size: Annotated[int, Bounds(ge=1)] = 6000,
+    val_size: Annotated[int, Bounds(ge=1)] = 1000,
+    test_size: Annotated[int, Bounds(ge=0)] = 1000,
     seed: int = 0,
 ) -> dict[str, SplitData]:
-    """The synthetic matching set; `image_size` comes from the model's backbone."""
+    """The synthetic matching set (`test_size=0`: no test split); `image_size` comes from
+    the model's backbone."""
     sizes = {"train": train_size, "val": val_size, "test": test_size}
-    for split, size in sizes.items():
-        if size < 0 or (split != "test" and size == 0):
-            raise UserError(f"data.{split}_size must be positive (got {size}).")
     if image_size < 16:
         raise UserError(
             f"The shapes set needs images of at least 16 px; the backbone asks for {image_size}."

@@ -85,14 +85,6 @@ class SplitData:
 MATCHING_PAIRS = ({"0", "1"}, {"false", "true"}, {"no", "yes"}, {"mismatch", "match"})
 
 
-def check_on_bad_sample(on_bad_sample: str) -> None:
-    """`data.on_bad_sample`, which every data source takes: error or skip."""
-    if on_bad_sample not in ("error", "skip"):
-        raise UserError(
-            f"data.on_bad_sample={on_bad_sample} is not valid; choose one of: error, skip."
-        )
-
-
 def matching_class(class_names: list[str], match_label: str | int | None) -> int | None:
     """The class id whose rows are genuine pairs (the rows a contrastive term aligns), or
     None when every row is one.

@@ -1,0 +1,167 @@
+"""A webdataset sample as mmtrain reads it: shard files, members, labels, checks.
+
+Each sample of a shard is a group of files with one key: an image (`jpg`, `jpeg`, `png` or
+`webp`), a caption (`txt`), and optionally a label: a `cls` file or a field of its `json`
+(`data.label_key`). Both are raw labels under the one rule of `mmtrain.data.labels` (a
+`cls` file's text is not turned into a number here), with one convention of open_clip's:
+when `classes.txt` lies beside the shards, it names the classes in id order and a `cls`
+file holds a class id (its line in classes.txt), while a json label holds a class name
+(as `mmtrain shards` writes it). `SampleChecker` turns a raw sample into (image, text,
+class id) or a bad-sample reason; `scan` reads the small members of every sample once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtrain.data.images import ImageProblem, load_image
+from mmtrain.data.labels import Classes, resolve_label
+from mmtrain.errors import UserError
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CLASSES_FILE = "classes.txt"  # beside the shards: one class name per line, in id order
+SIZES_FILE = "sizes.json"  # beside the shards: {shard file name: samples} (open_clip's)
+INSTALL = "pip install 'mmtrain[webdataset]'"
+
+
+def require_webdataset() -> Any:
+    """The `webdataset` module, or a UserError with the install command."""
+    try:
+        import webdataset
+    except ImportError:
+        raise UserError(f"data=webdataset needs the webdataset library: {INSTALL}") from None
+    return webdataset
+
+
+def expand_shards(spec: str | list[str], key: str) -> list[Path]:
+    """The shard files of a brace pattern (or a list of patterns); each must exist."""
+    from braceexpand import braceexpand
+
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    paths = [Path(p).expanduser() for pattern in patterns for p in braceexpand(str(pattern))]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(
+            f"data.{key}={spec}: "
+            + (
+                f"{len(missing)} shard file(s) do not exist ({shown})"
+                if missing
+                else "names no shard"
+            )
+            + ". Give a brace pattern such as data/{00000..00099}.tar, or a list of .tar files."
+        )
+    return [p.resolve() for p in paths]
+
+
+def read_classes_file(folder: Path) -> list[str] | None:
+    """The class names (id order) of the classes.txt in `folder`, or None when it has none.
+
+    One name per line, exactly as written but for the line end (a label's string form is
+    its class name, spaces included, as in a manifest); blank lines are skipped."""
+    path = folder / CLASSES_FILE
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [name.removesuffix("\r") for name in lines if name.strip()]
+
+
+class SampleChecker:
+    """Turns one raw sample (a dict of bytes) into (image, text, label) or a problem.
+
+    `classes` resolve every label; `cls_ids` (classes.txt beside the shards) reads a `cls`
+    file as a class id into them, whatever the other labels are."""
+
+    def __init__(
+        self,
+        classes: Classes,
+        label_key: str | None,
+        size: int,
+        max_pixels: int,
+        cls_ids: bool = False,
+    ):
+        self.classes, self.label_key = classes, label_key
+        self.cls_classes = Classes(classes.names, ids=True) if cls_ids else classes
+        self.class_names = classes.names
+        self.size, self.max_pixels = size, max_pixels
+
+    def label(self, sample: dict[str, Any]) -> tuple[int | None, tuple[str, str] | None]:
+        """(class id, None) or (None, (reason, detail)) of a sample's label."""
+        if self.label_key is None:
+            return 0, None
+        member, value = raw_label(sample, self.label_key)
+        if member is None:
+            return None, ("missing label", f"no cls file and no {self.label_key!r} field in json")
+        return resolve_label(value, self.cls_classes if member == "cls" else self.classes)
+
+    def __call__(
+        self, sample: dict[str, Any], decode: bool = True
+    ) -> tuple[Any, tuple[str, str] | None]:
+        """((image or None, text, label), None) or (None, (reason, detail))."""
+        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None:
+            return None, ("missing image", f"{name} has no {'/'.join(IMAGE_KEYS)} file")
+        text = sample.get("txt")
+        if text is None:
+            return None, ("missing text", f"{name} has no txt file")
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        if not text.strip():
+            return None, ("empty text", f"{name}: the text is empty")
+        label, problem = self.label(sample)
+        if problem is not None:
+            return None, (problem[0], f"{name}: {problem[1]}")
+        image = None
+        if decode:
+            try:
+                data = io.BytesIO(sample[image_key])
+                pixels = load_image(data, self.size, self.max_pixels, f"{name}.{image_key}")
+            except ImageProblem as error:
+                return None, (error.reason, error.detail)
+            image = torch.from_numpy(pixels.copy())
+        return (image, text, label), None
+
+
+def raw_label(sample: dict[str, Any], label_key: str) -> tuple[str | None, Any]:
+    """(member, label as stored): ("cls", the cls file's text), else ("json", the json
+    field), else (None, None) when the sample has neither."""
+    if "cls" in sample:
+        data = sample["cls"]
+        return "cls", data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    if "json" in sample:
+        try:
+            record = json.loads(sample["json"])
+        except (ValueError, TypeError):
+            return None, None
+        if isinstance(record, dict) and label_key in record:
+            return "json", record[label_key]
+    return None, None
+
+
+def scan(shards: list[Path], label_key: str | None) -> tuple[list[int], list[Any], list[str]]:
+    """One pass over the shards' small members (images are skipped, not read): per shard its
+    sample count, every label and every text."""
+    counts, labels, texts = [], [], []
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    entry = samples.setdefault(key, {})
+                    if ext in ("txt", "cls", "json"):
+                        entry[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as error:
+            raise UserError(f"Cannot read the shard {shard}: {error}.") from None
+        counts.append(len(samples))
+        for entry in samples.values():
+            texts.append(entry.get("txt", b"").decode("utf-8", errors="replace"))
+            if label_key is not None:
+                labels.append(raw_label(entry, label_key)[1])
+    return counts, labels, texts
