@@ -249,3 +249,18 @@ def test_commands_build_through_the_assembler():
                 wrong.append(f"commands/{name}.py:{line} imports {target}")
     assert wrong == []
     assert any(t == "mmtrain.assemble" for _, t in imports(PACKAGE / "commands" / "evaluate.py"))
+
+
+def test_every_module_has_its_line_in_the_readmes_layout():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if path.name == "__init__.py":
+            continue
+        named = f"{relative}" in layout or (
+            relative.parent.name == "commands" and f" {path.name}" in layout
+        )
+        if not named:
+            missing.append(str(relative))
+    assert missing == []
