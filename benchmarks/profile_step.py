@@ -46,6 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rows", type=int, default=20, help="operators shown per table")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace of the steps")
+    parser.add_argument(
+        "--bar-seconds", type=float, default=3.0,
+        help="seconds the progress bar's refresh thread is watched, per refresh rate",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="more config overrides (KEY=VALUE)")
     return parser.parse_args()
 
@@ -223,7 +227,8 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
             ),
         }
         logging.getLogger().handlers.clear()
-    bar_cpu, bar_cpu_1hz = bar_refresh_cpu(), bar_refresh_cpu(refresh_per_second=1)
+    bar_cpu = bar_refresh_cpu(seconds=args.bar_seconds)
+    bar_cpu_1hz = bar_refresh_cpu(refresh_per_second=1, seconds=args.bar_seconds)
 
     print(
         f"\n== mmtrain's own per-step work, timed alone (fastest of 7), "
