@@ -82,7 +82,7 @@ def checkpointing(tmp: Path) -> None:
 
 
 def data_sources(tmp: Path) -> None:
-    out = run(script("data_sources.py", "--images", "8", "--size", "32", "--batch-size", "4"),
+    out = run(script("data_sources.py", "--images", "16", "--size", "32", "--batch-size", "4"),
               tmp, 120)  # fmt: skip
     rows = [
         "seed PIL pipeline", "cache build (1 worker process", "cache build (threads",
