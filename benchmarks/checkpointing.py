@@ -1,7 +1,7 @@
 """Activation memory saved by `model.gradient_checkpointing=true`, and what it costs in time.
 
 A ViT-B/32-sized CLIP (random weights, built from a config; the concat head, or
-`--model clip_contrastive`) takes one forward and backward on a synthetic batch, with and
+`--model clip_contrastive`; `--size small`: conf/model's small towers instead) takes one forward and backward on a synthetic batch, with and
 without transformers' gradient checkpointing, each in a fresh process so that neither
 inherits the other's memory. Gradients are allocated before the measured step, so the
 figure is what the step adds: activations kept for backward, and temporaries.
@@ -12,6 +12,7 @@ figure is what the step adds: activations kept for backward, and temporaries.
 - CUDA: torch.cuda.max_memory_allocated during the step minus memory_allocated before it.
 
     python benchmarks/checkpointing.py [--batch-size 16] [--threads 1] [--steps 3]
+    python benchmarks/checkpointing.py --size small --batch-size 2 --steps 1 --device cpu
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import sys
 import time
 
 import torch
-from common import VIT_B32, ClipVocab, PeakMemory, compose_cfg, quiet, set_threads, synthetic_batch
+from common import MODELS, ClipVocab, PeakMemory, compose_cfg, quiet, set_threads, synthetic_batch
 
 from mmtrain import registry
-from mmtrain.build import resolve_device, seed_everything
-from mmtrain.config import plain
+from mmtrain.devices import resolve_device, seed_everything
 from mmtrain.models.backbone import backbone_spec
+from mmtrain.spec import plain
+
+SIZES_SHOWN = {"vit-b32": "ViT-B/32", "small": "small (conf/model)"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--model", default="clip_fusion", choices=["clip_fusion", "clip_contrastive"]
     )
+    parser.add_argument(
+        "--size", default="vit-b32", choices=list(MODELS),
+        help="the towers' sizes: ViT-B/32's, or conf/model's small default",
+    )  # fmt: skip
     parser.add_argument("--variant", choices=["off", "on"], help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -52,7 +59,7 @@ def measure(args: argparse.Namespace) -> dict:
     set_threads(args.threads)
     quiet()
     device = resolve_device(args.device)
-    overrides = [f"model={args.model}", *VIT_B32]
+    overrides = [f"model={args.model}", *MODELS[args.size]]
     if args.model == "clip_contrastive":
         overrides = [o for o in overrides if "fusion" not in o]
     overrides.append(f"model.gradient_checkpointing={args.variant == 'on'}")
@@ -60,6 +67,7 @@ def measure(args: argparse.Namespace) -> dict:
     if "num_classes" in model_cfg:
         model_cfg["num_classes"] = 2
     spec = backbone_spec(None, model_cfg["backbone_config"])
+    args.text_len = min(args.text_len, spec.max_text_length)  # the small towers take 32
     tokenizer = ClipVocab()
     seed_everything(0)
     model = registry.build("model", model_cfg, tokenizer=tokenizer, spec=spec).to(device).train()
@@ -85,6 +93,7 @@ def measure(args: argparse.Namespace) -> dict:
         "activation_mib": peak - before,
         "step_s": statistics.median(times) if times else float("nan"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "text_len": args.text_len,
     }
 
 
@@ -102,12 +111,14 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
     for variant in ("off", "on"):
         command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(command, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"the {variant} variant failed:\n{out.stderr[-3000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     off, on = results["off"], results["on"]
     print(
-        f"{args.model}, ViT-B/32 sizes, batch {args.batch_size}, {args.text_len} text tokens, "
-        f"fp32, device {off['device']}"
+        f"{args.model}, {SIZES_SHOWN[args.size]} sizes, batch {args.batch_size}, "
+        f"{off['text_len']} text tokens, fp32, device {off['device']}"
     )
     print(f"{'gradient checkpointing':<24}{'step memory MiB':>16}{'step s':>10}")
     for name, result in (("off", off), ("on", on)):

@@ -12,6 +12,12 @@ Every figure goes into OUT/gpu-CARD-DATE.json (commit it as benchmarks/results/.
 least `device`, `mmtrain_e2e_samples_per_s`, `plain_samples_per_s`, `ratio_vs_plain`.
 
     python benchmarks/gpu_check.py --out "$OUT"      (benchmarks/gpu_check.sh installs first)
+
+`--device cpu` is a dry run of the same steps without a GPU (the CUDA tests then skip, the
+benchmarks train on the CPU in fp32), at the size the flags give, e.g. a tiny one:
+
+    python benchmarks/gpu_check.py --device cpu --model small --batch-size 8 --blocks 2 \
+        --num-workers 0 --pairs 32 --steps 2 --out /tmp/check
 """
 
 from __future__ import annotations
@@ -63,14 +69,29 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8000, help="e2e: generated image-text pairs")
     parser.add_argument("--steps", type=int, default=200, help="e2e: training steps")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda",
+        help="cpu: a dry run of every step without a GPU (fp32)",
+    )  # fmt: skip
+    parser.add_argument("--model", choices=("vit-b32", "small"), default="vit-b32")
+    parser.add_argument("--batch-size", type=int, default=256, help="throughput and e2e")
+    parser.add_argument("--blocks", type=int, default=6, help="throughput: rounds of blocks")
+    parser.add_argument(
+        "--num-workers", type=int,
+        help="DataLoader workers (default: 4 in throughput, e2e's own default in e2e)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("No CUDA GPU visible: this check needs one (the CPU suite is `make test`).")
-    name = torch.cuda.get_device_name(0)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit(
+            "No CUDA GPU visible: this check needs one (the CPU suite is `make test`; "
+            "--device cpu is a dry run of this check)."
+        )
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
     card = (re.search(r"[A-Z]\d{2,4}", name) or re.search(r"\w+", name)).group(0).lower()
     result: dict = {
         "device": name,
@@ -78,8 +99,11 @@ def main() -> None:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
-        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
     }
+    if cuda:
+        result["gpu_memory_gib"] = round(
+            torch.cuda.get_device_properties(0).total_memory / 2**30, 1
+        )
     try:
         import transformers
 
@@ -102,11 +126,13 @@ def main() -> None:
         result["gpu_tests"] = {**tests, **counts}
 
     throughput_json = args.out / "throughput.json"
+    workers = args.num_workers
     result["throughput_run"] = step(
         "throughput",
-        [python, "benchmarks/throughput.py", "--device", "cuda", "--model", "vit-b32", "--batch-size", "256",
-         "--precision", "bf16", "--blocks", "6", "--num-workers", "4", "--no-checkpoints",
-         "--variant-repeats", "1", "--json", str(throughput_json)],
+        [python, "benchmarks/throughput.py", "--device", args.device, "--model", args.model,
+         "--batch-size", str(args.batch_size), "--precision", "bf16" if cuda else "32",
+         "--blocks", str(args.blocks), "--num-workers", str(4 if workers is None else workers),
+         "--no-checkpoints", "--variant-repeats", "1", "--json", str(throughput_json)],
         240, args.out,
     )  # fmt: skip
     if throughput_json.exists():
@@ -116,7 +142,8 @@ def main() -> None:
         result["mmtrain_loop_samples_per_s"] = loops["mmtrain"]["samples_per_s"]["median"]
         ratio = figures["ratio_samples_per_s"]["mmtrain"]["per_round"]["median"]
         result["loop_ratio_vs_plain"] = ratio
-        result["peak_memory"] = {n: loop.get("peak_memory_mib") for n, loop in loops.items()}
+        # MiB, each loop's median peak per block (throughput.json's peak_mib)
+        result["peak_memory"] = {n: loop["peak_mib"]["median"] for n, loop in loops.items()}
         if "variants" in figures:
             rows = figures["variants"]["rows"]
             result["plain_variants_samples_per_s"] = {
@@ -130,8 +157,9 @@ def main() -> None:
     e2e_json = args.out / "e2e.json"
     result["e2e_run"] = step(
         "e2e",
-        [python, "benchmarks/e2e.py", "--device", "cuda", "--pairs", str(args.pairs), "--steps", str(args.steps),
-         "--json", str(e2e_json)],
+        [python, "benchmarks/e2e.py", "--device", args.device, "--model", args.model,
+         "--pairs", str(args.pairs), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+         *([] if workers is None else ["--num-workers", str(workers)]), "--json", str(e2e_json)],
         300, args.out,
     )  # fmt: skip
     if e2e_json.exists():

@@ -4,6 +4,7 @@
 # dependencies: `pip wheel -w .whl hydra-core omegaconf pytest torchmetrics` where an index is
 # reachable), then runs benchmarks/gpu_check.py, writing every figure under $OUT.
 #   bash benchmarks/gpu_check.sh            (run from the repository root)
+#   bash benchmarks/gpu_check.sh --device cpu --model small ...   (a dry run: gpu_check.py --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

@@ -1,6 +1,6 @@
 """Where a training step of mmtrain's default model goes, and what mmtrain itself adds.
 
-1. torch.profiler over a few optimizer steps of `mmtrain.loop.fit` (the default config,
+1. torch.profiler over a few optimizer steps of `mmtrain.recipe.fit` (the default config,
    logging to train.log and the console as `mmtrain train` does): the top operators by
    total and by self CPU time. The profiler steps at each optimizer step (a global
    post-step hook), so one profiled step is one whole iteration of the loop.
@@ -31,9 +31,12 @@ from rich.logging import RichHandler
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from mmtrain.build import build_run, check, data_loader, resolve_device, seed_everything
-from mmtrain.loop import _grad_norm, fit
+from mmtrain import assemble
+from mmtrain.data import augment as aug
+from mmtrain.devices import resolve_device, seed_everything
+from mmtrain.recipe import fit
 from mmtrain.runlog import MetricsLog, progress_bar
+from mmtrain.spec import parse
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,8 +46,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rows", type=int, default=20, help="operators shown per table")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace of the steps")
+    parser.add_argument(
+        "--bar-seconds", type=float, default=3.0,
+        help="seconds the progress bar's refresh thread is watched, per refresh rate",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="more config overrides (KEY=VALUE)")
     return parser.parse_args()
+
+
+def grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    """The loop's gradient norm (mmtrain.loop, for its finite check): the total norm,
+    clipping to `clip` if set; without clipping, measured alone."""
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def cli_logging(run_dir: Path, console: Console) -> None:
@@ -73,7 +88,7 @@ def profile_fit(args: argparse.Namespace, overrides: list[str]) -> None:
             "data.test_size=0",
         ]
     )
-    check(cfg)
+    spec = parse(cfg)
     with tempfile.TemporaryDirectory(prefix="mmtrain-profile-") as tmp:
         cli_logging(Path(tmp), Console(stderr=True))
         with profile(
@@ -83,12 +98,12 @@ def profile_fit(args: argparse.Namespace, overrides: list[str]) -> None:
         ) as prof:
             handle = register_optimizer_step_post_hook(lambda *_: prof.step())
             try:
-                fit(cfg, Path(tmp))
+                fit(spec, Path(tmp))
             finally:
                 handle.remove()
         logging.getLogger().handlers.clear()
     events = prof.key_averages()
-    print(f"\n== torch.profiler: {args.steps} steps of mmtrain.loop.fit, by total CPU time ==")
+    print(f"\n== torch.profiler: {args.steps} steps of mmtrain.recipe.fit, by total CPU time ==")
     print(events.table(sort_by="cpu_time_total", row_limit=args.rows))
     print(f"== the same {args.steps} steps, by self CPU time ==")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
@@ -128,19 +143,19 @@ def bar_refresh_cpu(refresh_per_second: float | None = None, seconds: float = 3.
 
 def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
     """Time each piece of mmtrain's per-step work alone, on the objects fit builds
-    (`mmtrain.build.build_run`)."""
-    cfg = compose_cfg(overrides)
-    t = check(cfg)
+    (`mmtrain.assemble.training_run`)."""
+    spec = parse(compose_cfg(overrides))
+    t = spec.trainer
     device = resolve_device(t.device)
     seed_everything(t.seed)
-    run = build_run(cfg, None, device)
-    parts, model, optimizer, scheduler, scaler = (
-        run.parts, run.model, run.optimizer, run.scheduler, run.scaler
-    )  # fmt: skip
+    run = assemble.training_run(spec, None, device, None)
+    model, optimizer, scheduler, scaler = run.model, run.optimizer, run.scheduler, run.scaler
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batch = next(iter(run.train_loader))
-    batch = {k: v.to(device) for k, v in batch.items()}
+    loaded = {k: v.to(device) for k, v in next(iter(run.train_loader)).items()}
+    # What the model is fed, as in the loop: the loaded batch augmented on the device.
+    batch = run.augment(loaded, (0, 0, 0))
+    augmenting = ", ".join(name for name, *_ in spec.augment[aug.IMAGE]) or "no augmentation on"
 
     def plain_step() -> None:  # what the plain loop does per step, with the same loss
         loss = model(**batch)["loss"]
@@ -151,14 +166,14 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
     step_us = cost_us(plain_step, number=5)
     loss = model(**batch)["loss"]
     loss.backward()  # gradients in place, as when the loop clips them
-    grad_norm = _grad_norm(trainable, None)
+    norm = grad_norm(trainable, None)
     step_loss = loss.detach()
 
     with tempfile.TemporaryDirectory(prefix="mmtrain-costs-") as tmp:
         cli_logging(Path(tmp), Console(file=io.StringIO(), force_terminal=True, width=120))
         log = logging.getLogger("mmtrain")
         metrics_log = MetricsLog(Path(tmp))
-        train_loader = data_loader(parts, "train", train=True, pin_memory=False)
+        train_loader = run.train_loader
         batches = iter(train_loader)
 
         def next_batch() -> None:
@@ -179,21 +194,21 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
                 bar.update(bar.task_ids[0], completed=1, loss=0.5, lr=1e-3, speed=700.0)
 
             pieces = {
-                "batch to device: dict comprehension over 6 tensors": lambda: {
-                    k: v.to(device, non_blocking=True) for k, v in batch.items()
+                f"batch to device: dict comprehension over {len(loaded)} tensors": lambda: {
+                    k: v.to(device, non_blocking=True) for k, v in loaded.items()
                 },
-                "augment hook (no augmentation on)": lambda: parts.augment(batch, (1, 0, 0)),
+                f"augment hook ({augmenting})": lambda: run.augment(loaded, (1, 0, 0)),
                 "scaler.scale(loss / accumulate) (scaler off)": lambda: scaler.scale(loss / 1),
                 "step_loss + loss.detach()": lambda: 0.0 + loss.detach(),
                 "scaler.unscale_ + scaler.update (scaler off)": lambda: (
                     scaler.unscale_(optimizer),
                     scaler.update(),
                 ),
-                f"_grad_norm(trainable, {t.grad_clip}) (trainer.grad_clip={t.grad_clip})": lambda: (
-                    _grad_norm(trainable, t.grad_clip)
+                f"grad_norm(trainable, {t.grad_clip}) (trainer.grad_clip={t.grad_clip})": lambda: (
+                    grad_norm(trainable, t.grad_clip)
                 ),
                 "float(step_loss) + isfinite(loss, grad_norm)": lambda: (
-                    math.isfinite(float(step_loss) / 1) and bool(torch.isfinite(grad_norm))
+                    math.isfinite(float(step_loss) / 1) and bool(torch.isfinite(norm))
                 ),
                 "scheduler.step()": scheduler.step,
                 f"metrics.jsonl + log.info + bar.update, 1 in {every} steps": log_event,
@@ -212,7 +227,8 @@ def own_costs(args: argparse.Namespace, overrides: list[str]) -> None:
             ),
         }
         logging.getLogger().handlers.clear()
-    bar_cpu, bar_cpu_1hz = bar_refresh_cpu(), bar_refresh_cpu(refresh_per_second=1)
+    bar_cpu = bar_refresh_cpu(seconds=args.bar_seconds)
+    bar_cpu_1hz = bar_refresh_cpu(refresh_per_second=1, seconds=args.bar_seconds)
 
     print(
         f"\n== mmtrain's own per-step work, timed alone (fastest of 7), "

@@ -16,6 +16,9 @@ median over seeds) and the wall time of each run; `--out FILE` appends it to FIL
 
     python benchmarks/recipes.py --sizes small large --seeds 0 1 2
     python benchmarks/recipes.py --tasks glyphs --sizes small --recipes default --seeds 0
+
+`--steps N` cuts every run to N optimizer steps (trainer.max_steps=N; the runs go to their
+own directories): a quick check that the grid runs, not figures to compare with full runs.
 """
 
 from __future__ import annotations
@@ -92,15 +95,18 @@ RECIPES = {
 GRID = ["default", "concat", "cross_attention"]  # what --recipes runs unless told
 
 
-def run_one(data: list[str], recipe: str, seed: int, run_dir: Path, threads: int) -> dict:
-    """One `mmtrain train` run (reused when its summary exists); its summary plus the wall
-    time of the whole command."""
+def run_one(
+    data: list[str], recipe: str, seed: int, run_dir: Path, threads: int, steps: int | None = None
+) -> dict:
+    """One `mmtrain train` run (reused when its summary exists), cut to `steps` optimizer
+    steps if given; its summary plus the wall time of the whole command."""
     summary = run_dir / "summary.json"
     if not summary.is_file():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         command = [
             sys.executable, "-m", "mmtrain", "train", *data, *RECIPES[recipe],
             f"trainer.seed={seed}", f"hydra.run.dir={run_dir}",
+            *([f"trainer.max_steps={steps}"] if steps else []),
         ]  # fmt: skip
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -127,6 +133,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", help="append the markdown table to this file")
+    parser.add_argument(
+        "--steps", type=int, help="cut every run to this many optimizer steps (a quick check)"
+    )
     args = parser.parse_args()
     work = Path(args.work).resolve()
 
@@ -154,9 +163,8 @@ def main() -> None:
 
     def job(entry: tuple, seed: int) -> dict:
         task, size, recipe, data = entry
-        result = run_one(
-            data, recipe, seed, work / "runs" / f"{task}-{size}-{recipe}-{seed}", args.threads
-        )
+        name = f"{task}-{size}-{recipe}-{seed}" + (f"-steps{args.steps}" if args.steps else "")
+        result = run_one(data, recipe, seed, work / "runs" / name, args.threads, args.steps)
         best = result["best"]
         print(
             f"{task} {size} {recipe} seed {seed}: {best['value']} at step {best['step']}",

@@ -3,7 +3,8 @@
 What is measured, in one process, with torch's CPU threads fixed first (--threads, default 1
 on the CPU):
 
-- mmtrain: one run built once with `mmtrain.build.build_run` from conf/ composed with Hydra,
+- mmtrain: one run built once with `mmtrain.assemble.training_run` from conf/ composed with
+  Hydra (checked by `mmtrain.spec.parse`),
   stepped by mmtrain's real loop `mmtrain.loop.train_loop(run, state, out)`: one TrainState
   and one Outputs (metrics.jsonl and checkpoints in a temporary directory) across calls;
   before each call `run.max_steps = state.step + N`, so a call is one block of N optimizer
@@ -78,18 +79,18 @@ from common import (
     spread,
     synthetic_batch,
 )
-from omegaconf import OmegaConf
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmtrain import registry
-from mmtrain.build import Run, build_parts, build_run, check, seed_everything
-from mmtrain.config import plain
+from mmtrain import assemble, registry
 from mmtrain.data.loader import PairDataset
+from mmtrain.devices import seed_everything
 from mmtrain.loop import Outputs, TrainState, train_loop
 from mmtrain.models.backbone import backbone_spec
+from mmtrain.run import Run
 from mmtrain.runlog import MetricsLog
+from mmtrain.spec import parse, plain
 
 # name, attention, autocast dtype, fused AdamW, tf32, torch.compile
 VARIANTS = [
@@ -196,11 +197,13 @@ def train_step(model, batch, optimizer, dtype, device, sync_loss=False) -> None:
         float(loss)  # what a loop that logs every step's loss pays: a host-device sync
 
 
-def adamw(model: torch.nn.Module, cfg: Any, fused: bool) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, cfg: Any, lr: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with the config's decay and betas at `lr`, the rate mmtrain's optimizer took
+    (optimizer.lr may be `auto`, which the run resolves from its batch)."""
     o = cfg.optimizer
     return torch.optim.AdamW(
         model.parameters(),
-        lr=o.lr,
+        lr=lr,
         weight_decay=o.weight_decay,
         betas=tuple(o.betas),
         fused=fused or None,
@@ -214,14 +217,16 @@ class PlainLoop:
     def __init__(self, run: Run, cfg: Any, args: argparse.Namespace, sync_loss: bool = False):
         self.device, self.sync_loss = run.device, sync_loss
         self.model = copy.deepcopy(run.model).train()  # before any step: the initial weights
-        self.optimizer = adamw(self.model, cfg, fused=run.device.type == "cuda")
+        lr = run.optimizer.defaults["lr"]
+        self.optimizer = adamw(self.model, cfg, lr, fused=run.device.type == "cuda")
         self.step_model = torch.compile(self.model) if args.compile else self.model
         self.dtype = torch.bfloat16 if args.precision == "bf16" else None
+        built = run.train_loader  # the run's training split and collate
         self.loader = DataLoader(
-            PairDataset(run.parts.splits["train"]),
+            PairDataset(built.dataset.split),
             batch_size=args.batch_size,
             shuffle=True,
-            collate_fn=run.parts.train_collate,
+            collate_fn=built.collate_fn,
             num_workers=args.num_workers,
             pin_memory=run.device.type == "cuda",
             drop_last=True,
@@ -245,10 +250,9 @@ class PlainLoop:
 class MmtrainLoop:
     """mmtrain's `train_loop` on the built run, N steps per call, one state across calls."""
 
-    def __init__(self, run: Run, cfg: Any, run_dir: Path, checkpoints: bool):
+    def __init__(self, run: Run, config: dict[str, Any], run_dir: Path, checkpoints: bool):
         self.run, self.state = run, TrainState()
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config = OmegaConf.to_container(cfg, resolve=True)
         # main=False only skips the checkpoint files; metrics.jsonl is still written.
         self.out = Outputs(run_dir, MetricsLog(run_dir), config, main=checkpoints)
 
@@ -288,14 +292,14 @@ def variant_model(cfg, tokenizer) -> tuple[torch.nn.Module, Any]:
     return registry.build("model", model_cfg, tokenizer=tokenizer, spec=spec), spec
 
 
-def variant_loop(variant, cfg, tokenizer, args, device, memory) -> dict:
+def variant_loop(variant, cfg, tokenizer, lr, args, device, memory) -> dict:
     """One reference row: the model step alone on synthetic tensors already on the device."""
     name, attention, dtype, fused, tf32, compiled = variant
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     model, spec = variant_model(cfg, tokenizer)
     model.clip.set_attn_implementation(attention)
     model.to(device).train()
-    optimizer = adamw(model, cfg, fused=fused)
+    optimizer = adamw(model, cfg, lr, fused=fused)
     step_model = torch.compile(model) if compiled else model
     batch = synthetic_batch(
         args.batch_size, spec.image_size, args.text_len, len(tokenizer), tokenizer.eos_token_id,
@@ -358,7 +362,7 @@ def count_flops_only(args, cfg, device) -> None:
         tokenizer, digits = ClipVocab(), 2
     else:
         seed_everything(cfg.trainer.seed)
-        tokenizer, digits = build_parts(cfg, None).tokenizer, 4
+        tokenizer, digits = assemble.parts(parse(cfg), None).tokenizer, 4
     gflop = flops_per_sample(cfg, tokenizer, args, device) / 1e9
     print(
         f"{args.model}, {args.text_len} text tokens: {gflop:.{digits}f} GFLOP per training sample"
@@ -372,21 +376,21 @@ def main() -> None:
     device = torch.device(args.device)
     memory = PeakMemory(device)
     cfg = compose_cfg(run_overrides(args))
-    trainer = check(cfg)
-    spec = backbone_spec(None, plain(cfg.model.backbone_config))
-    args.text_len = min(args.text_len, spec.max_text_length)
+    spec = parse(cfg)
+    shape = backbone_spec(None, plain(cfg.model.backbone_config))
+    args.text_len = min(args.text_len, shape.max_text_length)
     if args.count_flops:
         count_flops_only(args, cfg, device)
         return
 
     load_before = os.getloadavg()
-    seed_everything(trainer.seed)
+    seed_everything(spec.trainer.seed)
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as tmp:
-        run = build_run(cfg, None, device)
+        run = assemble.training_run(spec, None, device, None)
         loops: dict[str, Callable[[int], None]] = {PLAIN: PlainLoop(run, cfg, args)}
         if device.type == "cuda":
             loops[SYNCED] = PlainLoop(run, cfg, args, sync_loss=True)
-        mmtrain = loops[MMTRAIN] = MmtrainLoop(run, cfg, Path(tmp), args.checkpoints)
+        mmtrain = loops[MMTRAIN] = MmtrainLoop(run, spec.config, Path(tmp), args.checkpoints)
         params = sum(p.numel() for p in run.model.parameters())
         device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         print(
@@ -451,13 +455,18 @@ def main() -> None:
             }
 
     if args.variants:
-        tokenizer = ClipVocab() if args.model == "vit-b32" else run.parts.tokenizer
+        tokenizer = (
+            ClipVocab() if args.model == "vit-b32" else run.train_loader.collate_fn.tokenizer
+        )
+        lr = run.optimizer.defaults["lr"]
         del run, loops, mmtrain
         _free(device)
         rows = {variant[0]: [] for variant in VARIANTS}
         for _ in range(args.variant_repeats):
             for variant in VARIANTS:
-                rows[variant[0]].append(variant_loop(variant, cfg, tokenizer, args, device, memory))
+                rows[variant[0]].append(
+                    variant_loop(variant, cfg, tokenizer, lr, args, device, memory)
+                )
         flops = flops_per_sample(cfg, tokenizer, args, device)
         results["variants"] = {
             "gflop_per_sample": flops / 1e9,

@@ -1,6 +1,6 @@
 """What logging to TensorBoard at every step costs mmtrain's loop, in alternating blocks.
 
-One run is built once (`mmtrain.build.build_run`, conf/ composed with Hydra,
+One run is built once (`mmtrain.assemble.training_run`, conf/ composed with Hydra,
 trainer.log_every_n_steps=1) and stepped by mmtrain's real `train_loop` in blocks of N
 optimizer steps, alternating two outputs of the same loop (ABBA order, so a steady drift of
 the machine cancels):
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 from common import StepClock, compose_cfg, quiet, set_threads, spread
-from omegaconf import OmegaConf
 
-from mmtrain import loggers
-from mmtrain.build import build_run, check, seed_everything
+from mmtrain import assemble, loggers
+from mmtrain.devices import seed_everything
 from mmtrain.loop import Outputs, TrainState, train_loop
 from mmtrain.runlog import MetricsLog
+from mmtrain.spec import parse
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,7 +49,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=16, help="rounds: one block of each")
     parser.add_argument("--warmup-steps", type=int, default=8)
     parser.add_argument("--calls", type=int, default=2000, help="direct MetricsLog.log calls")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if min(args.block_steps, args.warmup_steps) < 2:
+        parser.error("--block-steps and --warmup-steps must be at least 2 (a block times 2..N)")
+    return args
 
 
 def main() -> None:
@@ -69,12 +72,12 @@ def main() -> None:
             "data.test_size=0",
         ]
     )
-    check(cfg)
+    spec = parse(cfg)
     seed_everything(0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mmtrain-tracking-") as tmp:
-        run = build_run(cfg, None, torch.device("cpu"))
-        config = OmegaConf.to_container(cfg, resolve=True)
+        run = assemble.training_run(spec, None, torch.device("cpu"), None)
+        config = spec.config
         state = TrainState()
         outs = {}
         for name in ("files", "tensorboard"):

@@ -1,0 +1,247 @@
+"""Every script in benchmarks/ runs at a tiny size on the CPU and prints the figures it exists
+to produce: a changed default or API cannot silently break one.
+
+Each case runs the script as a user would (a subprocess from the repository root, offline,
+the small model, a few steps and images, a temporary work directory) and reads its report:
+the JSON it writes or the table it prints, whose figures must be there, finite and positive.
+The numbers themselves mean nothing at this size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # each case starts one to four Python processes (~5-45 s here)
+
+BENCHMARKS = ROOT / "benchmarks"
+NUMBER = r"[-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?"
+
+
+def run(argv: list[str], tmp: Path, timeout: float, env: dict[str, str] | None = None) -> str:
+    """`argv` from the repository root, offline; its stdout, after checking it exited 0."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "COLUMNS": "200",
+        "TMPDIR": str(tmp),  # the scripts' temporary folders, removed with the test's
+        **(env or {}),
+    }
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(argv)} exited {done.returncode}:\n" + (
+        done.stdout[-2000:] + done.stderr[-4000:]
+    )
+    return done.stdout
+
+
+def script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(BENCHMARKS / name), *args]
+
+
+def positive(value: object, what: str) -> float:
+    """`value` as a float, which must be finite and above zero."""
+    number = float(str(value).replace(",", ""))
+    assert math.isfinite(number) and number > 0, f"{what}: {value}"
+    return number
+
+
+def figure(pattern: str, text: str, above_zero: bool = True) -> float:
+    """The number that `pattern`'s one group matches in `text`: finite, and positive unless
+    `above_zero` is False (a difference of two measurements, which noise can turn)."""
+    found = re.search(pattern, text, re.MULTILINE)
+    assert found, f"no match for {pattern!r} in:\n{text[-3000:]}"
+    if above_zero:
+        return positive(found.group(1), pattern)
+    number = float(found.group(1).replace(",", ""))
+    assert math.isfinite(number), f"{pattern}: {number}"
+    return number
+
+
+# --- one check per script: what it exists to report ----------------------------------------
+
+
+def checkpointing(tmp: Path) -> None:
+    out = run(script("checkpointing.py", "--size", "small", "--batch-size", "2", "--steps", "1",
+                     "--device", "cpu", "--threads", "1"), tmp, 120)  # fmt: skip
+    assert "clip_fusion, small (conf/model) sizes, batch 2, 32 text tokens" in out
+    for variant in ("off", "on"):  # step memory MiB (what the RSS grew by), step seconds
+        figure(rf"^{variant}\s+({NUMBER})\s+{NUMBER}$", out, above_zero=False)
+        figure(rf"^{variant}\s+{NUMBER}\s+({NUMBER})$", out)
+    figure(rf"^saved: {NUMBER} MiB .*; time x({NUMBER})$", out)
+
+
+def data_sources(tmp: Path) -> None:
+    out = run(script("data_sources.py", "--images", "16", "--size", "32", "--batch-size", "4"),
+              tmp, 120)  # fmt: skip
+    rows = [
+        "seed PIL pipeline", "cache build (1 worker process", "cache build (threads",
+        "cache read (epoch", "webdataset streaming", "data=hf (parquet bytes",
+    ]  # fmt: skip
+    for row in rows:
+        figure(rf"^  {re.escape(row)}.*?\s({NUMBER})$", out)
+
+
+def e2e_figures(result: dict) -> None:
+    """e2e.py's JSON: the cache build and the run's own samples/s, from a 2-step CPU run."""
+    assert result["steps"] == 2 and result["device"] == "cpu"
+    for key in ("cache_build_s", "cache_build_images_per_s", "train_wall_s",
+                "mmtrain_e2e_samples_per_s"):  # fmt: skip
+        positive(result[key], key)
+    positive(result["final"]["val/loss"], "val/loss")
+    assert 0 <= result["final"]["val/accuracy"] <= 1
+
+
+def throughput_figures(result: dict, report: str) -> None:
+    """throughput.py's JSON and printed report: both loops' samples/s and the ratio."""
+    for loop in ("plain", "mmtrain"):
+        for key in ("samples_per_s", "samples_per_cpu_s", "peak_mib"):
+            positive(result["loops"][loop][key]["median"], f"{loop} {key}")
+    positive(result["ratio_samples_per_s"]["mmtrain"]["per_round"]["median"], "ratio")
+    positive(result["mmtrain_reported_samples_per_s"]["median"], "mmtrain's own samples/s")
+    figure(rf"^  mmtrain / plain \(wall time\): per-round ratio median ({NUMBER}) ", report)
+
+
+def gpu_check(tmp: Path) -> None:
+    """The GPU check's dry run through gpu_check.sh (this environment's python3 first on
+    PATH, so it installs nothing; the nested pytest of the CUDA tests, which all skip on the
+    CPU, without a cache): its own JSON, and the throughput.py and e2e.py runs it makes."""
+    out = tmp / "out"
+    argv = ["bash", str(BENCHMARKS / "gpu_check.sh"), "--device", "cpu", "--model", "small",
+            "--batch-size", "8", "--blocks", "2", "--num-workers", "0", "--pairs", "32",
+            "--steps", "2"]  # fmt: skip
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {"PATH": path, "OUT": str(out), "PYTEST_ADDOPTS": "-p no:cacheprovider"}
+    run(argv, tmp, 240, env)
+    (written,) = out.glob("gpu-cpu-*.json")
+    result = json.loads(written.read_text())
+    assert result["device"] == "cpu"
+    for part, log in (("gpu_tests", "gpu-tests"), ("throughput_run", "throughput"),
+                      ("e2e_run", "e2e")):  # fmt: skip
+        assert result[part]["exit_code"] == 0, (out / f"{log}.log").read_text()[-3000:]
+    assert result["gpu_tests"].get("skipped", 0) > 0  # collected, and skipped without a GPU
+    for key in ("plain_samples_per_s", "mmtrain_loop_samples_per_s", "loop_ratio_vs_plain",
+                "mmtrain_e2e_samples_per_s", "ratio_vs_plain"):  # fmt: skip
+        positive(result[key], key)
+    for loop, peak in result["peak_memory"].items():
+        positive(peak, f"peak_memory.{loop}")
+    throughput_figures(
+        json.loads((out / "throughput.json").read_text()), (out / "throughput.log").read_text()
+    )
+    e2e_figures(json.loads((out / "e2e.json").read_text()))
+
+
+def loader(tmp: Path) -> None:
+    out = run(script("loader.py", "--images", "8", "--batch-size", "4", "--repeats", "1"),
+              tmp, 120)  # fmt: skip
+    for row in ("seed PIL pipeline:", "mmtrain cache (epoch):", "the loader alone:",
+                "mmtrain cache build:"):  # fmt: skip
+        figure(rf"^\s*{re.escape(row)}\s+({NUMBER}) images/s", out)
+    figure(rf"^ratio \(cached / seed\):\s+({NUMBER})x$", out)
+
+
+def profile_step(tmp: Path) -> None:
+    out = run(script("profile_step.py", "--steps", "2", "--batch-size", "8", "--rows", "5",
+                     "--threads", "1", "--bar-seconds", "0.5", "trainer.device=cpu", "data.train_size=64",
+                     "data.val_size=16", "data.test_size=0"), tmp, 150)  # fmt: skip
+    assert "== torch.profiler: 2 steps of mmtrain.recipe.fit, by total CPU time ==" in out
+    assert "ProfilerStep*" in out
+    figure(rf"against the plain step .*: ({NUMBER}) ms ==$", out)
+    for row in ("augment hook", "grad_norm(trainable", "scheduler.step()", "sum (grad_clip="):
+        figure(rf"^  {re.escape(row)}.*?\s({NUMBER}) us\s+{NUMBER} %$", out)
+    # the refresh thread's CPU: busy seconds minus idle ones, near 0 over 0.5 s
+    figure(rf"refresh thread: ({NUMBER}) ms of CPU per", out, above_zero=False)
+
+
+def recipes(tmp: Path) -> None:
+    table = tmp / "table.md"
+    run(script("recipes.py", "--work", str(tmp / "suite"), "--tasks", "glyphs", "--sizes",
+               "small", "--recipes", "default", "--seeds", "0", "--steps", "2",
+               "--out", str(table)), tmp, 150)  # fmt: skip
+    header, rule, row = table.read_text().splitlines()
+    assert header.startswith("| task | size | recipe | seeds | best val acc (median) |")
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:4] == ["glyphs", "small", "default", "1"] and cells[6] == "2", row
+    for accuracy in cells[4:6]:
+        assert 0 < positive(accuracy, "accuracy") <= 1
+    assert float(cells[7]) >= 0  # wall seconds, rounded
+
+
+def retrieval(tmp: Path) -> None:
+    out = run(script("retrieval.py", "--pairs", "2000", "--full-pairs", "500", "--dim", "64",
+                     "--threads", "1"), tmp, 60)  # fmt: skip
+    assert "identical results: True" in out
+    lines = [line for line in out.splitlines() if line.startswith("blocks (mmtrain)")]
+    assert len(lines) == 2
+    for line in lines:
+        recalls = dict(re.findall(rf"(recall@\d_(?:i2t|t2i)) ({NUMBER})", line))
+        assert len(recalls) == 4
+        assert all(0 < float(v) <= 1 for v in recalls.values()), line
+        assert re.search(rf"extra peak\s+{NUMBER} MiB\s+{NUMBER} s", line), line
+
+
+def startup(tmp: Path) -> None:
+    found = tmp / "startup.json"
+    run(script("startup.py", "--repeats", "1", "--warmup-rounds", "0", "--timeout", "100",
+               "--json", str(found)), tmp, 200)  # fmt: skip
+    result = json.loads(found.read_text())
+    assert result["failed"] == {}
+    assert len(result["commands"]) == 7
+    for name, figures in result["commands"].items():
+        positive(figures["median"], name)
+    for phase, figures in result["first_step_phases"].items():
+        assert math.isfinite(figures["median"]) and figures["median"] >= 0, phase
+    assert math.isfinite(result["list_minus_import_torch"]["of_medians"])
+
+
+def throughput_flops(tmp: Path) -> None:
+    out = run(script("throughput.py", "--device", "cpu", "--model", "small", "--batch-size",
+                     "8", "--count-flops"), tmp, 60)  # fmt: skip
+    figure(rf"^small, 32 text tokens: ({NUMBER}) GFLOP per training sample$", out)
+
+
+def tracking(tmp: Path) -> None:
+    out = run(script("tracking.py", "--batch-size", "8", "--block-steps", "2", "--blocks", "2",
+                     "--warmup-steps", "2", "--calls", "20"), tmp, 120)  # fmt: skip
+    figure(rf"^median samples/s: files ({NUMBER}), tensorboard {NUMBER}$", out)
+    figure(rf"^median samples/s: files {NUMBER}, tensorboard ({NUMBER})$", out)
+    figure(rf"^ratio tensorboard/files: median ({NUMBER}) ", out)
+    figure(rf"^direct: MetricsLog.log ({NUMBER}) us alone", out)
+
+
+# case -> (the scripts it runs, its check)
+CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None]]] = {
+    "checkpointing": (("checkpointing.py",), checkpointing),
+    "data_sources": (("data_sources.py",), data_sources),
+    # gpu_check runs throughput.py and e2e.py; their figures are checked as their own
+    "gpu_check": (("gpu_check.sh", "gpu_check.py", "throughput.py", "e2e.py"), gpu_check),
+    "loader": (("loader.py",), loader),
+    "profile_step": (("profile_step.py",), profile_step),
+    "recipes": (("recipes.py",), recipes),
+    "retrieval": (("retrieval.py",), retrieval),
+    "startup": (("startup.py",), startup),
+    "throughput --count-flops": (("throughput.py",), throughput_flops),
+    "tracking": (("tracking.py",), tracking),
+}
+
+
+def test_every_benchmark_script_has_a_case():
+    scripts = {p.name for p in BENCHMARKS.iterdir() if p.suffix in (".py", ".sh")}
+    covered = {name for names, _ in CASES.values() for name in names}
+    assert scripts - {"common.py"} == covered  # common.py: imported by the others
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_benchmark_runs_tiny_and_reports_its_figures(case, tmp_path):
+    _, check = CASES[case]
+    check(tmp_path)
