@@ -306,7 +306,10 @@ def test_lora_trains_only_the_adapters_and_the_head():
 
 
 def test_lora_without_peft_or_with_a_bad_rank_is_a_clear_error(monkeypatch):
-    with pytest.raises(UserError, match=r"Key 'lora.r' of model 'clip_contrastive' must be a positive integer or null \(got 0\)"):
+    with pytest.raises(
+        UserError,
+        match=r"Key 'lora.r' of model 'clip_contrastive' must be a positive integer or null \(got 0\)",
+    ):
         _parts("clip_contrastive", "model.lora.r=0")
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(UserError, match=r"pip install 'mmtrain\[peft\]'"):
