@@ -18,6 +18,14 @@ CONF = ROOT / "conf"
 # by their own names. Appended, so that no installed module is shadowed.
 sys.path.append(str(ROOT / "benchmarks"))
 
+# Under pytest-xdist (`make test`) the test processes share the cores: each gets its share
+# of torch threads, and so does every command it starts (OMP_NUM_THREADS is inherited).
+# Oversubscribed OpenMP threads spin and slow every process down many times over.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # A model and data small enough for a CPU run of a few seconds.
 TINY = [
     "data.train_size=256",
