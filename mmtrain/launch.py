@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -102,17 +103,36 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
         logging.getLogger().setLevel(logging.WARNING)
     for sig in (signal.SIGTERM, signal.SIGINT):  # until the loop takes over: stop at once
         signal.signal(sig, _interrupt)
+    sys.unraisablehook = _unraisable
     try:
         return fit(parse(config), Path(run_dir))
     except UserError as error:  # reported by the parent, without the launcher's traceback
         return {"error": str(error)}
     except Interrupted as error:
         return {"interrupted": error.signal_name, "error": str(error)}
+    finally:
+        # This worker's part is done (its checkpoint and summary are written): a signal now,
+        # such as the launcher's SIGTERM when another worker died, ends it quietly instead
+        # of raising wherever it lands (a traceback from interpreter shutdown).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _leave)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     name = signal.Signals(signum).name
     raise Interrupted(name, f"Interrupted by {name} before training started; nothing is lost.")
+
+
+def _leave(signum: int, frame: Any) -> None:
+    os._exit(128 + signum)
+
+
+def _unraisable(unraisable: Any) -> None:
+    """Drop an Interrupted that a signal raised inside a finalizer, where it cannot stop
+    anything (the launcher's SIGTERM while the job winds down after another worker died):
+    the worker is ending anyway, and the traceback would only look like a crash."""
+    if not isinstance(unraisable.exc_value, Interrupted):
+        sys.__unraisablehook__(unraisable)
 
 
 def launch(spec: RunSpec, run_dir: Path) -> float:
