@@ -40,7 +40,8 @@ def export_run(args: list[str]) -> Path:
     description = {
         "mmtrain_model": model.name,
         "model_config": {
-            k: v for k, v in model.options.items() if k not in ("backbone", "backbone_config")
+            "name": model.name,
+            **{k: v for k, v in model.options.items() if k not in ("backbone", "backbone_config")},
         },
         "class_names": run.class_names,
         "checkpoint": str(run.checkpoint),
