@@ -19,7 +19,6 @@ built (a model's `traits`); `about(kind, name)` returns them.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -70,8 +69,7 @@ def get(kind: str, name: str) -> Callable[..., Any]:
     """The factory registered as `name`; an unknown name lists the registered ones."""
     entries = _REGISTRY.get(kind, {})
     if name not in entries:
-        close = difflib.get_close_matches(str(name), entries, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = rules.did_you_mean(name, entries)
         raise UserError(
             f"Unknown {kind} {name!r}.{hint} Registered {kind} names: {', '.join(names(kind)) or '(none)'}."
         )
@@ -117,8 +115,7 @@ def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) 
     unknown = [key for key in options if key not in params and not takes_any]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, config_keys, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = rules.did_you_mean(key, config_keys)
         raise UserError(
             f"Unknown key {key!r} for {where}.{hint} Accepted keys: {', '.join(config_keys)}."
         )
@@ -152,16 +149,11 @@ def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) 
 
 def _refusal(wrong: rules.Mismatch, key: str, where: str) -> UserError:
     """The message of a key's value that breaks its rule (inside a schema: the inner key)."""
-    path = ".".join((key, *wrong.path))
     if wrong.accepted is None:
-        return UserError(f"Key {path!r} of {where} must be {wrong} (got {wrong.value!r}).")
-    parent, name = ".".join((key, *wrong.path[:-1])), wrong.path[-1]
-    close = difflib.get_close_matches(name, wrong.accepted, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return UserError(
-        f"Unknown key {path!r} for {where}.{hint} Accepted keys of {parent}: "
-        f"{', '.join(wrong.accepted)}."
-    )
+        return UserError(
+            f"Key {wrong.key(key)!r} of {where} must be {wrong} (got {wrong.value!r})."
+        )
+    return UserError(f"Unknown key {wrong.key(key)!r} for {where}.{wrong.accepted_keys(key)}")
 
 
 def build(kind: str, cfg: Mapping[str, Any] | str, **runtime: Any) -> Any:

@@ -17,10 +17,11 @@ judge (the values inside a mapping, objects) is left to the code that uses them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,22 @@ class Mismatch(ValueError):
     ):
         super().__init__(wanted)
         self.value, self.path, self.accepted = value, path, accepted
+
+    def key(self, root: str) -> str:
+        """The dotted key that breaks the rule, from `root` (the key the value was given as)."""
+        return ".".join((root, *self.path))
+
+    def accepted_keys(self, root: str) -> str:
+        """For a key the schema does not have: a did-you-mean hint and the keys it accepts."""
+        parent = ".".join((root, *self.path[:-1]))
+        hint = did_you_mean(self.path[-1], self.accepted or [], cutoff=0.5)
+        return f"{hint} Accepted keys of {parent}: {', '.join(self.accepted or [])}."
+
+
+def did_you_mean(name: str, names: Iterable[str], cutoff: float = 0.6) -> str:
+    """ " Did you mean 'x'?" with the name of `names` closest to a mistyped `name`, or ""."""
+    close = difflib.get_close_matches(str(name), list(names), n=1, cutoff=cutoff)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 _NOUNS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

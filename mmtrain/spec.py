@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,15 +118,10 @@ def typed(schema: type, values: Any, path: str, more: str = "") -> Any:
     try:
         return rules.conform({} if values is None else values, schema)
     except rules.Mismatch as wrong:
-        where = ".".join((path, *wrong.path))
         if wrong.accepted is None:
-            raise UserError(f"{where} must be {wrong} (got {wrong.value!r}).") from None
-        parent, key = ".".join((path, *wrong.path[:-1])), wrong.path[-1]
-        close = difflib.get_close_matches(key, wrong.accepted, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"{wrong.key(path)} must be {wrong} (got {wrong.value!r}).") from None
         raise UserError(
-            f"Unknown key '{where}'.{hint} Accepted keys of {parent}: "
-            f"{', '.join(wrong.accepted)}.{more}"
+            f"Unknown key '{wrong.key(path)}'.{wrong.accepted_keys(path)}{more}"
         ) from None
 
 
