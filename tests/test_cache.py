@@ -89,7 +89,7 @@ def test_reused_by_another_process(tmp_path, decodes):
         "real = cache.cached_images\n"
         "def spy(*a, **k):\n"
         "    out = real(*a, **k); built.append(out.built); return out\n"
-        "m.cached_images = spy\n"
+        "cache.cached_images = spy  # what decoded_images calls\n"
         f"m.manifest(image_size=16, train={str(train)!r}, val={str(val)!r}, cache_scale=1.0)\n"
         "print('built', built)\n"
     )

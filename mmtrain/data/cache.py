@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from mmtrain.data.cached import FORMAT, CachedImages, cache_key, open_cache, reuse_cache
+from mmtrain.data.cached import (
+    FORMAT,
+    CachedImages,
+    DecodedOnRead,
+    cache_key,
+    decoded_on_read,
+    open_cache,
+    reuse_cache,
+)
 from mmtrain.data.images import ImageProblem, decode_chunks, load_whole, source_file
 from mmtrain.errors import UserError
 
@@ -350,6 +358,25 @@ def cached_images(
     cached = open_cache(data, meta, size, verify=False)
     cached.built = True
     return cached
+
+
+def decoded_images(
+    sources: Sequence[Path | bytes | None],
+    key: bytes,
+    cache_dir: Path,
+    size: int,
+    max_pixels: int,
+    options: dict[str, Any],
+) -> CachedImages | DecodedOnRead:
+    """The images of `sources` as `cache_options` say: from the decoded cache (built once,
+    keyed by `key` and the sources, reused after), or, with data.cache=false, decoded by the
+    loader on every read."""
+    if options["enabled"]:
+        return cached_images(
+            sources, key, cache_dir, size, max_pixels,
+            options["workers"], options["verify"], options["scale"],
+        )  # fmt: skip
+    return decoded_on_read(sources, size, max_pixels, options["scale"])
 
 
 def cache_options(cache: bool, workers: int | None, scale: float, verify: bool) -> dict[str, Any]:

@@ -17,8 +17,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from mmtrain.data.cache import cache_options, cached_images
-from mmtrain.data.cached import decoded_on_read
+from mmtrain.data.cache import cache_options, decoded_images
 from mmtrain.data.labels import Classes, classes_of
 from mmtrain.data.rows import Checker, ManifestRow, settle_bad_rows
 from mmtrain.data.source import BadRow, SplitData
@@ -154,13 +153,8 @@ def _load_split(
     ids, problems = _row_problems(checker, rows, sources)
     sources = [s if p is None else None for s, p in zip(sources, problems, strict=True)]
     fingerprint = f"hf:{getattr(dataset, '_fingerprint', '')}:{where}:{len(dataset)}".encode()
-    if options["enabled"]:
-        images = cached_images(
-            sources, hashlib.sha256(fingerprint).digest(), folder, image_size, max_pixels,
-            options["workers"], options["verify"], options["scale"],
-        )  # fmt: skip
-    else:
-        images = decoded_on_read(sources, image_size, max_pixels, options["scale"])
+    key = hashlib.sha256(fingerprint).digest()
+    images = decoded_images(sources, key, folder, image_size, max_pixels, options)
     bad, good = [], []
     for i, problem in enumerate(problems):
         problem = images.problems[i] or problem

@@ -18,8 +18,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from mmtrain.data.cache import cache_options, cached_images
-from mmtrain.data.cached import decoded_on_read
+from mmtrain.data.cache import cache_options, decoded_images
 from mmtrain.data.labels import Classes, classes_of
 from mmtrain.data.rows import (
     Checker,
@@ -46,8 +45,8 @@ def _load_split(
     image_size: int,
     cache_dir: Path,
     max_image_pixels: int,
-    with_negatives: bool = False,
-    cache: dict[str, Any] | None = None,
+    with_negatives: bool,
+    cache: dict[str, Any],
 ) -> SplitData:
     paths, problems, labels = [], [], []
     for row in rows:
@@ -55,14 +54,7 @@ def _load_split(
         paths.append(image)
         labels.append(label)
         problems.append(problem)
-    cache = cache or {}
-    if cache.get("enabled", True):
-        cache = cached_images(
-            paths, manifest_bytes, cache_dir, image_size, max_image_pixels,
-            cache.get("workers", 0), cache.get("verify", False), cache.get("scale", 1.0),
-        )  # fmt: skip
-    else:
-        cache = decoded_on_read(paths, image_size, max_image_pixels, cache.get("scale", 1.0))
+    cache = decoded_images(paths, manifest_bytes, cache_dir, image_size, max_image_pixels, cache)
     bad: list[BadRow] = []
     good: list[int] = []
     for position, (row, problem) in enumerate(zip(rows, problems, strict=True)):
