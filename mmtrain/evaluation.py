@@ -9,6 +9,15 @@ import torch
 
 from mmtrain.guard import StopSignal
 from mmtrain.models.interface import Metrics, Model
+from mmtrain.models.zeroshot import ZeroShotTask
+
+
+def fresh_metrics(model: Model, device: torch.device, zeroshot: ZeroShotTask | None) -> Metrics:
+    """A fresh set of `model`'s validation metrics; with zero-shot classification, its
+    classes embedded by the model as it is now (prompts are re-embedded every time)."""
+    if zeroshot is None:
+        return model.metrics(device)
+    return model.metrics(device, zeroshot=zeroshot.classes(model, device))
 
 
 def evaluate(

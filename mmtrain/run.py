@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmtrain.data.loader import close_workers
+from mmtrain.evaluation import fresh_metrics
 from mmtrain.models.interface import Metrics, Model, ModelTraits
 from mmtrain.models.zeroshot import ZeroShotTask
 from mmtrain.spec import TrainerConfig
@@ -54,10 +55,5 @@ class Run:
         close_workers(self.val_loader)
 
     def val_metrics(self) -> Metrics:
-        """A fresh set of the model's validation metrics; with zero-shot classification, its
-        classes embedded by the model as it is now (prompts are re-embedded every time)."""
-        if self.zeroshot is None:
-            return self.model.metrics(self.device)
-        return self.model.metrics(
-            self.device, zeroshot=self.zeroshot.classes(self.model, self.device)
-        )
+        """A fresh set of the model's validation metrics (`evaluation.fresh_metrics`)."""
+        return fresh_metrics(self.model, self.device, self.zeroshot)

@@ -30,7 +30,7 @@ from mmtrain.commands import pictures
 from mmtrain.commands.arguments import parse_args
 from mmtrain.data.source import SplitData
 from mmtrain.errors import UserError
-from mmtrain.evaluation import evaluate
+from mmtrain.evaluation import evaluate, fresh_metrics
 from mmtrain.metrics import (
     ClassificationMetrics,
     RetrievalMetrics,
@@ -78,8 +78,7 @@ def evaluate_run(args: list[str], config_path: str | None = None) -> dict[str, f
     split = splits[split_name]
     model, device, autocast = run.on_device()
     task = assemble.zeroshot(run.spec, split, run.tokenizer, run.text_length())
-    classes = task.classes(model, device) if task is not None else None
-    scorer = model.metrics(device, zeroshot=classes)
+    scorer = fresh_metrics(model, device, task)
     metrics = evaluate(model, scorer, run.batches(split), device, autocast)
     metrics = {name.replace("val/", f"{split_name}/"): value for name, value in metrics.items()}
     result: dict[str, Any] = {
