@@ -68,7 +68,7 @@ class TrainerConfig:
     grad_clip: Annotated[float, Bounds(gt=0)] | None = 1.0
     compile: bool = False
     nproc_per_node: Positive = 1
-    seed: int = 42
+    seed: rules.Seed = 42
     val_every_n_steps: Positive | None = None
     val_before_training: bool = False
     log_every_n_steps: Positive = 20
@@ -119,7 +119,7 @@ def typed(schema: type, values: Any, path: str, more: str = "") -> Any:
         return rules.conform({} if values is None else values, schema)
     except rules.Mismatch as wrong:
         if wrong.accepted is None:
-            raise UserError(f"{wrong.key(path)} must be {wrong} (got {wrong.value!r}).") from None
+            raise UserError(f"{wrong.key(path)} must be {wrong} (got {wrong.shown}).") from None
         raise UserError(
             f"Unknown key '{wrong.key(path)}'.{wrong.accepted_keys(path)}{more}"
         ) from None

@@ -445,7 +445,7 @@ def test_invisible_captions_and_non_files_are_bad_rows(tmp_path):
         ("optimizer.eps=inf", "Key 'eps' of optimizer 'adamw' must be a finite positive number (got inf)"),
         ("optimizer.weight_decay=abc", "Key 'weight_decay' of optimizer 'adamw' must be a number >= 0 (got 'abc')"),
         ("optimizer.weight_decay=-0.1", "Key 'weight_decay' of optimizer 'adamw' must be a number >= 0 (got -0.1)"),
-        ("optimizer.betas=[0.9,2]", "Key 'betas' of optimizer 'adamw' must be a list of numbers, each >= 0 and < 1 (got [0.9, 2])"),
+        ("optimizer.betas=[0.9,2]", "Key 'betas' of optimizer 'adamw' must be a list of 2 numbers, each >= 0 and < 1 (got [0.9, 2])"),
         ("optimizer.layer_decay=1.5", "Key 'layer_decay' of optimizer 'adamw' must be a number > 0 and <= 1 or null (got 1.5)"),
         ("scheduler.warmup_steps=-5", "Key 'warmup_steps' of scheduler 'cosine' must be an integer >= 0 (got -5)"),
         ("scheduler.min_lr_ratio=2", "Key 'min_lr_ratio' of scheduler 'cosine' must be a number >= 0 and <= 1 (got 2)"),

@@ -21,7 +21,7 @@ from typing import Any
 
 from mmtrain.data.labels import Classes, resolve_label
 from mmtrain.data.source import BadRow
-from mmtrain.errors import UserError
+from mmtrain.errors import UserError, read_text
 
 log = logging.getLogger("mmtrain")
 # Characters that show nothing: controls, format characters (zero-width space, joiners,
@@ -115,13 +115,8 @@ def read_manifest(path: Path, columns: dict[str, str | None]) -> tuple[bytes, li
             f"The manifest {path} is neither .csv nor .jsonl; mmtrain reads the format from "
             "the extension. Rename or convert the file."
         )
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise _read_error(
-            path, f"it is not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
+    text = read_text(path, "The manifest")
+    data = text.encode("utf-8")
     if suffix == ".csv":
         header, rows = _csv_rows(path, text, columns)
     else:

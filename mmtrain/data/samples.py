@@ -22,7 +22,7 @@ import torch
 
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.labels import Classes, resolve_label
-from mmtrain.errors import UserError
+from mmtrain.errors import UserError, read_text
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CLASSES_FILE = "classes.txt"  # beside the shards: one class name per line, in id order
@@ -68,7 +68,7 @@ def read_classes_file(folder: Path) -> list[str] | None:
     path = folder / CLASSES_FILE
     if not path.is_file():
         return None
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path, "The class names beside the shards").split("\n")
     return [name.removesuffix("\r") for name in lines if name.strip()]
 
 
