@@ -197,6 +197,24 @@ def test_shards_command_then_train_and_resume_exactly(tmp_path):
         tmp_path / "full" / "checkpoints" / "last.pt",
         tmp_path / "resumed" / "checkpoints" / "last.pt",
     )
+    # Other loader workers would read other batches from the same position: refused.
+    step_4 = tmp_path / "full" / "checkpoints" / "step_4.pt"
+    other = run_cli(*args, "data.num_workers=1", f"trainer.resume={step_4}",
+                    f"hydra.run.dir={tmp_path / 'other'}")  # fmt: skip
+    assert other.returncode == 2 and "data.num_workers: 2 in the checkpoint, 1 now" in other.stderr
+
+
+def test_a_stream_resumed_with_other_loader_workers_is_refused(tmp_path):
+    from mmtrain.checkpoint import check_compatible
+
+    def config(name, workers):
+        return {"model": {"name": "clip_fusion"}, "data": {"name": name, "num_workers": workers}}
+
+    check_compatible(config("manifest", 2), config("manifest", 0), tmp_path / "last.pt")
+    with pytest.raises(UserError) as error:
+        check_compatible(config("webdataset", 2), config("webdataset", 0), tmp_path / "last.pt")
+    assert "data.num_workers: 2 in the checkpoint, 0 now" in str(error.value)
+    assert "other batches" in str(error.value)
 
 
 def test_validate_decodes_every_sample_and_lists_the_bad(tmp_path):
