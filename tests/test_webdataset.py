@@ -226,3 +226,38 @@ def test_validate_decodes_every_sample_and_lists_the_bad(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "000004.jpg" in result.stdout and "unreadable image" in result.stdout
     assert "train: 20 rows, 19 usable, 1 bad" in result.stdout
+
+
+def test_shards_command_keeps_classes_of_kept_rows_and_nothing_of_a_failed_write(
+    tmp_path, monkeypatch
+):
+    import errno
+    import tarfile
+
+    from mmtrain.commands.shards import write_shards as shards_command
+
+    train, _ = write_learnable(tmp_path / "data", train=9, val=1)
+    lines = train.read_text().splitlines()
+    first = lines[1].split(",")
+    with open(train, "a") as handle:  # an unquoted comma: its label would be " square picture"
+        handle.write(f"{first[0]},a red, square picture,red\n")
+    out = tmp_path / "out%d 100%"  # was: TypeError from a format string
+    shards_command([str(train), str(out), "shard_size=4", "on_bad_sample=skip"])
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert (out / "classes.txt").read_text().split("\n")[:-1] == ["blue", "green", "red"]
+    assert not list(out.glob(".*"))  # no temporary left
+    # A full disk at the second shard: no partial tar, none of the command's files kept.
+    calls = {"n": 0}
+    addfile = tarfile.TarFile.addfile
+
+    def full_disk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 14:  # 3 members per sample: past the first shard's 4 samples
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return addfile(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full_disk)
+    full = tmp_path / "full"
+    with pytest.raises(UserError, match="no space left on device.*Free space"):
+        shards_command([str(train), str(full), "shard_size=4", "on_bad_sample=skip"])
+    assert calls["n"] > 14 and list(full.iterdir()) == []
