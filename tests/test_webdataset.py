@@ -261,3 +261,37 @@ def test_shards_command_keeps_classes_of_kept_rows_and_nothing_of_a_failed_write
     with pytest.raises(UserError, match="no space left on device.*Free space"):
         shards_command([str(train), str(full), "shard_size=4", "on_bad_sample=skip"])
     assert calls["n"] > 14 and list(full.iterdir()) == []
+
+
+def _as_tar_of_a_folder(shard):
+    """Rewrite `shard` as `tar -C DIR -cf SHARD .` writes it: a `./` entry, then `./NAME`s."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        folder = tarfile.TarInfo("./")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for member, data in members:
+            member.name = f"./{member.name}"
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_members_named_dot_slash_and_a_truncated_shard(tmp_path, caplog):
+    pattern = write_shards(tmp_path / "s", shards=2, label="json")
+    for shard in (tmp_path / "s").glob("*.tar"):
+        _as_tar_of_a_folder(shard)
+    splits = webdataset(image_size=16, train=pattern, val=pattern)
+    assert len(splits["train"]) == 20  # was 2: every member read as one key ""
+    assert splits["train"].class_names == ["blue", "green", "red"]
+    seen = [i for batch in _epoch(_loader(splits["train"], workers=0), 0) for i in batch]
+    assert len(set(seen)) == 20  # streamed as 20 samples too, each with its image and text
+    # A truncated shard: refused under error, its readable samples kept under skip.
+    last = tmp_path / "s" / "00001.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(UserError, match="1 train shard\\(s\\) cannot be read to their end"):
+        webdataset(image_size=16, train=pattern, val=pattern)
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        kept = webdataset(image_size=16, train=pattern, val=pattern, on_bad_sample="skip")
+    assert 10 < len(kept["train"]) < 20 and "skipped the unreadable tail of 1 train" in caplog.text
