@@ -127,6 +127,9 @@ def _length(base: Any) -> int | None:
     return None
 
 
+_INT_LIMIT = 2**63  # every integer key is a count, a size or a seed: torch holds it in 64 bits
+
+
 def _too_large(value: Any) -> bool:
     """An integer beyond what a float holds (a 400-digit number)."""
     return (
@@ -189,7 +192,7 @@ def _one(value: Any, base: Any, bounds: Bounds | None) -> tuple[bool, Any]:
             return False, value
         value = float(value)
     elif base is int:
-        if not number or not isinstance(value, int):
+        if not number or not isinstance(value, int) or abs(value) >= _INT_LIMIT:
             return False, value
     elif base in (str, bool):
         return type(value) is base, value
@@ -246,4 +249,6 @@ def conform(value: Any, hint: Any) -> Any:
     if _too_large(value) or (isinstance(value, float) and not math.isfinite(value)):
         wanted = wanted.replace("a positive number", "a finite positive number")
         wanted = wanted.replace("a number", "a finite number")
+    if isinstance(value, int) and abs(value) >= _INT_LIMIT and "integer" in wanted:
+        wanted += f" (below {_INT_LIMIT:,})"
     raise Mismatch(wanted, value)
