@@ -54,7 +54,12 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
     """Refuse to resume when the model or data config differs from the checkpoint's."""
     old = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(saved.get(s, {}), f"{s}.").items()}
     new = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(current.get(s, {}), f"{s}.").items()}
-    free = () if old.get("data.name") == STREAMED else FREE_KEYS
+    free = FREE_KEYS
+    if old.get("data.name") == STREAMED:  # the readers are ranks x workers: both must stay
+        free = ()
+        ranks = [(config.get("trainer") or {}).get("nproc_per_node") for config in (saved, current)]
+        if None not in ranks:  # a checkpoint of a release without the key: not compared
+            old["trainer.nproc_per_node"], new["trainer.nproc_per_node"] = ranks
     differing = sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in free
     )
@@ -62,10 +67,10 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
         details = "; ".join(
             f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in differing
         )
-        if "data.num_workers" in differing:
+        if {"data.num_workers", "trainer.nproc_per_node"} & set(differing):
             details += (
-                f"; data={STREAMED} deals its stream to the loader workers, so other workers "
-                "would train on other batches from the same position"
+                f"; data={STREAMED} deals its stream to ranks x loader workers, so other "
+                "readers would train on other batches from the same position"
             )
         raise UserError(
             f"Cannot resume from {path}: the model or data config differs ({details}). "

@@ -215,6 +215,9 @@ def test_a_stream_resumed_with_other_loader_workers_is_refused(tmp_path):
         check_compatible(config("webdataset", 2), config("webdataset", 0), tmp_path / "last.pt")
     assert "data.num_workers: 2 in the checkpoint, 0 now" in str(error.value)
     assert "other batches" in str(error.value)
+    two_ranks = {**config("webdataset", 2), "trainer": {"nproc_per_node": 2}}
+    with pytest.raises(UserError, match="trainer.nproc_per_node: 2 in the checkpoint, 1 now"):
+        check_compatible(two_ranks, {**two_ranks, "trainer": {"nproc_per_node": 1}}, tmp_path)
 
 
 def test_validate_decodes_every_sample_and_lists_the_bad(tmp_path):
