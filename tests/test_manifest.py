@@ -407,3 +407,15 @@ def test_a_rejected_row_makes_no_class(tmp_path):
     ]
     assert [r.reason for r in splits["val"].bad_rows] == ["unknown label"]
     assert splits["train"].labels.tolist() == [names.index(r["label"]) for r in good] + [0]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [(b"image,text,label\n\x00\x01\x02", "is a binary file"), ("a,é\n".encode("latin-1"), "is not UTF-8 text")],
+)  # fmt: skip
+def test_a_manifest_that_is_not_text_is_named(tmp_path, data, expected):
+    train = tmp_path / "train.csv"
+    train.write_bytes(data)
+    with pytest.raises(UserError) as error:
+        manifest(image_size=8, train=str(train), val=str(train))
+    assert str(error.value).startswith(f"The manifest: {train} {expected}")
