@@ -298,3 +298,17 @@ def test_members_named_dot_slash_and_a_truncated_shard(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mmtrain"):
         kept = webdataset(image_size=16, train=pattern, val=pattern, on_bad_sample="skip")
     assert 10 < len(kept["train"]) < 20 and "skipped the unreadable tail of 1 train" in caplog.text
+
+
+def test_a_sample_refused_for_its_members_makes_no_class(tmp_path):
+    pattern = write_shards(tmp_path / "s", shards=2, label="json")
+    wds = require_webdataset()
+    with wds.TarWriter(str(tmp_path / "s" / "00001.tar")) as sink:  # the second shard, again
+        sink.write({"__key__": "a", "txt": "no image", "json": json.dumps({"label": "purple"})})
+        sink.write({"__key__": "b", "jpg": _jpeg(0), "txt": " ", "json": '{"label": "pink"}'})
+        for number in range(4):
+            sink.write({"__key__": f"c{number}", "jpg": _jpeg(number), "txt": "a picture",
+                        "json": json.dumps({"label": ["red", "green"][number % 2]})})  # fmt: skip
+    splits = webdataset(image_size=16, train=pattern, val=pattern, on_bad_sample="skip")
+    assert splits["train"].class_names == ["blue", "green", "red"]  # was also pink, purple
+    assert len(splits["train"]) == 16

@@ -28,6 +28,7 @@ from mmtrain.errors import UserError, read_text
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CLASSES_FILE = "classes.txt"  # beside the shards: one class name per line, in id order
 SIZES_FILE = "sizes.json"  # beside the shards: {shard file name: samples} (open_clip's)
+IMAGE = "__image__"  # in a scanned sample: it has an image member
 INSTALL = "pip install 'mmtrain[webdataset]'"
 
 
@@ -178,6 +179,8 @@ def _small_members(shard: Path) -> tuple[list[dict[str, bytes]], str | None]:
                     samples.append({})
                 if ext.lower() in ("txt", "cls", "json"):
                     samples[-1][ext.lower()] = tar.extractfile(member).read()
+                elif ext.lower() in IMAGE_KEYS:
+                    samples[-1][IMAGE] = b""  # it has one (its bytes are not read)
     except (tarfile.TarError, OSError) as error:
         return samples, str(error)
     return samples, None
@@ -187,7 +190,8 @@ def scan(
     shards: list[Path], label_key: str | None
 ) -> tuple[list[int], list[Any], list[str], list[str]]:
     """One pass over the shards' small members (images are skipped, not read): per shard its
-    sample count, every label and every text, and per damaged shard "SHARD: error" (its
+    sample count, every text, the labels of the samples with an image and a text (a sample
+    refused for lacking one makes no class), and per damaged shard "SHARD: error" (its
     samples before the damage are counted)."""
     counts, labels, texts, damaged = [], [], [], []
     for shard in shards:
@@ -197,6 +201,6 @@ def scan(
         counts.append(len(samples))
         for entry in samples:
             texts.append(entry.get("txt", b"").decode("utf-8", errors="replace"))
-            if label_key is not None:
+            if label_key is not None and IMAGE in entry and texts[-1].strip():
                 labels.append(raw_label(entry, label_key)[1])
     return counts, labels, texts, damaged
