@@ -261,6 +261,8 @@ def test_shards_command_keeps_classes_of_kept_rows_and_nothing_of_a_failed_write
 
     monkeypatch.setattr(tarfile.TarFile, "addfile", full_disk)
     full = tmp_path / "full"
+    full.mkdir()
+    (full / ".00000.tar.999.tmp").write_bytes(b"half a shard")  # a killed command's
     with pytest.raises(UserError, match="no space left on device.*Free space"):
         shards_command([str(train), str(full), "shard_size=4", "on_bad_sample=skip"])
     assert calls["n"] > 14 and list(full.iterdir()) == []

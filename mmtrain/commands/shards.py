@@ -197,6 +197,8 @@ def write_shards(args: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise UserError(f"{out} already holds .tar files; choose an empty folder.")
+    for stale in out.glob(".*.tar.*.tmp"):  # a shard a killed command was writing
+        stale.unlink(missing_ok=True)
     checked = _check(rows, Checker(str(manifest), root, Classes([], ids=False)), max_pixels)
     classes = _classes(rows, [problem for _, problem in checked], label_column)
     good, bad = _labelled(rows, checked, classes, manifest)
