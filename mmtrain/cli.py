@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     if argv[0] in ("--version", "-V"):
-        from mmtrain import __version__
+        import mmtrain
 
-        print(f"mmtrain {__version__}")
+        print(f"mmtrain {mmtrain.__version__}")
         return 0
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
