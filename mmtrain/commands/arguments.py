@@ -87,7 +87,8 @@ overrides it was started with (RUN_DIR/.hydra/overrides.yaml): the same as
   mmtrain train SAVED_OVERRIDES [KEY=VALUE ...] trainer.resume=auto hydra.run.dir=RUN_DIR
 The resumed run is the one that was never stopped. KEY=VALUE overrides follow the saved
 ones (e.g. trainer.max_epochs=20 to train on; data.num_workers=4); model and data keys must
-match the checkpoint's.
+match the checkpoint's. A job started under torchrun resumes under torchrun:
+  torchrun --nproc_per_node=N -m mmtrain resume RUN_DIR
 """,
 }
 
