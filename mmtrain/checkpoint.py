@@ -212,14 +212,16 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 # What checkpoints written by mmtrain 0.1 and 0.2 hold besides tensors and plain values:
 # numpy's RNG state, one uint32 array. Its element type is fixed by the allowed classes, so no
-# object can be built from such a file.
-_reconstruct = np._core.multiarray._reconstruct
+# object can be built from such a file. numpy's public API gives the array rebuilder (what an
+# array pickles to); numpy 1.x names it numpy.core.multiarray, numpy 2 numpy._core.multiarray,
+# and a file may come from either, whichever numpy reads it.
+_reconstruct = np.empty(0, dtype=np.uint32).__reduce__()[0]
 _LEGACY_GLOBALS = [
-    _reconstruct,
-    (_reconstruct, "numpy.core.multiarray._reconstruct"),  # as numpy 1.x pickles name it
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (_reconstruct, "numpy._core.multiarray._reconstruct"),
     np.ndarray,
     np.dtype,
-    np.dtypes.UInt32DType,
+    type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType
 ]
 
 

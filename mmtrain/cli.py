@@ -33,6 +33,8 @@ Usage:
   mmtrain list [GROUP]                 registered components and config options
   mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric
   mmtrain shards MANIFEST OUT_DIR [shard_size=N ...]   webdataset tar shards from a manifest
+  mmtrain resume RUN_DIR [KEY=VALUE ...]   continue a stopped run in its own directory
+  mmtrain COMMAND --help               one command's usage;  mmtrain --version
 
 Examples:
   mmtrain train                                     the built-in default (synthetic shapes, CPU)
@@ -41,7 +43,9 @@ Examples:
   mmtrain validate data=manifest data.train=train.csv data.val=val.csv
   mmtrain train --config-dir ./conf experiment=mine   your own config groups beside mmtrain's
 """
-COMMANDS = ("train", "eval", "predict", "export", "validate", "list", "report", "shards")
+COMMANDS = (
+    "train", "eval", "predict", "export", "validate", "list", "report", "shards", "resume",
+)  # fmt: skip
 # `validate` writes nothing: no run directory, no log file, console logging only.
 VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=console")
 log = logging.getLogger("mmtrain")
@@ -173,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
+    if argv[0] in ("--version", "-V"):
+        import mmtrain
+
+        print(f"mmtrain {mmtrain.__version__}")
+        return 0
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         console.print(
@@ -181,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(USAGE, end="", file=sys.stderr)
         return 2
+    from mmtrain.commands.arguments import USAGES, wants_help
+
+    if command in USAGES and wants_help(args):
+        print(USAGES[command], end="")
+        return 0
     # Let exceptions reach this function: user errors are printed below without a traceback.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     # A log file on a full disk: say so once in the error below, not in a traceback per line.
@@ -200,6 +214,10 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        if command == "resume":
+            from mmtrain.commands.resume import train_arguments
+
+            command, args = "train", train_arguments(args)
         if command == "train":
             from omegaconf import OmegaConf
 
@@ -221,7 +239,7 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
         elif command == "list":
             from mmtrain.commands.listing import print_listing
 
-            print_listing(config_source()[1], args)
+            print_listing(*config_source(), args)
         elif command == "report":
             from mmtrain.commands.report import report
 

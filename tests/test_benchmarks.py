@@ -103,13 +103,17 @@ def e2e_figures(result: dict) -> None:
 
 
 def throughput_figures(result: dict, report: str) -> None:
-    """throughput.py's JSON and printed report: both loops' samples/s and the ratio."""
+    """throughput.py's JSON and printed report: both loops' samples/s and the ratio, and
+    the augmentation's own cost (on in both loops, as a run does by default)."""
     for loop in ("plain", "mmtrain"):
         for key in ("samples_per_s", "samples_per_cpu_s", "peak_mib"):
             positive(result["loops"][loop][key]["median"], f"{loop} {key}")
     positive(result["ratio_samples_per_s"]["mmtrain"]["per_round"]["median"], "ratio")
     positive(result["mmtrain_reported_samples_per_s"]["median"], "mmtrain's own samples/s")
     figure(rf"^  mmtrain / plain \(wall time\): per-round ratio median ({NUMBER}) ", report)
+    assert result["augment"] == "on" and result["augment_cost"]["entries"]
+    positive(result["augment_cost"]["share_of_plain_step"], "the augmentation's share")
+    figure(rf"^  augmentation alone \(random_resized_crop.*?: ({NUMBER}) ms per batch", report)
 
 
 def gpu_check(tmp: Path) -> None:
@@ -210,6 +214,17 @@ def throughput_flops(tmp: Path) -> None:
     figure(rf"^small, 32 text tokens: ({NUMBER}) GFLOP per training sample$", out)
 
 
+def throughput_without_augmentation(tmp: Path) -> None:
+    found = tmp / "throughput.json"
+    out = run(script("throughput.py", "--device", "cpu", "--batch-size", "8", "--blocks", "2",
+                     "--block-steps", "2", "--warmup-steps", "1", "--augment", "off",
+                     "--no-checkpoints", "--json", str(found)), tmp, 120)  # fmt: skip
+    result = json.loads(found.read_text())
+    assert result["augment"] == "off" and "augment_cost" not in result
+    assert "augmentation: off in both loops" in out
+    positive(result["ratio_samples_per_s"]["mmtrain"]["per_round"]["median"], "ratio")
+
+
 def tracking(tmp: Path) -> None:
     out = run(script("tracking.py", "--batch-size", "8", "--block-steps", "2", "--blocks", "2",
                      "--warmup-steps", "2", "--calls", "20"), tmp, 120)  # fmt: skip
@@ -231,6 +246,7 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None]]] = {
     "retrieval": (("retrieval.py",), retrieval),
     "startup": (("startup.py",), startup),
     "throughput --count-flops": (("throughput.py",), throughput_flops),
+    "throughput --augment off": (("throughput.py",), throughput_without_augmentation),
     "tracking": (("tracking.py",), tracking),
 }
 
