@@ -100,7 +100,7 @@ def plot_curves(events: list[dict[str, Any]], path: Path) -> None:
                 values.append(value)
     figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
     for name, (steps, values) in sorted(series.items()):
-        axis = losses if name.endswith("loss") else scores
+        axis = losses if name.split("/")[-1].startswith("loss") else scores  # loss, loss_ce
         axis.plot(
             steps, values, label=name, marker="" if name.startswith("train") else "o", markersize=3
         )

@@ -84,8 +84,8 @@ class TrainerConfig:
 
 @dataclass
 class BatchConfig:
-    """The data group's keys that shape batches rather than choose rows: every data source
-    has them; the source's own keys go to its factory."""
+    """The data group's keys that every data source has (they shape batches or say how the
+    labels are scored, rather than choose rows); the source's own keys go to its factory."""
 
     batch_size: Positive = 32
     num_workers: Count = 0
@@ -94,6 +94,9 @@ class BatchConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     hard_negatives: Count = 0
     negative_sampler: str = "perturb"
+    # The class binary F1/precision/recall/AUROC score; None: chosen from the two labels
+    # (mmtrain.metrics.positive_class, checked against them once the data is read).
+    positive_label: str | int | bool | None = None
 
 
 BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
@@ -103,7 +106,7 @@ BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
 # (`mmtrain validate` asks it to verify its cache).
 RUNTIME = {
     "data": ("image_size", "class_names", "num_classes", "full_check"),
-    "model": ("tokenizer", "spec"),
+    "model": ("tokenizer", "spec", "positive_class"),
     "optimizer": ("model", "samples_per_step"),
     "scheduler": ("optimizer", "total_steps"),
     "zeroshot": ("classes", "tokenizer", "max_length"),
@@ -329,6 +332,8 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
         data.pop("on_bad_sample", None)
     if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off
         model.setdefault("fusion_difference", False)
+    if data:  # data.positive_label came after 0.2.0: null, the rule of this release
+        data.setdefault("positive_label", None)
     if "hard_negatives" not in model and "hard_negatives" in data:
         return config  # written by this release
     for key in ("hard_negatives", "negative_sampler"):

@@ -266,8 +266,9 @@ def test_the_loop_state_of_a_checkpoint_loads_or_says_why(full_run, tmp_path):
     from mmtrain.loop import TrainState
 
     saved = torch.load(full_run / "checkpoints" / "step_5.pt", weights_only=True)
-    # the format this release writes: 0.1.0's, plus whether a validation is still due
-    assert set(saved["data"]) == set(STATE_0_1_0) | {"validating"}
+    # the format this release writes: 0.1.0's, plus whether a validation is still due and
+    # the sums of the loss's parts since the last log line
+    assert set(saved["data"]) == set(STATE_0_1_0) | {"validating", "parts_sum"}
     state = TrainState.from_checkpoint({"data": STATE_0_1_0}, tmp_path / "old.pt")
     assert (state.step, state.best, state.loss_n) == (5, 0.61, 3)
     with pytest.raises(UserError, match="written by a newer release") as error:
