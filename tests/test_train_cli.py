@@ -141,3 +141,55 @@ def test_list_shows_groups_and_components():
     assert result.returncode == 0 and f"mmtrain/models/classifier.py:{line}" in result.stdout
     result = run_cli("list", "nonsense")
     assert result.returncode == 2 and "one of: data, model" in result.stderr
+
+
+def _trainer(*overrides):
+    from conftest import compose_train
+
+    from mmtrain.spec import parse
+
+    return parse(compose_train(list(overrides))).trainer
+
+
+def test_the_budget_the_user_sets_is_obeyed():
+    from mmtrain.spec import budget
+
+    # Neither set: 10 epochs raised to min_steps on small data, the log says why.
+    default = budget(_trainer(), 1)
+    assert default.total == 2000 and "trainer.min_steps=2000" in default.reason
+    assert "set trainer.max_epochs or trainer.max_steps" in default.reason
+    assert budget(_trainer(), 250).total == 2500
+    # An explicit max_epochs is the number of epochs: 1 epoch of 30 rows is 1 step.
+    one_epoch = budget(_trainer("trainer.max_epochs=1"), 1)
+    assert one_epoch.total == 1 and "trainer.max_epochs=1" in one_epoch.reason
+    # An explicit max_steps is the number of steps, above the default and over max_epochs.
+    assert budget(_trainer("trainer.max_steps=3000"), 94).total == 3000
+    both = budget(_trainer("trainer.max_steps=5", "trainer.max_epochs=4"), 94)
+    assert both.total == 5 and "wins over trainer.max_epochs=4" in both.reason
+    # Set in an experiment config counts as set by the user.
+    assert budget(_trainer("experiment=fast"), 16).total == 16
+
+
+def test_a_run_written_before_default_epochs_keeps_its_budget():
+    from mmtrain.spec import TrainerConfig, budget, typed, upgrade
+
+    old = {"trainer": {"max_epochs": 10, "max_steps": None, "min_steps": 2000}}
+    trainer = typed(TrainerConfig, upgrade(old)["trainer"], "trainer")
+    assert budget(trainer, 47).total == 2000 and budget(trainer, 250).total == 2500
+    epochs = {"trainer": {"max_epochs": 3, "max_steps": None, "min_steps": None}}
+    assert budget(typed(TrainerConfig, upgrade(epochs)["trainer"], "trainer"), 47).total == 141
+
+
+def test_tiny_epochs_validate_on_a_step_cadence():
+    from mmtrain.loop import EPOCH_END_VALIDATIONS, _crossed, validation_gap
+
+    def validated(per_epoch, max_steps):
+        ends = range(per_epoch, max_steps + 1, per_epoch)
+        return [s for s in ends if _crossed(s, per_epoch, max_steps)]
+
+    assert validated(8, 24) == [8, 16, 24]  # few epochs: every epoch end
+    one_step = validated(1, 2000)  # 2,000 one-step epochs: every 40 steps
+    assert len(one_step) == EPOCH_END_VALIDATIONS and one_step[:2] == [40, 80]
+    three = validated(3, 2000)  # the first epoch end past each multiple of 40
+    assert three[:3] == [42, 81, 120] and three[-1] == 1962  # then the last step, 2,000
+    assert validation_gap(2000) == 40 and validation_gap(16) == 1
