@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from mmtrain import assemble, distributed
+from mmtrain import assemble, distributed, loggers
 from mmtrain import checkpoint as ckpt
 from mmtrain.data.source import load_class_names
 from mmtrain.devices import resolve_device, resolve_precision, seed_everything
@@ -54,7 +54,7 @@ def fit(spec: RunSpec, run_dir: Path) -> float:
         class_names = load_class_names(run_dir) if saved is not None else None
         run = assemble.training_run(spec, run_dir if main else None, device, class_names)
         stack.callback(run.close)
-        sinks = assemble.trackers(spec, run_dir, saved is not None) if main else []
+        sinks = assemble.trackers(spec, run_dir, saved is not None, run.in_force()) if main else []
         outputs = Outputs(
             run_dir, MetricsLog(run_dir, enabled=main, sinks=sinks), spec.config, main
         )
@@ -126,14 +126,13 @@ def finish(
     if error:
         summary["error"] = error
     if out.main:
+        _pictures(out, state.step)
+        if out.metrics.sinks:  # "ok", or "failed: why" (the run went on without it)
+            summary["trackers"] = loggers.states(out.metrics.sinks)
         try:
             write_json(out.run_dir / "summary.json", summary)
-            if out.metrics.events:
-                plot_curves(out.metrics.events, out.run_dir / "curves.png")
         except OSError as problem:  # e.g. the disk that just filled up
-            log.warning(
-                "could not write summary.json or curves.png: %s", problem.strerror or problem
-            )
+            log.warning("could not write summary.json: %s", problem.strerror or problem)
     out.metrics.finish(status, summary)
     if error:
         return math.nan
@@ -153,3 +152,16 @@ def finish(
         status, run.monitor, shown, state.best_step, out.run_dir / "summary.json",
     )  # fmt: skip
     return best if best is not None else math.nan
+
+
+def _pictures(out: Outputs, step: int) -> None:
+    """Draw curves.png one last time and give the run's pictures to the trackers."""
+    curves = out.run_dir / "curves.png"
+    try:
+        if out.metrics.events:
+            plot_curves(out.metrics.events, curves)
+    except OSError as problem:  # e.g. the disk that just filled up
+        log.warning("could not write curves.png: %s", problem.strerror or problem)
+    if curves.is_file():
+        for sink in out.metrics.sinks:
+            sink.picture("curves", curves, step)
