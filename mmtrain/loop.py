@@ -203,7 +203,7 @@ def _epoch(run: Run, state: TrainState, out: Outputs, stop: StopSignal, meters: 
         if end_of_epoch:
             state.epoch, state.batch = state.epoch + 1, 0
         if (
-            (end_of_epoch and _crossed(state.step, run.steps_per_epoch, run.max_steps))
+            (end_of_epoch and epoch_end_validates(state.step, run.steps_per_epoch, run.max_steps))
             or state.step == run.max_steps
             or (t.val_every_n_steps and state.step % t.val_every_n_steps == 0)
         ) and not _validate(run, state, out, stop):
@@ -229,7 +229,7 @@ def validation_gap(max_steps: int) -> int:
     return max(1, math.ceil(max_steps / EPOCH_END_VALIDATIONS))
 
 
-def _crossed(step: int, steps_per_epoch: int, max_steps: int) -> bool:
+def epoch_end_validates(step: int, steps_per_epoch: int, max_steps: int) -> bool:
     """Whether the epoch that ended at `step` crossed a multiple of `validation_gap`: a
     function of the step alone, so a resumed run validates where the one never stopped did."""
     gap = validation_gap(max_steps)

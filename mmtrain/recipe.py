@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
+
+import torch
 
 from mmtrain import assemble, distributed, loggers
 from mmtrain import checkpoint as ckpt
@@ -50,6 +53,8 @@ def fit(spec: RunSpec, run_dir: Path) -> float:
             run_dir, device, resolve_precision(trainer.precision, device), world,
             "es" if world > 1 else "", distributed.backend(),
         )  # fmt: skip
+        if main and device.type == "cpu":
+            cpu_threads_note(world)
         # A resumed run keeps its label mapping (labels.json), on every rank.
         class_names = load_class_names(run_dir) if saved is not None else None
         run = assemble.training_run(spec, run_dir if main else None, device, class_names)
@@ -85,6 +90,28 @@ def fit(spec: RunSpec, run_dir: Path) -> float:
             finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
+
+
+def cpu_threads_note(world: int) -> None:
+    """Log torch's thread count; on a CPU shared with other processes (a load average above
+    the cores, or more threads than cores), say how to give this run its share: threads
+    that outnumber their cores spin and wait, and can cost up to 10x."""
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads() * world
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    log.info(
+        "torch threads: %d per process on %d cores (load average %.1f)",
+        threads // world,
+        cores,
+        load,
+    )
+    share = max(1, (cores - min(int(load), cores - 1)) // world)
+    if (threads > cores or load > cores) and threads // world > share:
+        log.warning(
+            "the CPU is shared (load average %.1f, %d threads on %d cores): oversubscribed threads "
+            "can make every step up to 10x slower; give this run its share of the cores with "
+            "OMP_NUM_THREADS, e.g. OMP_NUM_THREADS=%d mmtrain train ...",
+            load, threads, cores, share,
+        )  # fmt: skip
 
 
 def finish(

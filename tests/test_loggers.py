@@ -159,6 +159,8 @@ def test_every_sink_gets_config_metrics_run_dir_and_outcome(tmp_path, monkeypatc
     assert run.info.status == "FINISHED" and run.data.tags["mmtrain.status"] == "completed"
     assert client.get_experiment(run.info.experiment_id).name == "tiny"
     assert run.data.params["optimizer.lr"] == "0.002"
+    assert run.data.params["in_force.trainer.samples_per_step"] == "32"
+    assert "curves.png" in [artifact.path for artifact in client.list_artifacts(ids["mlflow"])]
     assert run.data.tags["mmtrain.run_dir"] == str(run_dir)
     history = [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "train/loss")]
     assert_same_points(history, losses)
@@ -173,6 +175,10 @@ def test_every_sink_gets_config_metrics_run_dir_and_outcome(tmp_path, monkeypatc
     assert record.project == "mmtrain" and list(record.tags) == ["tiny", "ci"]
     config = {item.key: json.loads(item.value_json) for item in record.config.update}
     assert config["optimizer"]["lr"] == 0.002
+    assert config["in_force"]["optimizer"]["lr"] == 0.002
+    assert config["in_force"]["trainer"]["precision"] == "32"
+    pictures = [row["curves"] for row in wandb["history"] if "curves" in row]
+    assert len(pictures) == 1 and pictures[0]["_type"] == "image-file"
     wandb_losses = [
         (row["_step"], row["train/loss"]) for row in wandb["history"] if "train/loss" in row
     ]
@@ -186,6 +192,7 @@ def test_every_sink_gets_config_metrics_run_dir_and_outcome(tmp_path, monkeypatc
     table = [(int(r["step"]), float(r["train/loss"])) for r in rows if r["train/loss"]]
     assert_same_points(table, losses)
     assert "lr: 0.002" in (run_dir / "csv" / "hparams.yaml").read_text()
+    assert "in_force:" in (run_dir / "csv" / "hparams.yaml").read_text()
 
 
 @pytest.mark.slow  # W&B's service starts and stops (~30-90 s here)

@@ -16,6 +16,8 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert "trainer.max_epochs=3" in overrides
     log = (run_dir / "train.log").read_text()
     assert "building model clip_fusion" in log and "validation" in log
+    assert "training 24 steps (8 per epoch): trainer.max_epochs=3 of 8 steps" in log
+    assert "torch threads: " in log  # and on a shared CPU, how to set OMP_NUM_THREADS
 
     events = read_jsonl(run_dir / "metrics.jsonl")
     assert all("step" in e and "epoch" in e for e in events)
@@ -181,11 +183,11 @@ def test_a_run_written_before_default_epochs_keeps_its_budget():
 
 
 def test_tiny_epochs_validate_on_a_step_cadence():
-    from mmtrain.loop import EPOCH_END_VALIDATIONS, _crossed, validation_gap
+    from mmtrain.loop import EPOCH_END_VALIDATIONS, epoch_end_validates, validation_gap
 
     def validated(per_epoch, max_steps):
         ends = range(per_epoch, max_steps + 1, per_epoch)
-        return [s for s in ends if _crossed(s, per_epoch, max_steps)]
+        return [s for s in ends if epoch_end_validates(s, per_epoch, max_steps)]
 
     assert validated(8, 24) == [8, 16, 24]  # few epochs: every epoch end
     one_step = validated(1, 2000)  # 2,000 one-step epochs: every 40 steps
@@ -193,3 +195,20 @@ def test_tiny_epochs_validate_on_a_step_cadence():
     three = validated(3, 2000)  # the first epoch end past each multiple of 40
     assert three[:3] == [42, 81, 120] and three[-1] == 1962  # then the last step, 2,000
     assert validation_gap(2000) == 40 and validation_gap(16) == 1
+
+
+def test_a_shared_cpu_is_told_how_to_set_its_threads(monkeypatch, caplog):
+    from mmtrain import recipe
+
+    monkeypatch.setattr(recipe.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(recipe.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(recipe.torch, "get_num_threads", lambda: 2)
+    with caplog.at_level("INFO", logger="mmtrain"):
+        recipe.cpu_threads_note(world=1)
+    assert "torch threads: 2 per process on 2 cores (load average 5.0)" in caplog.text
+    assert "e.g. OMP_NUM_THREADS=1 mmtrain train" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(recipe.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    with caplog.at_level("INFO", logger="mmtrain"):
+        recipe.cpu_threads_note(world=1)  # a quiet CPU: the count alone
+    assert "torch threads: 2" in caplog.text and "OMP_NUM_THREADS" not in caplog.text
