@@ -177,8 +177,9 @@ def test_every_sink_gets_config_metrics_run_dir_and_outcome(tmp_path, monkeypatc
     assert config["optimizer"]["lr"] == 0.002
     assert config["in_force"]["optimizer"]["lr"] == 0.002
     assert config["in_force"]["trainer"]["precision"] == "32"
-    pictures = [row["curves"] for row in wandb["history"] if "curves" in row]
-    assert len(pictures) == 1 and pictures[0]["_type"] == "image-file"
+    pictures = [row for row in wandb["history"] if "curves/_type" in row]  # nested keys
+    assert len(pictures) == 1 and pictures[0]["curves/_type"] == "image-file"
+    assert pictures[0]["_step"] == 16 and pictures[0]["curves/path"].endswith(".png")
     wandb_losses = [
         (row["_step"], row["train/loss"]) for row in wandb["history"] if "train/loss" in row
     ]
