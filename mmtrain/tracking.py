@@ -105,7 +105,7 @@ def _swept_values(sweep_dir: Path, task: list[str]) -> str:
 class Guarded:
     """A tracker whose failure mid-run (a full disk under its store, a lost connection) is
     one warning: the run goes on without it and summary.json marks it failed (`state`).
-    Every tracker is built inside one (`build`)."""
+    `mmtrain.loggers.build` builds every tracker inside one."""
 
     def __init__(self, name: str, sink: Sink):
         self.name, self.sink = name, sink
