@@ -2,10 +2,12 @@
 MLflow or a CSV table, besides the run directory's own files (which are always written).
 
 Each sink is a registered factory (`@register("logger", NAME)`) whose keyword arguments are
-the keys of `logger.NAME` in the config, plus `run`, a `RunInfo` given at run time. A sink
-receives the resolved config when it is built, then `log(step, epoch, metrics)` for every
-train and validation event, then `finish(status, summary)` with summary.json's content.
-`mmtrain.runlog.MetricsLog` feeds them, on rank 0 only.
+the keys of `logger.NAME` in the config, plus `run`, a `RunInfo` given at run time
+(`mmtrain.tracking`). A sink receives the resolved config (and the values in force) when it
+is built, then `log(step, epoch, metrics)` for every train and validation event,
+`picture(name, path, step)` for the run's pictures, then `finish(status, summary)` with
+summary.json's content. `mmtrain.runlog.MetricsLog` feeds them, on rank 0 only, each inside
+a `Guarded`: a tracker failing mid-run is one warning, and the run goes on.
 
 The trackers' libraries are imported when a sink is built, so listing and checking stay
 fast; `check` tells a missing one, with the command that installs it, before training.
@@ -21,88 +23,21 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from mmtrain import registry
 from mmtrain.errors import UserError
-from mmtrain.runlog import write_json
+
+# Re-exported: a tracker of your own takes `mmtrain.loggers.RunInfo`.
+from mmtrain.tracking import Guarded, RunInfo, Sink, states  # noqa: F401
 
 log = logging.getLogger("mmtrain")
 # The module each built-in sink imports, which is also the name of the extra that installs it.
 REQUIRES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-IDS_FILE = "trackers.json"  # the tracked runs' ids, so that a resumed run reopens them
 OK = ("completed", "stopped_early")
-
-
-class Sink(Protocol):
-    """What MetricsLog calls on a tracker."""
-
-    def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None: ...
-
-    def finish(self, status: str, summary: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class RunInfo:
-    """What every sink is told about the run it tracks."""
-
-    run_dir: Path
-    config: dict[str, Any]  # the resolved config: the run's hyperparameters
-    resumed: bool  # continuing a checkpoint of this run directory: reopen the tracked run
-    name: str  # the run's name: its directory (DATE/TIME), or a sweep job's overrides
-    group: str | None = None  # the sweep directory, for a job of a multirun
-    metric_names: list[str] = field(default_factory=list)  # what the run will log
-    ids: dict[str, str] = field(default_factory=dict)  # trackers.json
-
-    @classmethod
-    def of(
-        cls, run_dir: Path, config: dict[str, Any], resumed: bool, metric_names: list[str]
-    ) -> RunInfo:
-        """The run in `run_dir`; a sweep job is recognised by Hydra's record of it
-        (.hydra/hydra.yaml), which every process of the run can read."""
-        run_dir = Path(run_dir)
-        name, group = f"{run_dir.parent.name}/{run_dir.name}", None
-        hydra_file = run_dir / ".hydra" / "hydra.yaml"
-        if hydra_file.is_file():
-            hydra = OmegaConf.load(hydra_file).hydra
-            if str(hydra.get("mode")) == "MULTIRUN":
-                group = str(hydra.sweep.dir)
-                values = _swept_values(Path(group), list(hydra.overrides.task))
-                name = f"{hydra.job.num}: {values}" if values else str(hydra.job.num)
-        ids_file = run_dir / IDS_FILE
-        ids = json.loads(ids_file.read_text()) if resumed and ids_file.is_file() else {}
-        return cls(run_dir, config, resumed, name, group, list(metric_names), ids)
-
-    def saved_id(self, sink: str) -> str | None:
-        """The id of the run that `sink` tracked before, when this run resumes."""
-        return self.ids.get(sink) if self.resumed else None
-
-    def remember(self, sink: str, run_id: str) -> None:
-        """Keep `sink`'s run id in the run directory (trackers.json) for a later resume."""
-        self.ids[sink] = run_id
-        write_json(self.run_dir / IDS_FILE, self.ids)
-
-
-def _swept_values(sweep_dir: Path, task: list[str]) -> str:
-    """`key=value,...` of a sweep job's overrides of the keys the sweep varies, as the sweep's
-    record (multirun.yaml) tells them: Hydra's parser picks its sweep overrides (a,b,
-    range(...)), and a sweeper plugin's own `params` count too."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    record = sweep_dir / "multirun.yaml"
-    if not record.is_file():
-        return ""
-    hydra = OmegaConf.load(record).hydra
-    parser = OverridesParser.create()
-    sweep = parser.parse_overrides(list(hydra.overrides.task))
-    swept = {o.get_key_element() for o in sweep if o.is_sweep_override()}
-    swept |= set((hydra.sweeper.get("params") or {}).keys())
-    job = parser.parse_overrides(task)
-    return ",".join(o.input_line for o in job if o.get_key_element() in swept)
 
 
 def entries(logger_cfg: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -139,12 +74,13 @@ def check(logger_cfg: Mapping[str, Any] | None) -> None:
 
 
 def build(logger_cfg: Mapping[str, Any] | None, run: RunInfo) -> list[Sink]:
-    """The sinks of the `logger` config, each started for `run`."""
-    sinks = []
+    """The sinks of the `logger` config, each started for `run` and `Guarded`."""
+    sinks: list[Guarded] = []
     for name, options in entries(logger_cfg):
         log.info("logging to %s", name)
         try:
-            sinks.append(registry.build("logger", {"name": name, **options}, run=run))
+            sink = registry.build("logger", {"name": name, **options}, run=run)
+            sinks.append(Guarded(name, sink))
         except UserError:
             raise
         except Exception as error:  # the tracker's own account: a store, a login, a URI
@@ -172,6 +108,15 @@ def _scalar(value: Any) -> str | int | float | bool:
     return value if isinstance(value, str | int | float | bool) else json.dumps(value)
 
 
+def _pixels(path: Path) -> Any:
+    """A PNG's RGB pixels, height x width x 3 (uint8)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def _code(payload: Any) -> str:
     """Markdown: `payload` as an indented block (TensorBoard's text panel renders markdown)."""
     text = payload if isinstance(payload, str) else json.dumps(payload, indent=2)
@@ -187,18 +132,21 @@ class TensorBoardSink:
 
         self.writer = SummaryWriter(log_dir=str(run.run_dir / subdir))
         if not run.resumed:  # a resumed run continues the same directory: written once
-            params = {k: _scalar(v) for k, v in flatten(run.config).items()}
+            params = {k: _scalar(v) for k, v in flatten(run.hparams()).items()}
             # What the HParams dashboard shows per run: every hyperparameter, and the
             # metrics the run logs as its columns (their values come from the scalars).
             for summary in hparams(params, dict.fromkeys(run.metric_names, math.nan)):
                 self.writer.file_writer.add_summary(summary)
-            self.writer.add_text("config", _code(OmegaConf.to_yaml(run.config)), 0)
+            self.writer.add_text("config", _code(OmegaConf.to_yaml(run.hparams())), 0)
             self.writer.add_text("run_dir", str(run.run_dir.resolve()), 0)
 
     def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         self.writer.add_scalar("epoch", epoch, step)
+
+    def picture(self, name: str, path: Path, step: int) -> None:
+        self.writer.add_image(name, _pixels(path), step, dataformats="HWC")
 
     def finish(self, status: str, summary: dict[str, Any]) -> None:
         self.writer.add_text("summary", _code(summary), summary.get("steps") or 0)
@@ -220,7 +168,7 @@ class WandbSink:
         run_id = run.saved_id("wandb")
         self.run = wandb.init(
             **init,
-            config=run.config,
+            config=run.hparams(),
             dir=str(run.run_dir),
             job_type="train",
             id=run_id,
@@ -231,6 +179,11 @@ class WandbSink:
 
     def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         self.run.log({**metrics, "epoch": epoch}, step=step)
+
+    def picture(self, name: str, path: Path, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path))}, step=step)
 
     def finish(self, status: str, summary: dict[str, Any]) -> None:
         self.run.summary.update({f"summary/{k}": v for k, v in flatten(summary).items()})
@@ -295,7 +248,7 @@ class MlflowSink:
                 self._experiment_id(experiment), run_name=run.name, tags=tags
             )
             self.run_id = created.info.run_id
-            params = [Param(mlflow_key(k), str(v)) for k, v in flatten(run.config).items()]
+            params = [Param(mlflow_key(k), str(v)) for k, v in flatten(run.hparams()).items()]
             self.client.log_batch(self.run_id, params=params)
         run.remember("mlflow", self.run_id)
 
@@ -315,6 +268,9 @@ class MlflowSink:
         values = {**{mlflow_key(k): v for k, v in metrics.items()}, "epoch": epoch}
         batch = [Metric(key, float(value), now, step) for key, value in values.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def picture(self, name: str, path: Path, step: int) -> None:
+        self.client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str, summary: dict[str, Any]) -> None:
         self.client.log_dict(self.run_id, summary, "summary.json")
@@ -342,7 +298,7 @@ class CsvSink:
         folder = run.run_dir / subdir
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "metrics.csv"
-        (folder / "hparams.yaml").write_text(OmegaConf.to_yaml(run.config))
+        (folder / "hparams.yaml").write_text(OmegaConf.to_yaml(run.hparams()))
         self.rows: list[dict[str, Any]] = []
         if run.resumed and self.path.is_file():
             with self.path.open(newline="") as handle:

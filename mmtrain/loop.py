@@ -34,8 +34,11 @@ from mmtrain.guard import StopSignal
 from mmtrain.models.feature_cache import accumulated_backward
 from mmtrain.run import Run
 from mmtrain.runlog import MetricsLog, plot_curves, progress_bar
+from mmtrain.spec import budget
 
 log = logging.getLogger("mmtrain")
+# At most this many epoch-end validations a run (`validation_gap`).
+EPOCH_END_VALIDATIONS = 50
 
 
 @dataclass
@@ -135,10 +138,22 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
     """Step until max_steps, an early stop, a non-finite stop or a signal; return the status,
     the signal (if any) and the training throughput."""
     status, total = "completed", Throughput()
+    chosen = budget(run.trainer, len(run.train_loader))
     log.info(
-        "training %d steps (%d per epoch), monitoring %s (%s)",
-        run.max_steps, run.steps_per_epoch, run.monitor, run.mode,
+        "training %d steps (%d per epoch)%s, monitoring %s (%s)",
+        run.max_steps, run.steps_per_epoch,
+        f": {chosen.reason}" if chosen.total == run.max_steps else "", run.monitor, run.mode,
     )  # fmt: skip
+    gap = validation_gap(run.max_steps)
+    if gap > run.steps_per_epoch:
+        log.info(
+            "validating (and saving last.pt, redrawing curves.png) at the first epoch end of "
+            "every %d steps, not after each of the %d-step epochs: at most %d such validations "
+            "a run, plus the last step's%s",
+            gap, run.steps_per_epoch, EPOCH_END_VALIDATIONS,
+            f" and every {run.trainer.val_every_n_steps} steps (trainer.val_every_n_steps)"
+            if run.trainer.val_every_n_steps else "",
+        )  # fmt: skip
     run.model.train()
     bar = progress_bar(log.isEnabledFor(logging.INFO), run.max_steps, state.step)
     with StopSignal() as stop, bar:
@@ -190,7 +205,7 @@ def _epoch(run: Run, state: TrainState, out: Outputs, stop: StopSignal, meters: 
         if end_of_epoch:
             state.epoch, state.batch = state.epoch + 1, 0
         if (
-            end_of_epoch
+            (end_of_epoch and epoch_end_validates(state.step, run.steps_per_epoch, run.max_steps))
             or state.step == run.max_steps
             or (t.val_every_n_steps and state.step % t.val_every_n_steps == 0)
         ) and not _validate(run, state, out, stop):
@@ -206,6 +221,21 @@ def _epoch(run: Run, state: TrainState, out: Outputs, stop: StopSignal, meters: 
             return status
         step = _Step()
     return status
+
+
+def validation_gap(max_steps: int) -> int:
+    """The fewest steps between two epoch-end validations: one each epoch, unless a run has
+    more than `EPOCH_END_VALIDATIONS` epochs (tiny data), then one every `max_steps /
+    EPOCH_END_VALIDATIONS` steps, so that 2,000 one-step epochs do not cost 2,000
+    validations, checkpoints and plots."""
+    return max(1, math.ceil(max_steps / EPOCH_END_VALIDATIONS))
+
+
+def epoch_end_validates(step: int, steps_per_epoch: int, max_steps: int) -> bool:
+    """Whether the epoch that ended at `step` crossed a multiple of `validation_gap`: a
+    function of the step alone, so a resumed run validates where the one never stopped did."""
+    gap = validation_gap(max_steps)
+    return step // gap > max(step - steps_per_epoch, 0) // gap
 
 
 def _backward(run: Run, batch: dict[str, torch.Tensor], step: _Step, stepping: bool) -> None:

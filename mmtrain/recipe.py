@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from mmtrain import assemble, distributed
+import torch
+
+from mmtrain import assemble, distributed, loggers
 from mmtrain import checkpoint as ckpt
 from mmtrain.data.source import load_class_names
 from mmtrain.devices import resolve_device, resolve_precision, seed_everything
@@ -50,11 +53,13 @@ def fit(spec: RunSpec, run_dir: Path) -> float:
             run_dir, device, resolve_precision(trainer.precision, device), world,
             "es" if world > 1 else "", distributed.backend(),
         )  # fmt: skip
+        if main and device.type == "cpu":
+            cpu_threads_note(world)
         # A resumed run keeps its label mapping (labels.json), on every rank.
         class_names = load_class_names(run_dir) if saved is not None else None
         run = assemble.training_run(spec, run_dir if main else None, device, class_names)
         stack.callback(run.close)
-        sinks = assemble.trackers(spec, run_dir, saved is not None) if main else []
+        sinks = assemble.trackers(spec, run_dir, saved is not None, run.in_force()) if main else []
         outputs = Outputs(
             run_dir, MetricsLog(run_dir, enabled=main, sinks=sinks), spec.config, main
         )
@@ -85,6 +90,28 @@ def fit(spec: RunSpec, run_dir: Path) -> float:
             finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
+
+
+def cpu_threads_note(world: int) -> None:
+    """Log torch's thread count; on a CPU shared with other processes (a load average above
+    the cores, or more threads than cores), say how to give this run its share: threads
+    that outnumber their cores spin and wait, and can cost up to 10x."""
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads() * world
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    log.info(
+        "torch threads: %d per process on %d cores (load average %.1f)",
+        threads // world,
+        cores,
+        load,
+    )
+    share = max(1, (cores - min(int(load), cores - 1)) // world)
+    if (threads > cores or load > cores) and threads // world > share:
+        log.warning(
+            "the CPU is shared (load average %.1f, %d threads on %d cores): oversubscribed threads "
+            "can make every step up to 10x slower; give this run its share of the cores with "
+            "OMP_NUM_THREADS, e.g. OMP_NUM_THREADS=%d mmtrain train ...",
+            load, threads, cores, share,
+        )  # fmt: skip
 
 
 def finish(
@@ -126,14 +153,13 @@ def finish(
     if error:
         summary["error"] = error
     if out.main:
+        _pictures(out, state.step)
+        if out.metrics.sinks:  # "ok", or "failed: why" (the run went on without it)
+            summary["trackers"] = loggers.states(out.metrics.sinks)
         try:
             write_json(out.run_dir / "summary.json", summary)
-            if out.metrics.events:
-                plot_curves(out.metrics.events, out.run_dir / "curves.png")
         except OSError as problem:  # e.g. the disk that just filled up
-            log.warning(
-                "could not write summary.json or curves.png: %s", problem.strerror or problem
-            )
+            log.warning("could not write summary.json: %s", problem.strerror or problem)
     out.metrics.finish(status, summary)
     if error:
         return math.nan
@@ -153,3 +179,16 @@ def finish(
         status, run.monitor, shown, state.best_step, out.run_dir / "summary.json",
     )  # fmt: skip
     return best if best is not None else math.nan
+
+
+def _pictures(out: Outputs, step: int) -> None:
+    """Draw curves.png one last time and give the run's pictures to the trackers."""
+    curves = out.run_dir / "curves.png"
+    try:
+        if out.metrics.events:
+            plot_curves(out.metrics.events, curves)
+    except OSError as problem:  # e.g. the disk that just filled up
+        log.warning("could not write curves.png: %s", problem.strerror or problem)
+    if curves.is_file():
+        for sink in out.metrics.sinks:
+            sink.picture("curves", curves, step)

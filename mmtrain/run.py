@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmtrain import distributed
 from mmtrain.data.loader import close_workers
 from mmtrain.evaluation import fresh_metrics
 from mmtrain.models.interface import Metrics, Model, ModelTraits
@@ -53,6 +54,27 @@ class Run:
         """End the loaders' worker processes (the run is over, however it ended)."""
         close_workers(self.train_loader)
         close_workers(self.val_loader)
+
+    def in_force(self) -> dict[str, Any]:
+        """The values this run uses where the config says `auto` or leaves them to the run,
+        keyed like the config: what trackers record beside the config as written."""
+        rates = [group.get("initial_lr", group["lr"]) for group in self.optimizer.param_groups]
+        world = distributed.world_size()
+        return {
+            # The head's rate, and every group's when they differ (backbone_lr_scale, layer_decay).
+            "optimizer": {
+                "lr": max(rates),
+                **({"lr_groups": rates} if len(set(rates)) > 1 else {}),
+            },
+            "trainer": {
+                "device": str(self.device),
+                "precision": self.precision,
+                "world_size": world,
+                "samples_per_step": self.batch_size * self.trainer.accumulate_grad_batches * world,
+                "total_steps": self.max_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
+        }
 
     def val_metrics(self) -> Metrics:
         """A fresh set of the model's validation metrics (`evaluation.fresh_metrics`)."""

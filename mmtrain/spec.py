@@ -59,8 +59,10 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     """The `trainer` group: how long, where and how a run trains, and what it keeps."""
 
-    max_epochs: Positive | None = 10
+    # The budget (`budget`): max_steps, else max_epochs, else the default one.
+    max_epochs: Positive | None = None
     max_steps: Positive | None = None
+    default_epochs: Positive = 10
     min_steps: Positive | None = 2000
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "32", "bf16", "16"] = "auto"
@@ -76,10 +78,6 @@ class TrainerConfig:
     resume: str | None = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-
-    def __post_init__(self) -> None:
-        if self.max_epochs is None and self.max_steps is None:
-            raise UserError("Set trainer.max_epochs or trainer.max_steps (both are null).")
 
 
 @dataclass
@@ -260,16 +258,52 @@ def metric_names(traits: ModelTraits, zeroshot: Component | None = None) -> list
     return [f"val/{name}" for name in names]
 
 
-def total_steps(trainer: TrainerConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps): max_epochs' steps, raised to
-    min_steps (a small data set still gets a budget that can learn), capped by max_steps."""
+@dataclass(frozen=True)
+class Budget:
+    """How long a run trains: optimizer steps per epoch, in all, and the rule that chose it."""
+
+    steps_per_epoch: int
+    total: int
+    reason: str
+
+
+def budget(trainer: TrainerConfig, batches_per_epoch: int) -> Budget:
+    """The training budget: what the user set wins. `trainer.max_steps` is the number of
+    optimizer steps (over `max_epochs`, as in the transformers Trainer); else
+    `trainer.max_epochs` is the number of epochs; with neither set (both null in
+    conf/trainer), `default_epochs` epochs raised to at least `min_steps` steps, so that a
+    small data set still gets a budget that can learn."""
     per_epoch = math.ceil(batches_per_epoch / trainer.accumulate_grad_batches)
-    limits = []
-    if trainer.max_epochs is not None:
-        limits.append(max(trainer.max_epochs * per_epoch, trainer.min_steps or 0))
     if trainer.max_steps is not None:
-        limits.append(trainer.max_steps)
-    return per_epoch, min(limits)
+        also = (
+            f"; it wins over trainer.max_epochs={trainer.max_epochs}" if trainer.max_epochs else ""
+        )
+        return Budget(per_epoch, trainer.max_steps, f"trainer.max_steps={trainer.max_steps}{also}")
+    if trainer.max_epochs is not None:
+        reason = f"trainer.max_epochs={trainer.max_epochs} of {per_epoch} steps"
+        if trainer.min_steps:
+            reason += (
+                " (trainer.min_steps applies only when neither max_epochs nor max_steps is set)"
+            )
+        return Budget(per_epoch, trainer.max_epochs * per_epoch, reason)
+    epochs = trainer.default_epochs * per_epoch
+    if trainer.min_steps and trainer.min_steps > epochs:
+        reason = (
+            f"the default budget: {trainer.default_epochs} epochs of {per_epoch} steps "
+            f"raised to trainer.min_steps={trainer.min_steps}"
+        )
+        total = trainer.min_steps
+    else:
+        reason = f"the default budget: trainer.default_epochs={trainer.default_epochs} of {per_epoch} steps"
+        total = epochs
+    how = "set trainer.max_epochs or trainer.max_steps to choose"
+    return Budget(per_epoch, total, f"{reason} ({how})")
+
+
+def total_steps(trainer: TrainerConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of `budget`."""
+    chosen = budget(trainer, batches_per_epoch)
+    return chosen.steps_per_epoch, chosen.total
 
 
 def of_run(run_dir: Path, overrides: list[str] = ()) -> RunSpec:
@@ -322,9 +356,16 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     0.1.0 kept hard negatives in the model group (model.hard_negatives,
     model.negative_sampler); the data pipeline draws them now (data.*). Its `shapes` took
     data.on_bad_sample, which only sources that read files take now.
+
+    Before trainer.default_epochs, trainer.max_epochs (with a min_steps floor) was the
+    default budget: such a config keeps the budget it trained with (`budget`).
     """
     config = copy.deepcopy(config)
     model, data = config.get("model") or {}, config.get("data") or {}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and "default_epochs" not in trainer and trainer.get("min_steps"):
+        trainer["default_epochs"] = trainer.get("max_epochs") or 10
+        trainer["max_epochs"] = None
     if model.get("name") in ("clip_fusion", "clip_contrastive"):  # before the fine-tuning keys
         for key, value in FINE_TUNING_DEFAULTS.items():
             model.setdefault(key, copy.deepcopy(value))

@@ -59,7 +59,7 @@ class ChanceWatch:
             "not learning yet: after %d of %d steps, validation is still at chance (accuracy "
             "within %.2f of %.3f, the majority class's share; AUROC within %.2f of 0.5). Try: "
             "a pretrained backbone (model.backbone=NAME_OR_DIR), a longer budget "
-            "(trainer.min_steps=%d or trainer.max_epochs=N), another fusion (model.fusion=concat), "
+            "(trainer.max_steps=%d or trainer.max_epochs=N), another fusion (model.fusion=concat), "
             "or a lower optimizer.lr.",
             step, self.max_steps, self.accuracy_margin, self.chance, self.auroc_margin,
             2 * self.max_steps,

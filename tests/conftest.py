@@ -40,8 +40,7 @@ TINY = [
     "model.backbone_config.text.intermediate_size=64",
     "model.backbone_config.text.num_hidden_layers=1",
     "model.backbone_config.projection_dim=32",
-    "trainer.max_epochs=2",
-    "trainer.min_steps=null",  # the epochs the tests set, not the default's step budget
+    "trainer.max_epochs=2",  # an explicit budget: exactly these epochs
     "trainer.log_every_n_steps=2",
     "scheduler.warmup_steps=2",
 ]

@@ -169,6 +169,9 @@ def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
 
     result = run_cli("export", f"run={run}", f"out={tmp_path / 'export'}")
     assert result.returncode == 0, result.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "export").iterdir()}
+    assert set(modes.values()) == {0o644} and "model.safetensors" in modes  # readable by others
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
     exported = CLIPModel.from_pretrained(tmp_path / "export").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
     trained_model = trained(str(run)).model

@@ -29,7 +29,8 @@ LAYERS = {
     "mmtrain.watch": 2,
     "mmtrain.data": 3,
     "mmtrain.models": 3,
-    "mmtrain.loggers": 3,
+    "mmtrain.tracking": 3,  # what a tracker is told, and the guard it runs in
+    "mmtrain.loggers": 4,  # the built-in trackers
     "mmtrain.guard": 3,
     "mmtrain.optim": 4,  # built on the model interface
     "mmtrain.evaluation": 4,

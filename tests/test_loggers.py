@@ -159,6 +159,8 @@ def test_every_sink_gets_config_metrics_run_dir_and_outcome(tmp_path, monkeypatc
     assert run.info.status == "FINISHED" and run.data.tags["mmtrain.status"] == "completed"
     assert client.get_experiment(run.info.experiment_id).name == "tiny"
     assert run.data.params["optimizer.lr"] == "0.002"
+    assert run.data.params["in_force.trainer.samples_per_step"] == "32"
+    assert "curves.png" in [artifact.path for artifact in client.list_artifacts(ids["mlflow"])]
     assert run.data.tags["mmtrain.run_dir"] == str(run_dir)
     history = [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "train/loss")]
     assert_same_points(history, losses)
@@ -173,6 +175,11 @@ def test_every_sink_gets_config_metrics_run_dir_and_outcome(tmp_path, monkeypatc
     assert record.project == "mmtrain" and list(record.tags) == ["tiny", "ci"]
     config = {item.key: json.loads(item.value_json) for item in record.config.update}
     assert config["optimizer"]["lr"] == 0.002
+    assert config["in_force"]["optimizer"]["lr"] == 0.002
+    assert config["in_force"]["trainer"]["precision"] == "32"
+    pictures = [row for row in wandb["history"] if "curves/_type" in row]  # nested keys
+    assert len(pictures) == 1 and pictures[0]["curves/_type"] == "image-file"
+    assert pictures[0]["_step"] == 16 and pictures[0]["curves/path"].endswith(".png")
     wandb_losses = [
         (row["_step"], row["train/loss"]) for row in wandb["history"] if "train/loss" in row
     ]
@@ -186,6 +193,7 @@ def test_every_sink_gets_config_metrics_run_dir_and_outcome(tmp_path, monkeypatc
     table = [(int(r["step"]), float(r["train/loss"])) for r in rows if r["train/loss"]]
     assert_same_points(table, losses)
     assert "lr: 0.002" in (run_dir / "csv" / "hparams.yaml").read_text()
+    assert "in_force:" in (run_dir / "csv" / "hparams.yaml").read_text()
 
 
 @pytest.mark.slow  # W&B's service starts and stops (~30-90 s here)
@@ -271,6 +279,68 @@ class Recorder:
 
     def finish(self, status, summary):
         self.calls.append(("finish", status))
+
+
+class FullDisk(Recorder):
+    """A tracker whose store's disk fills after its first write."""
+
+    def log(self, step, epoch, metrics):
+        if self.calls:
+            raise OSError(28, "No space left on device")
+        super().log(step, epoch, metrics)
+
+    def finish(self, status, summary):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_tracker_failing_mid_run_is_one_warning_and_is_marked_failed(tmp_path, caplog):
+    full, fine = loggers.Guarded("mlflow", FullDisk()), loggers.Guarded("csv", Recorder())
+    metrics = MetricsLog(tmp_path, sinks=[full, fine])
+    with caplog.at_level("WARNING", logger="mmtrain"):
+        for step in range(1, 5):
+            metrics.log(step, 0, {"train/loss": 1.0 / step})
+        for sink in (full, fine):
+            sink.picture("curves", tmp_path / "curves.png", 4)  # Recorders take no pictures
+        states = loggers.states(metrics.sinks)
+        metrics.finish("completed", {"status": "completed"})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "the mlflow tracker failed (OSError:" in warnings[0]
+    assert states == {"mlflow": "failed: OSError: [Errno 28] No space left on device", "csv": "ok"}
+    assert full.sink.calls == [(1, ["train/loss"])]  # nothing more was tried after the failure
+    assert fine.sink.calls[-1] == ("finish", "completed") and len(fine.sink.calls) == 5
+
+
+def test_a_failed_tracker_leaves_the_run_whole_and_trackers_get_what_is_in_force(tmp_path):
+    """A CSV table that cannot be written (its file is a folder) mid-run: the run completes,
+    warns once and marks it failed; TensorBoard has the values in force and the curves."""
+    run_dir = tmp_path / "run"
+    (run_dir / "csv" / "metrics.csv").mkdir(parents=True)
+    result = run_cli(
+        "train", *TINY, "trainer.max_epochs=1", "logger=[tensorboard,csv]",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    log = (run_dir / "train.log").read_text()
+    assert log.count("the csv tracker failed") == 1, log
+    assert "Traceback" not in result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["trackers"]["tensorboard"] == "ok"
+    assert summary["trackers"]["csv"].startswith("failed: IsADirectoryError")
+
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    board.Reload()
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(
+        board.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info.hparams
+    assert hparams["optimizer.lr"].string_value == "auto"  # as written, and as in force:
+    assert hparams["in_force.optimizer.lr"].number_value == pytest.approx(1e-3 * 32 / 64)
+    assert hparams["in_force.trainer.precision"].string_value == "32"
+    assert hparams["in_force.trainer.samples_per_step"].number_value == 32
+    image = board.Tensors("curves")[-1]
+    assert image.step == 8 and image.tensor_proto.string_val[2][:4] == b"\x89PNG"
 
 
 def test_a_resumed_log_sends_the_trackers_only_what_they_lack(tmp_path):
@@ -363,9 +433,10 @@ def test_each_logger_option_composes_builds_logs_and_finishes(option, tmp_path, 
     config = parse(cfg).config
     run = loggers.RunInfo.of(tmp_path, config, resumed=False, metric_names=["train/loss"])
     sinks = loggers.build(config.get("logger"), run)
-    assert [type(sink).__name__.lower() for sink in sinks] == (
+    assert [type(sink.sink).__name__.lower() for sink in sinks] == (
         [] if option == "none" else [f"{option}sink"]
     )
+    assert all(isinstance(sink, loggers.Guarded) for sink in sinks)
     metrics = MetricsLog(tmp_path, sinks=sinks)
     metrics.log(1, 0, {"train/loss": 0.5})
     metrics.finish("completed", {"status": "completed", "steps": 1})

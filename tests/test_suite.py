@@ -75,12 +75,10 @@ def _cfg(*overrides):
         return compose("train", overrides=list(overrides))
 
 
-def test_small_sets_get_the_step_budget_and_max_steps_still_caps():
+def test_small_sets_get_the_step_budget_unless_the_user_sets_one():
     default = parse(_cfg()).trainer
     assert total_steps(default, 47) == (47, 2000)  # 10 epochs would be 470 steps
     assert total_steps(default, 250) == (250, 2500)  # a larger set: its 10 epochs
-    capped = parse(_cfg("trainer.max_steps=300")).trainer
-    assert total_steps(capped, 47) == (47, 300)
     epochs_only = parse(_cfg("trainer.min_steps=null")).trainer
     assert total_steps(epochs_only, 47) == (47, 470)
     with pytest.raises(UserError, match="trainer.min_steps"):

@@ -17,6 +17,8 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert "trainer.max_epochs=3" in overrides
     log = (run_dir / "train.log").read_text()
     assert "building model clip_fusion" in log and "validation" in log
+    assert "training 24 steps (8 per epoch): trainer.max_epochs=3 of 8 steps" in log
+    assert "torch threads: " in log  # and on a shared CPU, how to set OMP_NUM_THREADS
 
     events = read_jsonl(run_dir / "metrics.jsonl")
     assert all("step" in e and "epoch" in e for e in events)
@@ -154,3 +156,73 @@ def test_list_shows_groups_and_components():
     assert result.returncode == 0 and f"mmtrain/models/classifier.py:{line}" in result.stdout
     result = run_cli("list", "nonsense")
     assert result.returncode == 2 and "one of: data, model" in result.stderr
+
+
+def _trainer(*overrides):
+    from conftest import compose_train
+
+    from mmtrain.spec import parse
+
+    return parse(compose_train(list(overrides))).trainer
+
+
+def test_the_budget_the_user_sets_is_obeyed():
+    from mmtrain.spec import budget
+
+    # Neither set: 10 epochs raised to min_steps on small data, the log says why.
+    default = budget(_trainer(), 1)
+    assert default.total == 2000 and "trainer.min_steps=2000" in default.reason
+    assert "set trainer.max_epochs or trainer.max_steps" in default.reason
+    assert budget(_trainer(), 250).total == 2500
+    # An explicit max_epochs is the number of epochs: 1 epoch of 30 rows is 1 step.
+    one_epoch = budget(_trainer("trainer.max_epochs=1"), 1)
+    assert one_epoch.total == 1 and "trainer.max_epochs=1" in one_epoch.reason
+    # An explicit max_steps is the number of steps, above the default and over max_epochs.
+    assert budget(_trainer("trainer.max_steps=3000"), 94).total == 3000
+    both = budget(_trainer("trainer.max_steps=5", "trainer.max_epochs=4"), 94)
+    assert both.total == 5 and "wins over trainer.max_epochs=4" in both.reason
+    # Set in an experiment config counts as set by the user.
+    fast = _trainer("experiment=fast")  # its max_epochs, not the default's 2,000 steps
+    assert fast.max_epochs is not None and budget(fast, 63).total == fast.max_epochs * 63 < 2000
+
+
+def test_a_run_written_before_default_epochs_keeps_its_budget():
+    from mmtrain.spec import TrainerConfig, budget, typed, upgrade
+
+    old = {"trainer": {"max_epochs": 10, "max_steps": None, "min_steps": 2000}}
+    trainer = typed(TrainerConfig, upgrade(old)["trainer"], "trainer")
+    assert budget(trainer, 47).total == 2000 and budget(trainer, 250).total == 2500
+    epochs = {"trainer": {"max_epochs": 3, "max_steps": None, "min_steps": None}}
+    assert budget(typed(TrainerConfig, upgrade(epochs)["trainer"], "trainer"), 47).total == 141
+
+
+def test_tiny_epochs_validate_on_a_step_cadence():
+    from mmtrain.loop import EPOCH_END_VALIDATIONS, epoch_end_validates, validation_gap
+
+    def validated(per_epoch, max_steps):
+        ends = range(per_epoch, max_steps + 1, per_epoch)
+        return [s for s in ends if epoch_end_validates(s, per_epoch, max_steps)]
+
+    assert validated(8, 24) == [8, 16, 24]  # few epochs: every epoch end
+    one_step = validated(1, 2000)  # 2,000 one-step epochs: every 40 steps
+    assert len(one_step) == EPOCH_END_VALIDATIONS and one_step[:2] == [40, 80]
+    three = validated(3, 2000)  # the first epoch end past each multiple of 40
+    assert three[:3] == [42, 81, 120] and three[-1] == 1962  # then the last step, 2,000
+    assert validation_gap(2000) == 40 and validation_gap(16) == 1
+
+
+def test_a_shared_cpu_is_told_how_to_set_its_threads(monkeypatch, caplog):
+    from mmtrain import recipe
+
+    monkeypatch.setattr(recipe.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(recipe.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(recipe.torch, "get_num_threads", lambda: 2)
+    with caplog.at_level("INFO", logger="mmtrain"):
+        recipe.cpu_threads_note(world=1)
+    assert "torch threads: 2 per process on 2 cores (load average 5.0)" in caplog.text
+    assert "e.g. OMP_NUM_THREADS=1 mmtrain train" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(recipe.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    with caplog.at_level("INFO", logger="mmtrain"):
+        recipe.cpu_threads_note(world=1)  # a quiet CPU: the count alone
+    assert "torch threads: 2" in caplog.text and "OMP_NUM_THREADS" not in caplog.text

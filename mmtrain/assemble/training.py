@@ -284,9 +284,12 @@ def _step_model(spec: RunSpec, net: Model, device: torch.device) -> nn.Module:
     return step_model
 
 
-def trackers(spec: RunSpec, run_dir: Path, resumed: bool) -> list[loggers.Sink]:
+def trackers(
+    spec: RunSpec, run_dir: Path, resumed: bool, in_force: dict | None = None
+) -> list[loggers.Sink]:
     """The experiment trackers of `spec.loggers` (rank 0 builds them), told the resolved
-    config and the metrics the run will log; `resumed` reopens the runs they tracked."""
+    config, the values in force (`Run.in_force`) and the metrics the run will log;
+    `resumed` reopens the runs they tracked."""
     names = ["train/loss", *metric_names(spec.traits)]
-    info = loggers.RunInfo.of(run_dir, spec.config, resumed, names)
+    info = loggers.RunInfo.of(run_dir, spec.config, resumed, names, in_force)
     return loggers.build({sink.name: sink.options for sink in spec.loggers}, info)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from mmtrain import assemble
@@ -25,6 +26,7 @@ def export_run(args: list[str]) -> Path:
     own, overrides = parse_args(args, ("run", "out"), ("checkpoint",), __doc__)
     run = assemble.trained(own["run"], overrides, own.get("checkpoint"))
     out = Path(own["out"]).expanduser()
+    before = _modified(out) if out.is_dir() else None
     out.mkdir(parents=True, exist_ok=True)
     # LoRA adapters are merged into the weights: the export loads as a plain model.
     backbone, processor = run.transformers_parts()
@@ -52,5 +54,23 @@ def export_run(args: list[str]) -> Path:
     if head:
         save_file(head, out / "head.safetensors")
     (out / "mmtrain_head.json").write_text(json.dumps(description, indent=2) + "\n")
+    shareable(out, before)
     log.info("exported %s to %s", run.checkpoint, out)
     return out
+
+
+def _modified(folder: Path) -> dict[Path, int]:
+    """Every path under `folder` with its modification time (ns)."""
+    return {path: path.lstat().st_mtime_ns for path in folder.rglob("*")}
+
+
+def shareable(folder: Path, before: dict[Path, int] | None) -> None:
+    """Make what the export wrote under `folder` (new or changed since `before`; all of it
+    when the export created `folder`) readable by others, as a model folder is shared:
+    0644 files, 0755 folders (safetensors writes 0600). Other files are left as they were."""
+    for path, modified in _modified(folder).items():
+        if path.is_symlink() or (before is not None and before.get(path) == modified):
+            continue
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    if before is None:
+        os.chmod(folder, 0o755)
