@@ -26,8 +26,14 @@ from mmtrain.data.summary import summarize
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
 from mmtrain.devices import autocast_for, resolve_precision
 from mmtrain.errors import UserError
-from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
+from mmtrain.models.backbone import (
+    BackboneSpec,
+    backbone_spec,
+    load_named_tokenizer,
+    load_tokenizer,
+)
 from mmtrain.models.interface import Model
+from mmtrain.models.towers import check_vocabulary
 from mmtrain.models.zeroshot import ZeroShotTask
 from mmtrain.run import Run
 from mmtrain.spec import RunSpec, metric_names, total_steps
@@ -78,10 +84,17 @@ def num_classes(spec: RunSpec, class_names: list[str]) -> int:
     return count
 
 
-def tokenizer(spec: RunSpec, train_texts: list[str]) -> Any:
-    """The pretrained backbone's own tokenizer, or a word-level one built from the training
-    texts for a backbone built from a config."""
+def tokenizer(spec: RunSpec, train_texts: list[str], shape: BackboneSpec | None = None) -> Any:
+    """The tokenizer model.tokenizer names, else the pretrained backbone's own, else a
+    word-level one built from the training texts (a backbone built from a config takes its
+    vocabulary size from the tokenizer); `shape` (the backbone's) checks that it fits."""
     name = spec.model.options.get("backbone")
+    if spec.tokenizer is not None:
+        named = load_named_tokenizer(spec.tokenizer)
+        log.info("tokenizer: model.tokenizer=%s, %d tokens", spec.tokenizer, len(named))
+        if shape is not None:
+            check_vocabulary(named, shape.vocab_size, f"model.tokenizer={spec.tokenizer!r}")
+        return named
     if name is not None:
         return load_tokenizer(name)
     built = build_word_tokenizer(train_texts)
@@ -157,7 +170,7 @@ def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = N
                 "run `mmtrain validate` with the same overrides to see why."
             )
     train = splits["train"]
-    tok = tokenizer(spec, train.texts)
+    tok = tokenizer(spec, train.texts, shape)
     net = model(spec, tok, shape, train.class_names)
     if run_dir is not None:
         save_tokenizer(tok, run_dir)
