@@ -231,3 +231,24 @@ def test_bad_towers_processors_and_tokenizers_are_clear_errors(vit_bert, tmp_pat
         UserError, match="the tokenizer has 104 tokens but the text tower embeds only"
     ):
         build_parts(cfg)
+
+
+def test_small_data_trains_a_convnext_tower_and_the_hint_points_to_it(caplog):
+    from mmtrain.assemble import backbone
+    from mmtrain.spec import parse
+    from mmtrain.watch import ChanceWatch
+
+    spec = parse(compose_train(["experiment=small_data"]))
+    assert spec.model.name == "clip_fusion"
+    assert spec.model.options["backbone_config"]["vision"]["config_class"] == "ConvNextConfig"
+    assert backbone(spec).family == "vision-text-dual-encoder"
+    at_chance = {"val/accuracy": 0.5, "val/auroc": 0.5}
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        assert ChanceWatch(torch.tensor([0, 1] * 50), 10, from_scratch_vit=True).update(
+            at_chance, 5
+        )
+    assert "experiment=small_data" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        assert ChanceWatch(torch.tensor([0, 1] * 50), 10).update(at_chance, 5)
+    assert "not learning yet" in caplog.text and "experiment=small_data" not in caplog.text

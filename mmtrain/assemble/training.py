@@ -245,9 +245,25 @@ def training_run(
         augment=built.augment, zeroshot=built.zeroshot, steps_per_epoch=steps_per_epoch,
         max_steps=max_steps, monitor=spec.monitor, mode=spec.mode,
         # A streamed split's labels are not known before it is read: no hint then.
-        watch=ChanceWatch(getattr(built.splits["val"], "labels", None), max_steps),
+        watch=ChanceWatch(
+            getattr(built.splits["val"], "labels", None), max_steps, _from_scratch_vit(spec, built)
+        ),
         bad_samples=lambda: bad_samples(built.splits),
     )  # fmt: skip
+
+
+def _from_scratch_vit(spec: RunSpec, built: Parts) -> bool:
+    """Whether the image tower is a ViT with random weights (CLIP's or SigLIP's, from a
+    config): the one the "not learning" hint sends to experiment=small_data."""
+    if spec.model.options.get("backbone") is not None:
+        return False
+    tower = getattr(getattr(built.model, "clip", None), "config", None)
+    vision = getattr(tower, "vision_config", None)
+    return getattr(vision, "model_type", None) in (
+        "clip_vision_model",
+        "siglip_vision_model",
+        "vit",
+    )
 
 
 def _optimizer(spec: RunSpec, net: Model) -> torch.optim.Optimizer:
