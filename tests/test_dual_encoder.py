@@ -146,7 +146,7 @@ def test_a_dual_encoder_folder_trains_in_the_classifier(vit_bert):
 
 
 @pytest.mark.parametrize("factory", [clip_contrastive, siglip_contrastive])
-def test_contrastive_losses_train_a_convnext_tower_built_from_its_config(factory):
+def test_contrastive_losses_train_a_convnext_tower_built_from_its_config(factory, tmp_path):
     tokenizer = build_word_tokenizer(CAPTIONS)
     spec = backbone_spec(None, CONVNEXT)
     assert spec.image_mean == (0.485, 0.456, 0.406)  # ImageNet's, as ConvNeXt's processor
@@ -160,6 +160,15 @@ def test_contrastive_losses_train_a_convnext_tower_built_from_its_config(factory
     if factory is siglip_contrastive:  # the bias the two towers lack is the model's, and learns
         assert set(model.loss_parameters()) == {"logit_scale", "logit_bias"}
         assert model.logit_bias.item() != -10.0
+    else:  # what export saves loads back as the same image tower (its width kept in its config)
+        from transformers import VisionTextDualEncoderModel
+
+        model.clip.save_pretrained(tmp_path)
+        loaded = VisionTextDualEncoderModel.from_pretrained(tmp_path).eval()
+        pixels = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            expected = encode_image(model.clip.eval(), pixels)[1]
+            assert torch.allclose(loaded.get_image_features(pixel_values=pixels).pooler_output, expected)  # fmt: skip
 
 
 def test_freezing_depths_lora_and_checkpointing_work_per_tower(vit_bert, caplog):

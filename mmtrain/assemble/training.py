@@ -23,17 +23,12 @@ from mmtrain.data.loader import Collate, make_loader
 from mmtrain.data.negatives import NegativeSampler
 from mmtrain.data.source import SplitData, bad_samples, save_class_names
 from mmtrain.data.summary import summarize
-from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
+from mmtrain.data.tokenizer import build_word_tokenizer, load_named_tokenizer, save_tokenizer
 from mmtrain.devices import autocast_for, resolve_precision
 from mmtrain.errors import UserError
-from mmtrain.models.backbone import (
-    BackboneSpec,
-    backbone_spec,
-    load_named_tokenizer,
-    load_tokenizer,
-)
+from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
 from mmtrain.models.interface import Model
-from mmtrain.models.towers import check_vocabulary
+from mmtrain.models.towers import DUAL, check_vocabulary
 from mmtrain.models.zeroshot import ZeroShotTask
 from mmtrain.run import Run
 from mmtrain.spec import RunSpec, metric_names, total_steps
@@ -96,7 +91,10 @@ def tokenizer(spec: RunSpec, train_texts: list[str], shape: BackboneSpec | None 
             check_vocabulary(named, shape.vocab_size, f"model.tokenizer={spec.tokenizer!r}")
         return named
     if name is not None:
-        return load_tokenizer(name)
+        own = load_tokenizer(name)
+        if shape is not None and shape.family == DUAL:  # two towers saved side by side
+            check_vocabulary(own, shape.vocab_size, f"model.backbone={name!r}")
+        return own
     built = build_word_tokenizer(train_texts)
     log.info("built a word-level tokenizer from the training texts: %d tokens", len(built))
     return built

@@ -256,24 +256,6 @@ def load_tokenizer(backbone: str) -> Any:
         raise _load_error(backbone, error) from None
 
 
-def load_named_tokenizer(name: str) -> Any:
-    """The pretrained tokenizer `model.tokenizer` names (a hub name or a saved folder)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, ImportError, TypeError) as error:
-        raise UserError(
-            f"model.tokenizer={name!r} does not load as a tokenizer: {error}. Give a folder "
-            "written by tokenizer.save_pretrained(DIR) (tokenizer.json or the vocabulary files "
-            "with tokenizer_config.json), a hub name this machine has cached, or null for a "
-            "word-level tokenizer built from the training captions."
-        ) from None
-    if tokenizer.pad_token is None:  # GPT-2-style BPE: pad with the end-of-text token
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
 def init_sincos_positions(model: nn.Module) -> bool:
     """Set the vision tower's position embeddings to a 2D sine-cosine grid (still trainable).
 
@@ -318,9 +300,14 @@ def build_backbone(
     `position_init="sincos"`) 2D sine-cosine vision position embeddings.
     """
     if backbone is not None:
-        family = FAMILIES[_pretrained_config(backbone).model_type]
+        config = _pretrained_config(backbone)
+        family = FAMILIES[config.model_type]
+        if config.model_type == towers.DUAL:  # with the image tower's width checked (flat_width)
+            towers.flat_width(config.vision_config, f"model.backbone={backbone!r}'s image tower")
         try:
-            return _transformers(family.model_class).from_pretrained(backbone, **_attention(family))
+            return _transformers(family.model_class).from_pretrained(
+                backbone, config=config, **_attention(family)
+            )
         except (OSError, ValueError) as error:
             raise _load_error(backbone, error) from None
     config = _config_from_dict(backbone_config or {})

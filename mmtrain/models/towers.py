@@ -142,6 +142,7 @@ def check_vocabulary(tokenizer: Any, vocab_size: int | None, where: str) -> None
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise UserError(
             f"{where}: the tokenizer has {len(tokenizer)} tokens but the text tower embeds "
-            f"only {vocab_size}; use the tokenizer saved with the text tower (leave "
-            "model.tokenizer=null for a pretrained backbone's own)."
+            f"only {vocab_size}; use the text tower's own tokenizer (save it into the folder "
+            "with AutoTokenizer.from_pretrained(TEXT_NAME).save_pretrained(DIR), and leave "
+            "model.tokenizer=null)."
         )
