@@ -97,6 +97,13 @@ class BatchConfig:
     positive_label: str | int | bool | None = None
 
 
+@dataclass(frozen=True)
+class ModelTokenizer:
+    """model.tokenizer, a key of every model (not its factory's: that receives the tokenizer)."""
+
+    tokenizer: str | None = None
+
+
 BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
 # Per kind of component, the keyword arguments mmtrain supplies at run time (not config
 # keys). A data source gets the ones its factory has a parameter for: the backbone's image
@@ -166,6 +173,9 @@ class RunSpec:
     loggers: list[Component]
     monitor: str  # the validation metric that picks best.pt, stops early, a sweep optimises
     mode: Literal["max", "min"]
+    # model.tokenizer: a pretrained tokenizer's name or folder (the assembler loads it; the
+    # model's factory receives the tokenizer itself); None: the backbone's own, or built.
+    tokenizer: str | None = None
 
     def prompt_templates(self) -> list[str]:
         """The zero-shot prompt templates (zeroshot.templates; openai by default)."""
@@ -214,7 +224,9 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
     data = Component.checked("data", data)
     augment = aug.parse(batches.augment)
     registry.get("negatives", batches.negative_sampler)
-    model = Component.checked("model", config.get("model") or {})
+    model_values = dict(config.get("model") or {})
+    tokenizer = typed(ModelTokenizer, {"tokenizer": model_values.pop("tokenizer", None)}, "model")
+    model = Component.checked("model", model_values)
     if "fusion" in model.options:
         registry.get("fusion", model.options["fusion"])
     traits = traits_of(model.name)
@@ -245,7 +257,7 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         )
     return RunSpec(
         config, trainer, data, batches, augment, model, traits, optimizer, scheduler,
-        zeroshot, sinks, monitor, mode,
+        zeroshot, sinks, monitor, mode, tokenizer.tokenizer,
     )  # fmt: skip
 
 

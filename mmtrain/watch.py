@@ -5,7 +5,8 @@ split's majority-class share, AUROC 0.5. A run counts as at chance while every v
 so far is within a margin of both: `ACCURACY_MARGIN` and `AUROC_MARGIN`, or three standard
 errors of chance on a validation split of this size when that is wider (on 300 rows a
 model that learned nothing wanders about 0.03 either way). Once `SHARE` of the run's
-optimizer steps have passed that way, the log says so with what to try. Nothing stops: a
+optimizer steps have passed that way, the log says so with what to try (for a ViT built
+from scratch, first the small-data recipe: a convolutional image tower). Nothing stops: a
 slow start can still learn.
 """
 
@@ -25,7 +26,9 @@ SHARE = 0.3
 class ChanceWatch:
     """Follows validation metrics of one run; `update` logs the hint at most once."""
 
-    def __init__(self, val_labels: torch.Tensor | None, max_steps: int):
+    def __init__(
+        self, val_labels: torch.Tensor | None, max_steps: int, from_scratch_vit: bool = False
+    ):
         # A streamed validation split's labels are not known before it is read: no hint.
         self.told = val_labels is None
         val_labels = torch.zeros(0, dtype=torch.long) if val_labels is None else val_labels
@@ -42,6 +45,7 @@ class ChanceWatch:
         spread = math.sqrt((positives + negatives + 1) / (12 * positives * negatives))
         self.auroc_margin = max(AUROC_MARGIN, 3 * spread)
         self.max_steps = max_steps
+        self.from_scratch_vit = from_scratch_vit  # a ViT image tower with random weights
         self.learning = False  # some validation was above chance
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
@@ -55,13 +59,19 @@ class ChanceWatch:
         if self.learning or step < SHARE * self.max_steps:
             return False
         self.told = True
+        small_data = (
+            "experiment=small_data (a from-scratch ViT learns little from a few thousand "
+            "pictures; this recipe trains a convolutional image tower), "
+            if self.from_scratch_vit
+            else ""
+        )
         log.warning(
             "not learning yet: after %d of %d steps, validation is still at chance (accuracy "
             "within %.2f of %.3f, the majority class's share; AUROC within %.2f of 0.5). Try: "
-            "a pretrained backbone (model.backbone=NAME_OR_DIR), a longer budget "
+            "%sa pretrained backbone (model.backbone=NAME_OR_DIR), a longer budget "
             "(trainer.max_steps=%d or trainer.max_epochs=N), another fusion (model.fusion=concat), "
             "or a lower optimizer.lr.",
             step, self.max_steps, self.accuracy_margin, self.chance, self.auroc_margin,
-            2 * self.max_steps,
+            small_data, 2 * self.max_steps,
         )  # fmt: skip
         return True

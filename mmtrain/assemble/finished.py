@@ -119,7 +119,7 @@ def untrained(spec: RunSpec, out: Path) -> tuple[Trained, dict[str, SplitData]]:
     shape = backbone(spec)
     splits = data(spec, shape)
     names = splits["train"].class_names
-    tok = tokenizer(spec, splits["train"].texts)
+    tok = tokenizer(spec, splits["train"].texts, shape)
     net = model(spec, tok, shape, names)
     save_tokenizer(tok, out)
     save_class_names(names, out)

@@ -23,12 +23,13 @@ from mmtrain.data.loader import Collate, make_loader
 from mmtrain.data.negatives import NegativeSampler
 from mmtrain.data.source import SplitData, bad_samples, save_class_names
 from mmtrain.data.summary import summarize
-from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
+from mmtrain.data.tokenizer import build_word_tokenizer, load_named_tokenizer, save_tokenizer
 from mmtrain.devices import autocast_for, resolve_precision
 from mmtrain.errors import UserError
 from mmtrain.metrics import positive_class
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
 from mmtrain.models.interface import Model
+from mmtrain.models.towers import DUAL, check_vocabulary
 from mmtrain.models.zeroshot import ZeroShotTask
 from mmtrain.run import Run
 from mmtrain.spec import RunSpec, metric_names, total_steps
@@ -79,12 +80,22 @@ def num_classes(spec: RunSpec, class_names: list[str]) -> int:
     return count
 
 
-def tokenizer(spec: RunSpec, train_texts: list[str]) -> Any:
-    """The pretrained backbone's own tokenizer, or a word-level one built from the training
-    texts for a backbone built from a config."""
+def tokenizer(spec: RunSpec, train_texts: list[str], shape: BackboneSpec | None = None) -> Any:
+    """The tokenizer model.tokenizer names, else the pretrained backbone's own, else a
+    word-level one built from the training texts (a backbone built from a config takes its
+    vocabulary size from the tokenizer); `shape` (the backbone's) checks that it fits."""
     name = spec.model.options.get("backbone")
+    if spec.tokenizer is not None:
+        named = load_named_tokenizer(spec.tokenizer)
+        log.info("tokenizer: model.tokenizer=%s, %d tokens", spec.tokenizer, len(named))
+        if shape is not None:
+            check_vocabulary(named, shape.vocab_size, f"model.tokenizer={spec.tokenizer!r}")
+        return named
     if name is not None:
-        return load_tokenizer(name)
+        own = load_tokenizer(name)
+        if shape is not None and shape.family == DUAL:  # two towers saved side by side
+            check_vocabulary(own, shape.vocab_size, f"model.backbone={name!r}")
+        return own
     built = build_word_tokenizer(train_texts)
     log.info("built a word-level tokenizer from the training texts: %d tokens", len(built))
     return built
@@ -174,7 +185,7 @@ def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = N
                 "run `mmtrain validate` with the same overrides to see why."
             )
     train = splits["train"]
-    tok = tokenizer(spec, train.texts)
+    tok = tokenizer(spec, train.texts, shape)
     net = model(spec, tok, shape, train.class_names)
     if run_dir is not None:
         save_tokenizer(tok, run_dir)
@@ -257,9 +268,25 @@ def training_run(
         augment=built.augment, zeroshot=built.zeroshot, steps_per_epoch=steps_per_epoch,
         max_steps=max_steps, monitor=spec.monitor, mode=spec.mode,
         # A streamed split's labels are not known before it is read: no hint then.
-        watch=ChanceWatch(getattr(built.splits["val"], "labels", None), max_steps),
+        watch=ChanceWatch(
+            getattr(built.splits["val"], "labels", None), max_steps, _from_scratch_vit(spec, built)
+        ),
         bad_samples=lambda: bad_samples(built.splits),
     )  # fmt: skip
+
+
+def _from_scratch_vit(spec: RunSpec, built: Parts) -> bool:
+    """Whether the image tower is a ViT with random weights (CLIP's or SigLIP's, from a
+    config): the one the "not learning" hint sends to experiment=small_data."""
+    if spec.model.options.get("backbone") is not None:
+        return False
+    tower = getattr(getattr(built.model, "clip", None), "config", None)
+    vision = getattr(tower, "vision_config", None)
+    return getattr(vision, "model_type", None) in (
+        "clip_vision_model",
+        "siglip_vision_model",
+        "vit",
+    )
 
 
 def _optimizer(spec: RunSpec, net: Model) -> torch.optim.Optimizer:

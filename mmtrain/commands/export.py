@@ -1,8 +1,9 @@
 """mmtrain export run=RUN_DIR out=DIR [checkpoint=PATH]
 
-A folder that transformers loads (CLIPModel or SiglipModel, AutoTokenizer, the image processor) from a
-finished run's best checkpoint (else last.pt, or checkpoint=PATH), plus the head's weights
-(head.safetensors) and its description (mmtrain_head.json).
+A folder that transformers loads (CLIPModel, SiglipModel or VisionTextDualEncoderModel,
+AutoTokenizer, the image processor) from a finished run's best checkpoint (else last.pt, or
+checkpoint=PATH), plus the head's weights (head.safetensors; with the sigmoid loss on two
+towers, also the loss's logit_bias) and its description (mmtrain_head.json).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tokenizers: the pretrained backbone's own, or a word-level one built from training texts.
+"""Tokenizers: a pretrained one (model.tokenizer), or a word-level one built from training texts.
 
 CLIP's text tower pools the hidden state at the end-of-text token (the first position whose
 id equals `eos_token_id`). A tokenizer built here therefore wraps every text as
@@ -59,6 +59,24 @@ def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
         eos_token=EOS,
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def load_named_tokenizer(name: str) -> Any:
+    """The pretrained tokenizer `model.tokenizer` names (a hub name or a saved folder)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, ImportError, TypeError, KeyError) as error:
+        raise UserError(
+            f"model.tokenizer={name!r} does not load as a tokenizer: {error}. Give a folder "
+            "written by tokenizer.save_pretrained(DIR) (tokenizer.json or the vocabulary files "
+            "with tokenizer_config.json), a hub name this machine has cached, or null for a "
+            "word-level tokenizer built from the training captions."
+        ) from None
+    if tokenizer.pad_token is None:  # GPT-2-style BPE: pad with the end-of-text token
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
 
 
 def save_tokenizer(tokenizer: Any, run_dir: Path) -> Path:

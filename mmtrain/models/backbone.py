@@ -1,4 +1,5 @@
-"""Dual-encoder backbones (CLIP, SigLIP): loaded with `from_pretrained`, or built from a config.
+"""Dual-encoder backbones (CLIP, SigLIP, transformers' VisionTextDualEncoderModel of any two
+towers): loaded with `from_pretrained`, or built from a config.
 
 The backbone decides the data's shape: image size, normalisation, the longest text it can
 position and how text is padded. `backbone_spec` reads those from the model's own config
@@ -7,7 +8,8 @@ instead of configured twice.
 
 Everything here is generic over the families in `FAMILIES`: each is a `transformers` model
 with `vision_model` and `text_model` towers (pooled outputs, optional projections), a
-learned `logit_scale` and, for SigLIP, a `logit_bias`.
+learned `logit_scale` and, for SigLIP, a `logit_bias`. `mmtrain.models.towers` builds and
+checks the towers of a VisionTextDualEncoderModel.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from mmtrain.errors import UserError
+from mmtrain.models import towers
 
 log = logging.getLogger("mmtrain")
 
@@ -30,6 +33,8 @@ log = logging.getLogger("mmtrain")
 # numbers would cost `mmtrain validate` two seconds.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # transformers.image_utils' (ConvNeXt, Swin)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,15 @@ FAMILIES = {
         "SiglipImageProcessor", (0.5,) * 3, (0.5,) * 3,
         pad_to_max_length=True, text_attention_mask=False, top_level_keys=(),
     ),
+    # Any image tower with any text tower (config_class in model.backbone_config.vision or
+    # .text names them; CLIP's towers by default). Exported with a plain resize-and-normalise
+    # processor of the run's geometry.
+    towers.DUAL: Family(
+        "VisionTextDualEncoderModel", "VisionTextDualEncoderConfig", "CLIPTextConfig",
+        "CLIPVisionConfig", "ViTImageProcessor", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+        pad_to_max_length=False, text_attention_mask=True,
+        top_level_keys=("projection_dim", "logit_scale_init_value"),
+    ),
 }  # fmt: skip
 
 
@@ -74,6 +88,7 @@ class BackboneSpec:
     max_text_length: int
     pad_to_max_length: bool = False  # pad every text to max_text_length (SigLIP)
     family: str = "clip"
+    vocab_size: int | None = None  # a pretrained text tower's: a tokenizer must fit in it
 
     def text_length(self, wanted: int | None) -> int:
         """`wanted` text positions (data.max_text_length; null: the backbone's), capped at
@@ -131,30 +146,34 @@ def _family(model_type: str, where: str) -> Family:
     if model_type not in FAMILIES:
         raise UserError(
             f"{where} is a {model_type!r} model; mmtrain trains the dual encoders "
-            f"{', '.join(FAMILIES)} (transformers CLIPModel, SiglipModel)."
+            f"{', '.join(FAMILIES)} (transformers CLIPModel, SiglipModel, "
+            "VisionTextDualEncoderModel)."
         )
     return FAMILIES[model_type]
 
 
-def _check_keys(section: str, given: dict[str, Any], defaults: dict[str, Any]) -> None:
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise UserError(
-            f"Unknown key {unknown[0]!r} in model.backbone_config.{section}. "
-            f"Accepted keys: {', '.join(sorted(k for k in defaults if not k.startswith('_')))}."
-        )
-
-
 def _config_from_dict(backbone_config: dict[str, Any]) -> Any:
-    """A CLIPConfig or SiglipConfig (`model_type`, default clip) from model.backbone_config."""
+    """A CLIPConfig, SiglipConfig or VisionTextDualEncoderConfig (`model_type`, default clip;
+    a tower's `config_class` makes it a VisionTextDualEncoderConfig) from model.backbone_config."""
     options = dict(backbone_config)
-    model_type = options.pop("model_type", "clip")
+    model_type = options.pop("model_type", None)
+    if towers.names_tower_classes(options):  # CLIP's and SigLIP's configs build their own towers
+        if model_type not in (None, "clip", towers.DUAL):
+            raise UserError(
+                f"model.backbone_config names a tower's config_class, which builds a "
+                f"VisionTextDualEncoderModel, but its model_type is {model_type!r}; set "
+                f"model.backbone_config.model_type={towers.DUAL} (every contrastive loss trains it)."
+            )
+        model_type = towers.DUAL
+    model_type = model_type or "clip"
     family = _family(model_type, f"model.backbone_config.model_type={model_type!r}")
+    if model_type == towers.DUAL:
+        return towers.dual_config(options, family.top_level_keys)
     config_class = _transformers(family.config_class)
     vision = dict(options.pop("vision", {}) or {})
     text = dict(options.pop("text", {}) or {})
-    _check_keys("vision", vision, _transformers(family.vision_config_class)().to_dict())
-    _check_keys("text", text, _transformers(family.text_config_class)().to_dict())
+    towers.check_keys("vision", vision, _transformers(family.vision_config_class)().to_dict())
+    towers.check_keys("text", text, _transformers(family.text_config_class)().to_dict())
     unknown = sorted(set(options) - set(family.top_level_keys))
     if unknown:
         raise UserError(
@@ -182,29 +201,36 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
     if backbone is None:
         config = _config_from_dict(backbone_config or {})
         family = FAMILIES[config.model_type]
+        size = config.vision_config.image_size
         return BackboneSpec(
-            image_size=config.vision_config.image_size,
+            image_size=size if isinstance(size, int) else int(size[0]),
             image_mean=family.image_mean,
             image_std=family.image_std,
-            max_text_length=config.text_config.max_position_embeddings,
+            max_text_length=towers.text_positions(config.text_config),
             pad_to_max_length=family.pad_to_max_length,
             family=config.model_type,
         )
     config = _pretrained_config(backbone)
     family = FAMILIES[config.model_type]
+    processor_class = family.image_processor_class
+    if config.model_type == towers.DUAL:  # whatever processor its image tower came with
+        processor_class = "AutoImageProcessor"
     try:
-        processor = _transformers(family.image_processor_class).from_pretrained(backbone)
+        processor = _transformers(processor_class).from_pretrained(backbone)
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
     crop = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-    size = crop.get("height") or crop.get("shortest_edge") or config.vision_config.image_size
+    size = int(crop.get("height") or crop.get("shortest_edge") or config.vision_config.image_size)
+    if config.model_type == towers.DUAL:
+        towers.check_pretrained(config, size, f"model.backbone={backbone!r}")
     return BackboneSpec(
-        image_size=int(size),
+        image_size=size,
         image_mean=tuple(processor.image_mean),
         image_std=tuple(processor.image_std),
-        max_text_length=config.text_config.max_position_embeddings,
+        max_text_length=towers.text_positions(config.text_config),
         pad_to_max_length=family.pad_to_max_length,
         family=config.model_type,
+        vocab_size=config.text_config.vocab_size,
     )
 
 
@@ -231,15 +257,19 @@ def load_tokenizer(backbone: str) -> Any:
         raise _load_error(backbone, error) from None
 
 
-def init_sincos_positions(model: nn.Module) -> None:
+def init_sincos_positions(model: nn.Module) -> bool:
     """Set the vision tower's position embeddings to a 2D sine-cosine grid (still trainable).
 
     Learned position embeddings start as small noise, and a ViT trained from scratch on a
     few thousand images then barely learns where things are (on `shapes`, a from-scratch
     tower stayed at chance telling left from right). A fixed 2D grid, as in MAE and MoCo v3,
-    gives every patch its place from the first step.
+    gives every patch its place from the first step. False (nothing set) when the vision
+    tower is not CLIP's (a convolutional tower has no position table).
     """
-    embeddings = model.vision_model.embeddings
+    tower = model.vision_model  # a dual encoder's CLIPVisionModel wraps CLIP's tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    if not isinstance(getattr(embeddings, "position_embedding", None), nn.Embedding):
+        return False
     grid = int(math.isqrt(embeddings.num_patches))
     table_rows = embeddings.position_embedding.weight.shape[0]  # CLIP adds a class token
     first = table_rows - embeddings.num_patches
@@ -254,6 +284,7 @@ def init_sincos_positions(model: nn.Module) -> None:
     )
     with torch.no_grad():
         embeddings.position_embedding.weight.copy_(table)
+    return True
 
 
 def build_backbone(
@@ -262,17 +293,21 @@ def build_backbone(
     tokenizer: Any,
     position_init: PositionInit = "sincos",
 ) -> nn.Module:
-    """A CLIPModel or SiglipModel: pretrained weights, or random weights from `backbone_config`.
+    """A CLIPModel, SiglipModel or VisionTextDualEncoderModel: pretrained weights, or random
+    weights from `backbone_config`.
 
     A backbone built from a config takes its vocabulary size and special-token ids from the
     tokenizer, so the text tower pools at the tokenizer's end-of-text token, and (with
     `position_init="sincos"`) 2D sine-cosine vision position embeddings.
     """
     if backbone is not None:
-        family = FAMILIES[_pretrained_config(backbone).model_type]
+        config = _pretrained_config(backbone)
+        family = FAMILIES[config.model_type]
+        if config.model_type == towers.DUAL:  # with the image tower's width checked (flat_width)
+            towers.flat_width(config.vision_config, f"model.backbone={backbone!r}'s image tower")
         try:
             return _transformers(family.model_class).from_pretrained(
-                backbone, attn_implementation="sdpa"
+                backbone, config=config, **_attention(family)
             )
         except (OSError, ValueError) as error:
             raise _load_error(backbone, error) from None
@@ -290,22 +325,37 @@ def build_backbone(
     text.bos_token_id = tokenizer.bos_token_id
     text.eos_token_id = tokenizer.eos_token_id
     family = FAMILIES[config.model_type]
-    model = _transformers(family.model_class)._from_config(config, attn_implementation="sdpa")
+    model = _transformers(family.model_class)._from_config(config, **_attention(family))
     if config.model_type == "siglip":
         with torch.no_grad():  # the paper's initial temperature 10 and bias -10
             model.logit_scale.fill_(math.log(10.0))
             model.logit_bias.fill_(-10.0)
-    if position_init == "sincos":
-        init_sincos_positions(model)
+    if position_init == "sincos" and not init_sincos_positions(model):
+        log.info(
+            "model.position_init=sincos applies to CLIP vision towers; the %s tower keeps its own.",
+            config.vision_config.model_type,
+        )
     return model
+
+
+def _attention(family: Family) -> dict[str, str]:
+    """PyTorch's fused attention for CLIP and SigLIP; a dual encoder's towers each take their
+    own default (a convolutional tower has no attention to choose)."""
+    return (
+        {}
+        if family.model_class == "VisionTextDualEncoderModel"
+        else {"attn_implementation": "sdpa"}
+    )
 
 
 def encode_image(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(patch token states, projected pooled embedding) of normalised images."""
     out = model.vision_model(pixel_values=pixel_values)
     projection = getattr(model, "visual_projection", None)
-    pooled = out.pooler_output
-    return out.last_hidden_state, projection(pooled) if projection is not None else pooled
+    pooled, tokens = out.pooler_output, out.last_hidden_state
+    if tokens.dim() == 4:  # a convolutional tower's feature map [B, C, H, W]: H * W tokens
+        tokens = tokens.flatten(2).transpose(1, 2)
+    return tokens, projection(pooled) if projection is not None else pooled
 
 
 def encode_text(

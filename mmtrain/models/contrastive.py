@@ -6,6 +6,7 @@ the batch as `negative_input_ids` and are appended to each image's logits."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,8 +52,16 @@ class ContrastiveCLIP(nn.Module):
         finetunes_pretrained_towers: bool = False,
     ):
         super().__init__()
-        self.clip = clip  # the dual encoder: a CLIPModel or SiglipModel
+        self.clip = clip  # the dual encoder: a CLIPModel, SiglipModel or VisionTextDualEncoderModel
         self.loss = loss
+        # The sigmoid loss learns a bias; a dual encoder of two towers has none of its own: it
+        # gets one here (exported beside the head), with SigLIP's initial temperature 10 and
+        # bias -10.
+        self.register_parameter("logit_bias", None)
+        if loss == "sigmoid" and not hasattr(clip, "logit_bias"):
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+            with torch.no_grad():
+                clip.logit_scale.fill_(math.log(10.0))
         self.finetunes_pretrained_towers = finetunes_pretrained_towers
         self.normalize = PixelNormalize(spec)
         # DDP: every parameter gets a gradient each step, except SigLIP's bias under InfoNCE.
@@ -86,8 +95,14 @@ class ContrastiveCLIP(nn.Module):
 
     def loss_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters the loss itself uses: the temperature (and SigLIP's bias)."""
-        names = ("logit_scale", "logit_bias") if self.loss == "sigmoid" else ("logit_scale",)
-        return {name: getattr(self.clip, name) for name in names}
+        parameters = {"logit_scale": self.clip.logit_scale}
+        if self.loss == "sigmoid":
+            parameters["logit_bias"] = self.bias()
+        return parameters
+
+    def bias(self) -> nn.Parameter:
+        """The sigmoid loss's learned bias: the backbone's (SigLIP), else this model's."""
+        return self.logit_bias if self.logit_bias is not None else self.clip.logit_bias
 
     def forward(
         self,
@@ -144,7 +159,7 @@ class ContrastiveCLIP(nn.Module):
             negatives = embeds["negatives"].view(len(image), -1, image.shape[-1])  # [B, K, D]
             extra = (scale * torch.einsum("bd,bkd->bk", image, negatives))[keep]
         if self.loss == "sigmoid":
-            return sigmoid_loss(image_to_text, targets, self.clip.logit_bias, extra)
+            return sigmoid_loss(image_to_text, targets, self.bias(), extra)
         text_to_image = scale * text[keep] @ all_images[all_keep].T
         if extra is not None:
             image_to_text = torch.cat([image_to_text, extra], dim=1)
@@ -182,9 +197,10 @@ def _dual_encoder(
     lora: Lora | None,
 ) -> ContrastiveCLIP:
     clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
-    if loss == "sigmoid" and not hasattr(clip, "logit_bias"):
+    if loss == "sigmoid" and clip.config.model_type == "clip":
         raise UserError(
-            f"model=siglip_contrastive needs a SigLIP backbone (it learns SigLIP's logit bias), "
+            f"model=siglip_contrastive needs a SigLIP backbone or a dual encoder of two towers "
+            f"(it learns a logit bias), "
             f"but the backbone is a {clip.config.model_type!r} model; use model=clip_contrastive "
             "for it, or a SigLIP model.backbone (or model.backbone_config.model_type=siglip)."
         )

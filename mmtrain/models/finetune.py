@@ -2,12 +2,15 @@
 depths (layer-wise learning-rate decay), LoRA adapters (peft) and gradient checkpointing.
 
 Generic over `mmtrain.models.backbone.FAMILIES`: towers named `vision_model` and
-`text_model` with `encoder.layers.N`, projections `visual_projection`/`text_projection`.
+`text_model` whose blocks are `encoder.layers.N` (CLIP, SigLIP, Swin's stages),
+`encoder.layer.N` (BERT), `layers.N` (ViT) or `encoder.stages.N` (ConvNeXt), projections
+`visual_projection`/`text_projection`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -16,6 +19,8 @@ from torch import nn
 
 from mmtrain.errors import UserError
 from mmtrain.rules import Bounds
+
+log = logging.getLogger("mmtrain")
 
 # Keys every dual-encoder model takes; their rules, declared once for every factory.
 Freeze = Literal["none", "vision", "text", "both"]
@@ -37,10 +42,16 @@ class Lora:
         return self.r is not None
 
 
-# Attention projections of the towers' transformer layers, CLIP's and SigLIP's alike (a
-# regex, so SigLIP's attention-pooling head, whose out_proj nn.MultiheadAttention reads
-# directly, is left alone).
-LORA_TARGETS = r".*_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+# Attention projections of the towers' transformer layers: CLIP's and SigLIP's
+# (self_attn.q_proj ...), ViT's (attention.q_proj ... o_proj), BERT's and Swin's
+# (attention.self.query ..., attention.output.dense). A regex, so SigLIP's attention-pooling head, whose out_proj
+# nn.MultiheadAttention reads directly, is left alone. A convolutional tower has none: LoRA
+# leaves it frozen.
+LORA_TARGETS = (
+    r".*_model\.(encoder\.)?layers?\.\d+\.(blocks\.\d+\.)?"
+    r"((self_attn|attention)\.(q_proj|k_proj|v_proj|out_proj|o_proj)"
+    r"|attention\.(self|attention)\.(query|key|value)|attention\.output\.dense)"
+)
 
 
 def freeze_towers(model: nn.Module, freeze: Freeze) -> None:
@@ -61,7 +72,9 @@ def _tower_of(name: str) -> str | None:
     return None
 
 
-_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
+_LAYER = re.compile(
+    r"(?P<tower>vision_model|text_model)\.(encoder\.)?(layers|layer|stages)\.(?P<index>\d+)\."
+)
 
 
 def layer_depth(name: str, num_layers: int) -> int:
@@ -70,18 +83,25 @@ def layer_depth(name: str, num_layers: int) -> int:
     norm, pooling head, projection)."""
     match = _LAYER.search(name)
     if match:
-        return int(match.group(2)) + 1
+        return int(match["index"]) + 1
     if ".embeddings." in name or "pre_layrnorm" in name:
         return 0
     return num_layers + 1
 
 
+def layer_counts(model: nn.Module) -> dict[str, int]:
+    """The blocks of each tower (a hierarchical tower's stages), counted from its parameters."""
+    counts = {"vision_model": 0, "text_model": 0}
+    for name, _ in model.named_parameters():
+        match = _LAYER.search(name)
+        if match:
+            counts[match["tower"]] = max(counts[match["tower"]], int(match["index"]) + 1)
+    return counts
+
+
 def tower_depths(model: nn.Module) -> dict[int, tuple[int, int]]:
     """{id(param): (layer id, the tower's layer count)} of every tower parameter."""
-    counts = {
-        "vision_model": model.config.vision_config.num_hidden_layers,
-        "text_model": model.config.text_config.num_hidden_layers,
-    }
+    counts = layer_counts(model)
     depths = {}
     for name, param in model.named_parameters():
         tower = _tower_of(name)
@@ -93,10 +113,7 @@ def tower_depths(model: nn.Module) -> dict[int, tuple[int, int]]:
 def unfreeze_last(model: nn.Module, layers: int, freeze: str) -> None:
     """Train only the last `layers` transformer layers of each tower and what follows them
     (final norm, pooling head, projection); towers frozen by `freeze` stay frozen."""
-    counts = [
-        model.config.vision_config.num_hidden_layers,
-        model.config.text_config.num_hidden_layers,
-    ]
+    counts = list(layer_counts(model).values())
     if layers > max(counts):
         raise UserError(
             f"model.unfreeze_last_layers={layers}, but the towers have {counts[0]} (vision) and "
@@ -134,6 +151,13 @@ def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
             f"model.lora.target_modules={targets!r} matched no layer of the backbone ({error}). "
             "Name attention projections such as q_proj and v_proj, or leave it null for the default."
         ) from None
+    adapted = {_tower_of(name) for name, _ in wrapped.named_parameters() if "lora_" in name}
+    for tower in sorted({"vision_model", "text_model"} - adapted):
+        log.warning(
+            "model.lora: the %s tower has no layer model.lora.target_modules names (a "
+            "convolutional tower has no attention projections): it stays frozen.",
+            tower.split("_")[0],
+        )
     for name in ("logit_scale", "logit_bias"):
         param = getattr(model, name, None)
         if isinstance(param, nn.Parameter):
@@ -155,11 +179,7 @@ def prepare_backbone(
     else:
         unfreeze_last(model, unfreeze_last_layers, freeze)
     if gradient_checkpointing:
-        options = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        checkpoint_activations(model)
     if lora is not None and lora.on:
         if unfreeze_last_layers is not None or freeze != "none":
             raise UserError(
@@ -169,6 +189,24 @@ def prepare_backbone(
             )
         model = add_lora(model, lora)
     return model
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """transformers' gradient checkpointing, non-reentrant, on the model or (a dual encoder of
+    two towers, which does not offer it itself) on each tower."""
+    options = {"use_reentrant": False}
+    parts = [model] if model.supports_gradient_checkpointing else []
+    parts = parts or [model.vision_model, model.text_model]
+    for part in parts:
+        if not part.supports_gradient_checkpointing:
+            raise UserError(
+                f"model.gradient_checkpointing=true, but transformers' {type(part).__name__} "
+                "does not support gradient checkpointing; set it to false (or pick another tower)."
+            )
+        if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+            part.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def plain_backbone(model: nn.Module) -> nn.Module:
