@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -28,14 +29,14 @@ from mmtrain.spec import RunSpec, upgrade
 log = logging.getLogger("mmtrain")
 
 
-def fit(spec: RunSpec, run_dir: Path) -> float:
+def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -> float:
     """Train as `spec` says, writing everything into `run_dir`; return the best monitored
     value. Under torchrun (or trainer.nproc_per_node) every rank runs this; only rank 0
-    writes."""
+    writes. `claim`: rank 0's first writes, once it holds the directory's lock."""
     started = time.perf_counter()
     trainer, run_dir = spec.trainer, Path(run_dir)
     device = resolve_device(trainer.device)
-    with distributed.process_group(device), locked(run_dir, device), ExitStack() as stack:
+    with distributed.process_group(device), locked(run_dir, device, claim), ExitStack() as stack:
         main = distributed.is_main()
         resume_from, saved = checkpoint_to_resume(trainer.resume, run_dir)
         state = TrainState()
