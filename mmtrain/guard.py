@@ -172,6 +172,38 @@ def checkpoint_to_resume(
     )
 
 
+# What a resume restores from its checkpoint rather than from the config: a change there
+# would be recorded in the run's config but never used.
+RESTORED = ("optimizer.", "scheduler.", "trainer.seed", "trainer.accumulate_grad_batches")
+
+
+def refuse_ignored_changes(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse a resume whose config changes what the checkpoint restores (the optimizer and
+    its learning rate, the schedule, the seed, the accumulation), naming each key."""
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if key.startswith(RESTORED) and old.get(key) != new.get(key)
+    )
+    if changed:
+        details = "; ".join(
+            f"{k}={old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in changed
+        )
+        raise UserError(
+            f"Cannot resume from {path} with {', '.join(changed)} changed ({details}): a resume "
+            "restores these from the checkpoint, so the change would be recorded but not used. "
+            "Resume with the run's own values, or start a new run (trainer.resume=null in "
+            "another directory) to use the new ones."
+        )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
 def peer_failure(error: RuntimeError) -> bool:
     """Whether a collective failed because another rank of the job is gone."""
     text = str(error).lower()

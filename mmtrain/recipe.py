@@ -20,7 +20,7 @@ from mmtrain import checkpoint as ckpt
 from mmtrain.data.source import load_class_names
 from mmtrain.devices import resolve_device, resolve_precision, seed_everything
 from mmtrain.errors import Interrupted, UserError
-from mmtrain.guard import checkpoint_to_resume, locked, peer_failure
+from mmtrain.guard import checkpoint_to_resume, locked, peer_failure, refuse_ignored_changes
 from mmtrain.loop import Outputs, Throughput, TrainState, train_loop
 from mmtrain.run import Run
 from mmtrain.runlog import MetricsLog, plot_curves, resume_command, write_json
@@ -42,6 +42,7 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
         state = TrainState()
         if saved is not None:
             ckpt.check_compatible(upgrade(saved["config"]), spec.config, resume_from)
+            refuse_ignored_changes(upgrade(saved["config"]), spec.config, resume_from)
             state = TrainState.from_checkpoint(saved, resume_from)
         # The same seed on every rank, so dropout noise stays in step across ranks.
         seed_everything(trainer.seed)
@@ -75,17 +76,29 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
             finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
             raise
         except RuntimeError as error:
-            if world == 1 or not peer_failure(error):
+            message = _lost_process(error, world, outputs)
+            if message is None:
                 raise
-            reason = str(error).strip().splitlines()[0][:200]
-            message = (
-                f"Another process of this job stopped unexpectedly ({reason}), so this one stops too. "
-                f"The last checkpoint ({ckpt.newest(outputs.checkpoints) or 'none yet'}) is whole; "
-                f"resume with: {resume_command(run_dir)}"
-            )
             finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
+
+
+def _lost_process(error: RuntimeError, world: int, out: Outputs) -> str | None:
+    """The message for a run that lost a process (another rank of the job, or a data loader
+    worker killed, e.g. by the out-of-memory killer); None for any other error."""
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
+    if "DataLoader worker" in reason:
+        who = "A data loader worker process of this run stopped unexpectedly"
+    elif world > 1 and peer_failure(error):
+        who = "Another process of this job stopped unexpectedly"
+    else:
+        return None
+    return (
+        f"{who} ({reason}), so the run stops. The last checkpoint "
+        f"({ckpt.newest(out.checkpoints) or 'none yet'}) is whole; resume with: "
+        f"{resume_command(out.run_dir)}"
+    )
 
 
 def finish(

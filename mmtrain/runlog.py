@@ -176,8 +176,16 @@ def plot_curves(events: list[dict[str, Any]], path: Path) -> None:
             axis.legend(fontsize=8)
     figure.tight_layout()
     # Redrawn after every validation: a viewer never opens a half-written file.
+    save_figure(figure, path, dpi=110)
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 100) -> None:
+    """Save and close a matplotlib `figure` as PNG through `write_file` (whole or not at all,
+    never through a link)."""
+    import matplotlib.pyplot as plt
+
     picture = io.BytesIO()
-    figure.savefig(picture, format="png", dpi=110)
+    figure.savefig(picture, format="png", dpi=dpi)
     plt.close(figure)
     write_file(path, picture.getvalue())
 
