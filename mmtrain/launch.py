@@ -250,7 +250,7 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
         # The workers got the signal too, finished their step and saved; the launcher
         # forwarded it and waited for them.
         name = signal.Signals(error.sigval).name
-        raise Interrupted(name, _interrupted_message(name, run_dir)) from None
+        raise Interrupted(name, interrupted_message(name, run_dir)) from None
     except ChildFailedError as error:
         failed = ", ".join(
             f"rank {rank} ({_how(failure)})" for rank, failure in sorted(error.failures.items())
@@ -269,7 +269,7 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
     return results[0]
 
 
-def _interrupted_message(name: str, run_dir: Path) -> str:
+def interrupted_message(name: str, run_dir: Path) -> str:
     """What a signal to the job left: the checkpoint its workers saved, or that none exists
     (the signal came while they were starting)."""
     summary, newest = _read_summary(run_dir), _newest(run_dir)

@@ -35,6 +35,7 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
     writes. `claim`: rank 0's first writes, once it holds the directory's lock."""
     started = time.perf_counter()
     trainer, run_dir = spec.trainer, Path(run_dir)
+    _worker_deaths_where_data_is_read()
     device = resolve_device(trainer.device)
     with distributed.process_group(device), locked(run_dir, device, claim), ExitStack() as stack:
         main = distributed.is_main()
@@ -82,6 +83,16 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
             finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
+
+
+def _worker_deaths_where_data_is_read() -> None:
+    """Keep torch from installing its SIGCHLD handler, which raises a loader worker's death
+    wherever the main process happens to be (in the middle of a checkpoint write, which then
+    reads as a disk error). The DataLoader still finds a dead worker within seconds where it
+    waits for its batch, and the run ends there with its own message (`_lost_process`)."""
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True
 
 
 def _lost_process(error: RuntimeError, world: int, out: Outputs) -> str | None:
