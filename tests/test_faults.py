@@ -707,3 +707,20 @@ def test_a_signal_during_ddp_start_up_says_no_checkpoint_exists(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     ckpt.save_atomic({"step": 3}, tmp_path / "checkpoints" / "last.pt")
     assert "is whole" in interrupted_message("SIGTERM", tmp_path)
+
+
+def test_a_run_tokenizer_naming_its_own_code_is_refused_without_a_prompt(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    config_file = run_dir / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(tokenizer_class="Crafted", auto_map={"AutoTokenizer": ["crafted.Crafted", None]})
+    config_file.write_text(json.dumps(config))
+    (run_dir / "tokenizer" / "crafted.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import PreTrainedTokenizerFast as Crafted\n"
+    )
+    result = run_cli("eval", f"run={run_dir}")
+    assert result.returncode == 2, result.stderr
+    assert "never runs" in result.stderr and "[y/N]" not in result.stdout + result.stderr
+    assert not marker.exists() and "Traceback" not in result.stderr

@@ -169,7 +169,7 @@ def _pretrained_config(backbone: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(backbone)
+        config = AutoConfig.from_pretrained(backbone, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
     _family(config.model_type, f"model.backbone={backbone!r}")
@@ -192,7 +192,9 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
     config = _pretrained_config(backbone)
     family = FAMILIES[config.model_type]
     try:
-        processor = _transformers(family.image_processor_class).from_pretrained(backbone)
+        processor = _transformers(family.image_processor_class).from_pretrained(
+            backbone, trust_remote_code=False
+        )
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
     crop = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
@@ -225,7 +227,7 @@ def load_tokenizer(backbone: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(backbone)
+        return AutoTokenizer.from_pretrained(backbone, trust_remote_code=False)
     except (OSError, ValueError, ImportError) as error:
         raise _load_error(backbone, error) from None
 
@@ -271,7 +273,7 @@ def build_backbone(
         family = FAMILIES[_pretrained_config(backbone).model_type]
         try:
             return _transformers(family.model_class).from_pretrained(
-                backbone, attn_implementation="sdpa"
+                backbone, attn_implementation="sdpa", trust_remote_code=False
             )
         except (OSError, ValueError) as error:
             raise _load_error(backbone, error) from None
