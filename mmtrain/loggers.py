@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from mmtrain import registry
 from mmtrain.errors import UserError
-from mmtrain.runlog import write_json
+from mmtrain.runlog import read_json, write_json
 
 log = logging.getLogger("mmtrain")
 # The module each built-in sink imports, which is also the name of the extra that installs it.
@@ -74,7 +74,12 @@ class RunInfo:
                 values = _swept_values(Path(group), list(hydra.overrides.task))
                 name = f"{hydra.job.num}: {values}" if values else str(hydra.job.num)
         ids_file = run_dir / IDS_FILE
-        ids = json.loads(ids_file.read_text()) if resumed and ids_file.is_file() else {}
+        ids = {}
+        if resumed and ids_file.is_file():
+            try:
+                ids = read_json(ids_file)
+            except UserError as error:
+                log.warning("%s The trackers start new runs instead of continuing theirs.", error)
         return cls(run_dir, config, resumed, name, group, list(metric_names), ids)
 
     def saved_id(self, sink: str) -> str | None:

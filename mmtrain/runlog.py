@@ -142,6 +142,18 @@ def _plain(value: Any) -> Any:
     return round(value, 6) if math.isfinite(value) else None
 
 
+def read_json(path: Path, kind: type = dict) -> Any:
+    """The JSON value in `path`, which must be a `kind`; a damaged file (cut short, not JSON,
+    another type) is a UserError that names it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} is damaged ({error}).") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path} is damaged (a JSON {kind.__name__} expected).")
+    return value
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half of it
     (and never through a link: see `mmtrain.runlock.write_file`)."""

@@ -724,3 +724,19 @@ def test_a_run_tokenizer_naming_its_own_code_is_refused_without_a_prompt(finishe
     assert result.returncode == 2, result.stderr
     assert "never runs" in result.stderr and "[y/N]" not in result.stdout + result.stderr
     assert not marker.exists() and "Traceback" not in result.stderr
+
+
+def test_damaged_labels_and_tracker_ids_are_messages(tmp_path, caplog):
+    from mmtrain.data.source import load_class_names
+    from mmtrain.loggers import IDS_FILE, RunInfo
+
+    (tmp_path / "labels.json").write_text('["circle", "squ')
+    with pytest.raises(UserError, match="labels.json is damaged"):
+        load_class_names(tmp_path)
+    (tmp_path / "labels.json").write_text('{"0": "circle"}')
+    with pytest.raises(UserError, match="a JSON list expected"):
+        load_class_names(tmp_path)
+    (tmp_path / IDS_FILE).write_text("\x00\x01")
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        info = RunInfo.of(tmp_path, {}, True, [])
+    assert info.ids == {} and "trackers start new runs" in caplog.text
