@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmtrain.errors import Interrupted, UserError
 from mmtrain.runlock import LOCK_HELD_ENV, RunLock
-from mmtrain.runlog import RunLogFile, resume_command, start_run_log, write_file
+from mmtrain.runlog import RunLogFile, resume_command, start_run_log, write_file, write_json
 
 if TYPE_CHECKING:  # the spec imports every component: not needed to start workers
     from mmtrain.spec import RunSpec
@@ -194,7 +194,12 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
     except UserError as error:  # reported by the parent, without the launcher's traceback
         return {"error": str(error)}
     except Interrupted as error:
-        return {"interrupted": error.signal_name, "error": str(error)}
+        # The signal reached the launcher too, which then reads no result: it waits for
+        # this process to end (up to 30 s, torch elastic's shutdown timeout), and a returned
+        # worker would sit in torch's queue until then. The checkpoint and summary are
+        # written: end now, as the signal asked.
+        logging.shutdown()
+        os._exit(128 + signal.Signals[error.signal_name].value)
     finally:
         # This worker's part is done (its checkpoint and summary are written): a signal now,
         # such as the launcher's SIGTERM when another worker died, ends it quietly instead
@@ -244,6 +249,7 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # The caller (`start`) holds the run directory's lock for the workers.
+    started = time.time()
     try:
         results = elastic_launch(config, _worker)(spec.config, str(run_dir))
     except SignalException as error:
@@ -252,13 +258,20 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
         name = signal.Signals(error.sigval).name
         raise Interrupted(name, interrupted_message(name, run_dir)) from None
     except ChildFailedError as error:
+        codes = {failure.exitcode for failure in error.failures.values()}
+        stopped = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        if codes <= stopped:  # the workers stopped on a signal, saved and left (see _worker)
+            name = signal.Signals(max(codes) - 128).name
+            raise Interrupted(name, interrupted_message(name, run_dir)) from None
         failed = ", ".join(
             f"rank {rank} ({_how(failure)})" for rank, failure in sorted(error.failures.items())
         )
-        raise UserError(
+        message = (
             f"A training process of this job stopped unexpectedly: {failed}. The last checkpoint "
             f"({_newest(run_dir) or 'none yet'}) is whole; resume with: {resume_command(run_dir)}"
-        ) from None
+        )
+        summarise_failure(run_dir, message, since=started)
+        raise UserError(message) from None
     for result in sorted(
         results.values(), key=lambda r: "interrupted" not in r if isinstance(r, dict) else True
     ):
@@ -284,6 +297,26 @@ def interrupted_message(name: str, run_dir: Path) -> str:
             f"whole. Resume with: {resume_command(run_dir)}"
         )
     return f"Interrupted by {name} while the workers were starting; no checkpoint was written, nothing to resume."
+
+
+def summarise_failure(run_dir: Path, message: str, since: float) -> None:
+    """Write summary.json for a job whose rank 0 died before writing one (killed, say):
+    status failed, the message, the newest checkpoint."""
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= since:
+        return  # rank 0 wrote it
+    newest = _newest(run_dir)
+    try:
+        write_json(
+            summary,
+            {
+                "status": "failed",
+                "error": message,
+                "last_checkpoint": str(newest) if newest else None,
+            },
+        )
+    except (OSError, UserError) as problem:
+        log.warning("could not write %s: %s", summary, problem)
 
 
 def _how(failure: Any) -> str:

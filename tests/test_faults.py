@@ -227,6 +227,8 @@ def test_a_signal_to_a_ddp_job_saves_once_and_resumes(tmp_path, launcher):
     _wait_for(_log_has(run_dir, "step 2/"))
     os.killpg(process.pid, signal.SIGTERM)  # the launcher, both ranks and their loader workers
     _, stderr = process.communicate(timeout=240)
+    # Ended within seconds of its save, not after torch elastic's 30 s shutdown timeout.
+    assert time.time() - (run_dir / "summary.json").stat().st_mtime < 25, stderr
     # torchrun's own agent reports a signal with its traceback and exit code 1; mmtrain's
     # launcher says it in one line and exits 143.
     if launcher == "nproc_per_node":
@@ -697,6 +699,20 @@ def test_a_partial_last_line_of_metrics_is_dropped_with_a_warning(tmp_path, capl
     metrics.truncate_after(1)  # what a resume does: the file is whole again
     metrics.log(2, 0, {"train/loss": 1.5})
     assert [e["step"] for e in read_jsonl(path)] == [1, 2]
+
+
+def test_a_job_whose_rank_0_died_still_gets_a_summary(tmp_path):
+    from mmtrain.launch import summarise_failure
+
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.save_atomic({"step": 4}, tmp_path / "checkpoints" / "step_4.pt")
+    summarise_failure(tmp_path, "rank 0 (killed by SIGKILL)", since=time.time() - 60)
+    summary = _summary(tmp_path)
+    assert summary["status"] == "failed" and summary["error"] == "rank 0 (killed by SIGKILL)"
+    assert summary["last_checkpoint"].endswith("step_4.pt")
+    (tmp_path / "summary.json").write_text('{"status": "interrupted"}')  # rank 0's own, newer
+    summarise_failure(tmp_path, "another", since=time.time() - 60)
+    assert _summary(tmp_path) == {"status": "interrupted"}
 
 
 def test_a_signal_during_ddp_start_up_says_no_checkpoint_exists(tmp_path):
