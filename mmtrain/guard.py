@@ -35,6 +35,7 @@ class StopSignal:
     """
 
     REPEAT_S = 5.0
+    stopped_at: float | None = None  # when a signal first stopped this process's training
 
     def __init__(self):
         self.received: str | None = None
@@ -55,6 +56,7 @@ class StopSignal:
                 "Stopped at once by a second signal, without saving; the last checkpoint is whole.",
             )
         self.received, self.at = signal.Signals(signum).name, time.monotonic()
+        StopSignal.stopped_at = self.at
         log.warning("%s received: finishing this step, then saving a checkpoint", self.received)
 
     def everywhere(self, device: torch.device) -> bool:

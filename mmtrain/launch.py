@@ -209,6 +209,13 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    from mmtrain.guard import StopSignal
+
+    if StopSignal.stopped_at is not None:  # the run stopped on a signal and is ending
+        if time.monotonic() - StopSignal.stopped_at < StopSignal.REPEAT_S:
+            return  # the same signal again (see StopSignal)
+        logging.shutdown()  # a second one: end now, quietly (the last checkpoint is whole)
+        os._exit(128 + signum)
     name = signal.Signals(signum).name
     raise Interrupted(name, f"Interrupted by {name} before training started; nothing is lost.")
 
