@@ -179,21 +179,33 @@ def checkpoint_to_resume(
 RESTORED = ("optimizer.", "scheduler.", "trainer.seed", "trainer.accumulate_grad_batches")
 
 
-def refuse_ignored_changes(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse a resume whose config changes what the checkpoint restores (the optimizer and
-    its learning rate, the schedule, the seed, the accumulation), naming each key."""
+def refuse_ignored_changes(
+    saved: dict[str, Any], current: dict[str, Any], path: Path, explicit: list[str]
+) -> None:
+    """Refuse a resume whose command line changes what the checkpoint restores (the
+    optimizer and its learning rate, the schedule, the seed, the accumulation), naming each
+    key. `explicit`: the keys (or groups) the user set; a default that changed since the
+    checkpoint was written only gets a line saying that the checkpoint's value is in force."""
     old, new = _flat(saved), _flat(current)
     changed = sorted(
         key
         for key in old.keys() | new.keys()
         if key.startswith(RESTORED) and old.get(key) != new.get(key)
     )
-    if changed:
+    asked = [k for k in changed if any(k == e or k.startswith(f"{e}.") for e in explicit)]
+    for key in sorted(set(changed) - set(asked)):
+        log.info(
+            "resuming with the checkpoint's %s=%r (the default is now %r)",
+            key,
+            old.get(key),
+            new.get(key),
+        )
+    if asked:
         details = "; ".join(
-            f"{k}={old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in changed
+            f"{k}={old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in asked
         )
         raise UserError(
-            f"Cannot resume from {path} with {', '.join(changed)} changed ({details}): a resume "
+            f"Cannot resume from {path} with {', '.join(asked)} changed ({details}): a resume "
             "restores these from the checkpoint, so the change would be recorded but not used. "
             "Resume with the run's own values, or start a new run (trainer.resume=null in "
             "another directory) to use the new ones."

@@ -95,7 +95,13 @@ def start(spec: RunSpec, cfg: Any, run_dir: Path) -> float:
     """Train `spec` (composed as `cfg`) into `run_dir`, from the Hydra app: take the
     directory's lock, then claim it (see `claim`), then train in this process or in
     trainer.nproc_per_node workers. Under torchrun, rank 0 does the same inside `fit`."""
-    from mmtrain.recipe import fit
+    from hydra.core.hydra_config import HydraConfig
+
+    from mmtrain.recipe import EXPLICIT_KEYS_ENV, fit
+
+    overrides = HydraConfig.get().overrides.task
+    keys = [str(o).split("=", 1)[0].lstrip("+~") for o in overrides if "=" in str(o)]
+    os.environ[EXPLICIT_KEYS_ENV] = ",".join(keys)
 
     def claimed() -> None:
         claim(spec, cfg, run_dir)

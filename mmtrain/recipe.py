@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -43,7 +44,9 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
         state = TrainState()
         if saved is not None:
             ckpt.check_compatible(upgrade(saved["config"]), spec.config, resume_from)
-            refuse_ignored_changes(upgrade(saved["config"]), spec.config, resume_from)
+            refuse_ignored_changes(
+                upgrade(saved["config"]), spec.config, resume_from, explicit_keys()
+            )
             state = TrainState.from_checkpoint(saved, resume_from)
         # The same seed on every rank, so dropout noise stays in step across ranks.
         seed_everything(trainer.seed)
@@ -83,6 +86,15 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
             finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
+
+
+# The keys the command line set (see mmtrain.launch.start), for every process of the run.
+EXPLICIT_KEYS_ENV = "MMTRAIN_EXPLICIT_KEYS"
+
+
+def explicit_keys() -> list[str]:
+    """The config keys and groups the user's overrides set (optimizer.lr, optimizer)."""
+    return [key for key in os.environ.get(EXPLICIT_KEYS_ENV, "").split(",") if key]
 
 
 def _worker_deaths_where_data_is_read() -> None:
