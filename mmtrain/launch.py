@@ -152,10 +152,11 @@ def _write_hydra_files(cfg: Any, run_dir: Path) -> None:
 
 
 def remove_if_unused(run_dir: Path) -> None:
-    """Remove `run_dir` and the folders above it that this command created and left empty
-    (a config refused before the run started leaves no outputs/DATE/TIME behind)."""
+    """Remove `run_dir`, and the folders above it inside the working directory, when this
+    command created them and left them empty (a config refused before the run started
+    leaves no outputs/DATE/TIME behind)."""
     folder, cwd = Path(run_dir).absolute(), Path.cwd()
-    while folder != cwd and folder.is_relative_to(cwd):
+    while folder != cwd and (folder == Path(run_dir).absolute() or folder.is_relative_to(cwd)):
         try:
             if folder.stat().st_mtime < _started - 1 or any(folder.iterdir()):
                 return
