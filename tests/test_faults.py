@@ -593,15 +593,17 @@ def test_a_rejected_config_leaves_nothing_behind(tmp_path):
 
 
 def _forked_children(pid: int) -> list[int]:
+    """The loader workers of process `pid` (its children, less multiprocessing's tracker)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == pid and b"resource_tracker" not in (entry / "cmdline").read_bytes():
                     found.append(int(entry.name))
             except (OSError, IndexError):
                 pass
-    return found
+    return sorted(found)
 
 
 @pytest.mark.slow
