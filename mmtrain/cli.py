@@ -62,7 +62,7 @@ def _train_task(cfg: Any) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from mmtrain.launch import remove_if_unused, start
+    from mmtrain.launch import record_refused_job, remove_if_unused, start
     from mmtrain.spec import parse
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -75,6 +75,7 @@ def _train_task(cfg: Any) -> float:
         if HydraConfig.get().mode == RunMode.RUN:  # raised by _dispatch, without Hydra's line
             _failed.append(error)
             return math.nan
+        record_refused_job(cfg, run_dir, error)  # a sweep's job: `mmtrain report` lists it
         raise
     finally:
         remove_if_unused(run_dir)  # what Hydra created for a run that never started

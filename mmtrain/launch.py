@@ -151,6 +151,21 @@ def _write_hydra_files(cfg: Any, run_dir: Path) -> None:
         write_file(folder / name, OmegaConf.to_yaml(content))
 
 
+def record_refused_job(cfg: Any, run_dir: Path, error: BaseException) -> None:
+    """A sweep job refused before it started (its config, say) still gets its .hydra folder
+    and a failed summary.json, so that `mmtrain report` lists it with its overrides: only in
+    a job folder this command just made, which holds nothing else."""
+    run_dir = Path(run_dir)
+    try:
+        if any(run_dir.iterdir()) or run_dir.stat().st_mtime < _started - 1:
+            return
+        with RunLock(run_dir):
+            _write_hydra_files(cfg, run_dir)
+            write_json(run_dir / "summary.json", {"status": "failed", "error": str(error)})
+    except (OSError, UserError):
+        pass  # the error itself is what the sweep reports
+
+
 def remove_if_unused(run_dir: Path) -> None:
     """Remove `run_dir`, and the folders above it inside the working directory, when this
     command created them and left them empty (a config refused before the run started
