@@ -502,7 +502,9 @@ def test_optuna_is_refused_before_training_when_it_optimises_the_wrong_way(tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "hydra.sweeper.direction=minimize, but each run returns" in result.stderr
     assert "hydra.sweeper.direction=maximize" in result.stderr
-    assert not list(sweep.glob("*/summary.json"))  # no trial trained
+    assert not list(sweep.glob("*/checkpoints/*"))  # no trial trained
+    for summary in sweep.glob("*/summary.json"):  # each refused trial is listed as failed
+        assert json.loads(summary.read_text())["status"] == "failed"
 
 
 # --- 6. A run directory is the run's own: links, refusals, leftovers -------------------------
@@ -573,10 +575,13 @@ def test_the_lock_survives_its_file_and_is_not_held_by_forked_children(tmp_path)
         with pytest.raises(UserError, match="in use by another run"):
             RunLock(tmp_path).__enter__()
     lock = RunLock(tmp_path).__enter__()
+    started, ready = os.pipe()
     child = os.fork()
     if child == 0:  # a loader worker, say: it must not keep the directory locked
+        os.write(ready, b"x")
         time.sleep(3)
         os._exit(0)
+    assert os.read(started, 1) == b"x"  # the child runs (its fork handlers have run)
     lock.__exit__()
     try:
         with RunLock(tmp_path):  # free at once, while the child lives on
@@ -584,6 +589,8 @@ def test_the_lock_survives_its_file_and_is_not_held_by_forked_children(tmp_path)
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
 
 
 def test_a_rejected_config_leaves_nothing_behind(tmp_path):
