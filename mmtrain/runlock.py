@@ -97,17 +97,22 @@ def _read_holder(path: Path) -> str:
         os.close(fd)
 
 
+# The folders of a run directory whose files mmtrain itself writes; a tracker's own folder
+# (wandb/, tensorboard/) is the tracker's business (W&B links its logs out of the run).
+OWN_FOLDERS = (".", ".hydra", "checkpoints", "tokenizer")
+
+
 def refuse_links(run_dir: Path) -> None:
-    """Refuse a run directory holding a symbolic link that leads out of it: mmtrain would
-    write through it to wherever it points. (Links that stay inside, such as a tracker's
-    `latest-run`, are harmless.)"""
+    """Refuse a run directory holding a symbolic link, where mmtrain writes, that leads out
+    of it: mmtrain would write through it to wherever it points."""
     root = Path(run_dir)
     if not root.is_dir():
         return
     inside = root.resolve()
-    for folder, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
-            path = Path(folder) / name
+    for folder in OWN_FOLDERS:
+        if not (root / folder).is_dir() or (root / folder).is_symlink():
+            continue
+        for path in (root / folder).iterdir():
             if path.is_symlink() and not path.resolve().is_relative_to(inside):
                 raise UserError(
                     f"{path} is a symbolic link (to {os.readlink(path)}); mmtrain does not write "
