@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import signal
 import sys
@@ -63,23 +64,25 @@ def config_source() -> tuple[str, Traversable]:
 
 def _train_task(cfg: Any) -> float:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from mmtrain.launch import record_refused_job, remove_if_unused, start
     from mmtrain.spec import parse
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         spec = parse(cfg)
         _check_sweep_direction(spec.mode, cfg, HydraConfig.get().sweeper)
-        from mmtrain.launch import launch, launched
-
-        if spec.trainer.nproc_per_node > 1 and not launched():
-            return launch(spec, run_dir)
-        from mmtrain.recipe import fit
-
-        return fit(spec, run_dir)
+        return start(spec, cfg, run_dir)
     except (UserError, Interrupted) as error:
         _log_to_files(f"error: {error}")  # main() prints it to the console
+        if HydraConfig.get().mode == RunMode.RUN:  # raised by _dispatch, without Hydra's line
+            _failed.append(error)
+            return math.nan
+        record_refused_job(cfg, run_dir, error)  # a sweep's job: `mmtrain report` lists it
         raise
+    finally:
+        remove_if_unused(run_dir)  # what Hydra created for a run that never started
 
 
 # Optuna (and other optimising sweepers) minimise by default; a run returns its best
@@ -127,13 +130,18 @@ def _validate_task(cfg: Any) -> None:
 
 
 _results: dict[str, int] = {}
+_failed: list[BaseException] = []  # the error that ended a single run
 
 
 def _log_to_files(message: str) -> None:
     """Write `message` into the run's train.log only (the console gets it from main)."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    from mmtrain.runlog import RunLogFile
+
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler | RunLogFile) and not getattr(
+            handler, "pending", None
+        ):
             handler.handle(record)
 
 
@@ -221,16 +229,21 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
         if command == "train":
             from omegaconf import OmegaConf
 
-            from mmtrain.launch import shared_run_dir
+            from mmtrain.launch import defer_run_files, shared_run_dir
 
             OmegaConf.register_new_resolver(
                 "mmtrain_direction", lambda *, _root_: _direction(_root_), replace=True
             )
+            args, deferred = defer_run_files(args)
             extra = [
+                *deferred,
                 *shared_run_dir(args),
                 *([DIRECTION_OVERRIDE] if _sweeps_with_optuna(args) else []),
             ]
+            _failed.clear()
             _run_hydra(_train_task, _with_overrides(args, extra))
+            if _failed:
+                raise _failed[0]
         elif command == "validate":
             _results.clear()
             _run_hydra(_validate_task, _with_overrides(args, VALIDATE_HYDRA))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class StopSignal:
     """
 
     REPEAT_S = 5.0
+    stopped_at: float | None = None  # when a signal first stopped this process's training
 
     def __init__(self):
         self.received: str | None = None
@@ -54,6 +56,7 @@ class StopSignal:
                 "Stopped at once by a second signal, without saving; the last checkpoint is whole.",
             )
         self.received, self.at = signal.Signals(signum).name, time.monotonic()
+        StopSignal.stopped_at = self.at
         log.warning("%s received: finishing this step, then saving a checkpoint", self.received)
 
     def everywhere(self, device: torch.device) -> bool:
@@ -68,21 +71,34 @@ class StopSignal:
 
 
 @contextmanager
-def locked(run_dir: Path, device: torch.device) -> Iterator[None]:
+def locked(
+    run_dir: Path, device: torch.device, claim: Callable[[], None] | None = None
+) -> Iterator[None]:
     """Hold the run directory's lock (rank 0) for the run; a second run into the directory is
-    refused on every rank. Then clear what a killed run left in checkpoints/."""
+    refused on every rank. `claim` runs on rank 0 once the lock is held (the first writes
+    into the directory: see `mmtrain.launch`). Then clear what a killed run left in
+    checkpoints/."""
     main = distributed.is_main()
     lock, refused = RunLock(run_dir), None
-    # A launching process (trainer.nproc_per_node) holds the lock for its workers.
+    # The process that started this one (the Hydra app, or the launcher of
+    # trainer.nproc_per_node) holds the lock and has claimed the directory.
     take = main and os.environ.get(LOCK_HELD_ENV) != str(run_dir)
-    if main:
-        _writable(run_dir / "checkpoints")
     if take:
         try:
             lock.__enter__()
+            if claim is not None:
+                claim()
+        except UserError as error:
+            lock.__exit__()
+            refused = error
+    if main and refused is None:
+        try:
+            _writable(run_dir / "checkpoints")
         except UserError as error:
             refused = error
     if distributed.any_rank(refused is not None, device):
+        if take:
+            lock.__exit__()
         raise refused or UserError(f"Rank 0 could not take the lock of {run_dir}; see its message.")
     try:
         if main:
@@ -91,6 +107,40 @@ def locked(run_dir: Path, device: torch.device) -> Iterator[None]:
     finally:
         if take:
             lock.__exit__()
+
+
+# A run directory holds a run when it has any of these.
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints", ".hydra", "train.log")
+
+
+def claim(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Make `run_dir` this run's (its lock held): a fresh run into a directory that holds
+    another run is refused, unless the user resumes that run or asks to overwrite it, which
+    clears its files first. Two runs' metrics and checkpoints never mix."""
+    run_dir = Path(run_dir)
+    found = [name for name in RUN_MARKERS if _has(run_dir / name)]
+    if not found or resume == "auto":
+        return
+    if resume and Path(resume).resolve().is_relative_to(run_dir.resolve()):
+        return  # resuming a checkpoint of this very run
+    if not overwrite:
+        raise UserError(
+            f"The run directory {run_dir} already holds a run ({', '.join(found)}). Resume it "
+            f"with trainer.resume=auto, clear it with trainer.overwrite=true, or train into "
+            "another directory (hydra.run.dir=DIR)."
+        )
+    log.warning("trainer.overwrite=true: clearing the run in %s first", run_dir)
+    for entry in run_dir.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _has(path: Path) -> bool:
+    return any(path.iterdir()) if path.is_dir() else path.exists()
 
 
 def checkpoint_to_resume(
@@ -122,6 +172,50 @@ def checkpoint_to_resume(
         f"trainer.resume=auto: no checkpoint in {folder} could be read ({', '.join(p.name for p in candidates)}; "
         "see the lines above). Move them away to start this run afresh, or give one with trainer.resume=PATH."
     )
+
+
+# What a resume restores from its checkpoint rather than from the config: a change there
+# would be recorded in the run's config but never used.
+RESTORED = ("optimizer.", "scheduler.", "trainer.seed", "trainer.accumulate_grad_batches")
+
+
+def refuse_ignored_changes(
+    saved: dict[str, Any], current: dict[str, Any], path: Path, explicit: list[str]
+) -> None:
+    """Refuse a resume whose command line changes what the checkpoint restores (the
+    optimizer and its learning rate, the schedule, the seed, the accumulation), naming each
+    key. `explicit`: the keys (or groups) the user set; a default that changed since the
+    checkpoint was written only gets a line saying that the checkpoint's value is in force."""
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if key.startswith(RESTORED) and old.get(key) != new.get(key)
+    )
+    asked = [k for k in changed if any(k == e or k.startswith(f"{e}.") for e in explicit)]
+    for key in sorted(set(changed) - set(asked)):
+        log.info(
+            "resuming with the checkpoint's %s=%r (the default is now %r)",
+            key,
+            old.get(key),
+            new.get(key),
+        )
+    if asked:
+        details = "; ".join(
+            f"{k}={old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in asked
+        )
+        raise UserError(
+            f"Cannot resume from {path} with {', '.join(asked)} changed ({details}): a resume "
+            "restores these from the checkpoint, so the change would be recorded but not used. "
+            "Resume with the run's own values, or start a new run (trainer.resume=null in "
+            "another directory) to use the new ones."
+        )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
 def peer_failure(error: RuntimeError) -> bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmtrain.errors import Interrupted, UserError
 from mmtrain.runlock import LOCK_HELD_ENV, RunLock
-from mmtrain.runlog import resume_command
+from mmtrain.runlog import RunLogFile, resume_command, start_run_log, write_file, write_json
 
 if TYPE_CHECKING:  # the spec imports every component: not needed to start workers
     from mmtrain.spec import RunSpec
@@ -70,8 +70,115 @@ def shared_run_dir(args: list[str]) -> list[str]:
                 raise UserError("The other ranks did not read the run directory's name in 120 s.")
             time.sleep(0.01)
     if rank != 0:
-        overrides += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+        overrides += ["hydra/job_logging=disabled"]
     return overrides
+
+
+# The .hydra folder's name the user asked for (hydra.output_subdir), for `_write_hydra_files`.
+OUTPUT_SUBDIR_ENV = "MMTRAIN_OUTPUT_SUBDIR"
+_started = time.time()
+
+
+def defer_run_files(args: list[str]) -> tuple[list[str], list[str]]:
+    """`args` without hydra.output_subdir, and the overrides that turn Hydra's own writes into the run directory turned off: its .hydra folder
+    would overwrite a run that then turns out to hold the directory's lock. mmtrain writes
+    the folder itself once the lock is held (`claim`)."""
+    global _started
+    _started = time.time()
+    kept = [a for a in args if not a.startswith("hydra.output_subdir=")]
+    asked = [a.split("=", 1)[1] for a in args if a.startswith("hydra.output_subdir=")]
+    os.environ[OUTPUT_SUBDIR_ENV] = asked[-1] if asked else ".hydra"
+    return kept, ["hydra.output_subdir=null"]
+
+
+def start(spec: RunSpec, cfg: Any, run_dir: Path) -> float:
+    """Train `spec` (composed as `cfg`) into `run_dir`, from the Hydra app: take the
+    directory's lock, then claim it (see `claim`), then train in this process or in
+    trainer.nproc_per_node workers. Under torchrun, rank 0 does the same inside `fit`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mmtrain.recipe import EXPLICIT_KEYS_ENV, fit
+
+    overrides = HydraConfig.get().overrides.task
+    keys = [str(o).split("=", 1)[0].lstrip("+~") for o in overrides if "=" in str(o)]
+    os.environ[EXPLICIT_KEYS_ENV] = ",".join(keys)
+
+    def claimed() -> None:
+        claim(spec, cfg, run_dir)
+
+    if launched():
+        return fit(spec, run_dir, claimed)
+    with RunLock(run_dir):
+        claimed()
+        os.environ[LOCK_HELD_ENV] = str(run_dir)
+        try:
+            if spec.trainer.nproc_per_node > 1:
+                return launch(spec, run_dir)
+            return fit(spec, run_dir)
+        finally:
+            os.environ.pop(LOCK_HELD_ENV, None)
+
+
+def claim(spec: RunSpec, cfg: Any, run_dir: Path) -> None:
+    """The first writes into `run_dir`, its lock held: refuse (or clear, with
+    trainer.overwrite) another run's files, then the .hydra folder and train.log."""
+    from mmtrain.guard import claim as claim_directory
+
+    claim_directory(run_dir, spec.trainer.resume, spec.trainer.overwrite)
+    _write_hydra_files(cfg, run_dir)
+    start_run_log()
+
+
+def _write_hydra_files(cfg: Any, run_dir: Path) -> None:
+    """config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them, into the folder
+    hydra.output_subdir names (none when it is null)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    subdir = os.environ.get(OUTPUT_SUBDIR_ENV, ".hydra")
+    if subdir in ("null", "None", "~", ""):
+        return
+    hydra_cfg = OmegaConf.create(OmegaConf.to_container(HydraConfig.instance().cfg))
+    with open_dict(hydra_cfg):
+        hydra_cfg.hydra.output_subdir = subdir
+    folder = Path(run_dir) / subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_cfg),
+        ("overrides.yaml", hydra_cfg.hydra.overrides.task),
+    ):
+        write_file(folder / name, OmegaConf.to_yaml(content))
+
+
+def record_refused_job(cfg: Any, run_dir: Path, error: BaseException) -> None:
+    """A sweep job refused before it started (its config, say) still gets its .hydra folder
+    and a failed summary.json, so that `mmtrain report` lists it with its overrides: only in
+    a job folder this command just made, which holds nothing else."""
+    run_dir = Path(run_dir)
+    try:
+        if any(run_dir.iterdir()) or run_dir.stat().st_mtime < _started - 1:
+            return
+        with RunLock(run_dir):
+            _write_hydra_files(cfg, run_dir)
+            write_json(run_dir / "summary.json", {"status": "failed", "error": str(error)})
+    except (OSError, UserError):
+        pass  # the error itself is what the sweep reports
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove `run_dir`, and the folders above it inside the working directory, when this
+    command created them and left them empty (a config refused before the run started
+    leaves no outputs/DATE/TIME behind)."""
+    folder, cwd = Path(run_dir).absolute(), Path.cwd()
+    while folder != cwd and (folder == Path(run_dir).absolute() or folder.is_relative_to(cwd)):
+        try:
+            if folder.stat().st_mtime < _started - 1 or any(folder.iterdir()):
+                return
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def free_port() -> int:
@@ -93,7 +200,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if int(os.environ.get("RANK", 0)) == 0:
-        handler = logging.FileHandler(Path(run_dir) / "train.log")
+        handler = RunLogFile(str(Path(run_dir) / "train.log"), start=True)
         handler.setFormatter(
             logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
         )
@@ -109,7 +216,12 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
     except UserError as error:  # reported by the parent, without the launcher's traceback
         return {"error": str(error)}
     except Interrupted as error:
-        return {"interrupted": error.signal_name, "error": str(error)}
+        # The signal reached the launcher too, which then reads no result: it waits for
+        # this process to end (up to 30 s, torch elastic's shutdown timeout), and a returned
+        # worker would sit in torch's queue until then. The checkpoint and summary are
+        # written: end now, as the signal asked.
+        logging.shutdown()
+        os._exit(128 + signal.Signals[error.signal_name].value)
     finally:
         # This worker's part is done (its checkpoint and summary are written): a signal now,
         # such as the launcher's SIGTERM when another worker died, ends it quietly instead
@@ -119,6 +231,13 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    from mmtrain.guard import StopSignal
+
+    if StopSignal.stopped_at is not None:  # the run stopped on a signal and is ending
+        if time.monotonic() - StopSignal.stopped_at < StopSignal.REPEAT_S:
+            return  # the same signal again (see StopSignal)
+        logging.shutdown()  # a second one: end now, quietly (the last checkpoint is whole)
+        os._exit(128 + signum)
     name = signal.Signals(signum).name
     raise Interrupted(name, f"Interrupted by {name} before training started; nothing is lost.")
 
@@ -158,32 +277,30 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
     # The launcher logs a worker's end with its own traceback; mmtrain says it in one line.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    # This process holds the run directory's lock for its workers (see mmtrain.loop).
-    with RunLock(run_dir):
-        os.environ[LOCK_HELD_ENV] = str(run_dir)
-        try:
-            results = elastic_launch(config, _worker)(spec.config, str(run_dir))
-        except SignalException as error:
-            # The workers got the signal too, finished their step and saved; the launcher
-            # forwarded it and waited for them.
-            name = signal.Signals(error.sigval).name
-            summary = _read_summary(run_dir)
-            raise Interrupted(
-                name,
-                f"Interrupted by {name} at step {summary.get('steps', '?')}; the checkpoint "
-                f"{run_dir / 'checkpoints' / 'last.pt'} is saved. Resume with: "
-                f"{resume_command(run_dir)}",
-            ) from None
-        except ChildFailedError as error:
-            failed = ", ".join(
-                f"rank {rank} ({_how(failure)})" for rank, failure in sorted(error.failures.items())
-            )
-            raise UserError(
-                f"A training process of this job stopped unexpectedly: {failed}. The last checkpoint "
-                f"({_newest(run_dir) or 'none yet'}) is whole; resume with: {resume_command(run_dir)}"
-            ) from None
-        finally:
-            os.environ.pop(LOCK_HELD_ENV, None)
+    # The caller (`start`) holds the run directory's lock for the workers.
+    started = time.time()
+    try:
+        results = elastic_launch(config, _worker)(spec.config, str(run_dir))
+    except SignalException as error:
+        # The workers got the signal too, finished their step and saved; the launcher
+        # forwarded it and waited for them.
+        name = signal.Signals(error.sigval).name
+        raise Interrupted(name, interrupted_message(name, run_dir)) from None
+    except ChildFailedError as error:
+        codes = {failure.exitcode for failure in error.failures.values()}
+        stopped = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        if codes <= stopped:  # the workers stopped on a signal, saved and left (see _worker)
+            name = signal.Signals(max(codes) - 128).name
+            raise Interrupted(name, interrupted_message(name, run_dir)) from None
+        failed = ", ".join(
+            f"rank {rank} ({_how(failure)})" for rank, failure in sorted(error.failures.items())
+        )
+        message = (
+            f"A training process of this job stopped unexpectedly: {failed}. The last checkpoint "
+            f"({_newest(run_dir) or 'none yet'}) is whole; resume with: {resume_command(run_dir)}"
+        )
+        summarise_failure(run_dir, message, since=started)
+        raise UserError(message) from None
     for result in sorted(
         results.values(), key=lambda r: "interrupted" not in r if isinstance(r, dict) else True
     ):
@@ -192,6 +309,43 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
         if isinstance(result, dict) and "error" in result:
             raise UserError(result["error"])
     return results[0]
+
+
+def interrupted_message(name: str, run_dir: Path) -> str:
+    """What a signal to the job left: the checkpoint its workers saved, or that none exists
+    (the signal came while they were starting)."""
+    summary, newest = _read_summary(run_dir), _newest(run_dir)
+    if summary.get("status") == "interrupted" and newest is not None:
+        return (
+            f"Interrupted by {name} at step {summary.get('steps', '?')}; the checkpoint {newest} "
+            f"is saved. Resume with: {resume_command(run_dir)}"
+        )
+    if newest is not None:
+        return (
+            f"Interrupted by {name} before its workers saved; the last checkpoint ({newest}) is "
+            f"whole. Resume with: {resume_command(run_dir)}"
+        )
+    return f"Interrupted by {name} while the workers were starting; no checkpoint was written, nothing to resume."
+
+
+def summarise_failure(run_dir: Path, message: str, since: float) -> None:
+    """Write summary.json for a job whose rank 0 died before writing one (killed, say):
+    status failed, the message, the newest checkpoint."""
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= since:
+        return  # rank 0 wrote it
+    newest = _newest(run_dir)
+    try:
+        write_json(
+            summary,
+            {
+                "status": "failed",
+                "error": message,
+                "last_checkpoint": str(newest) if newest else None,
+            },
+        )
+    except (OSError, UserError) as problem:
+        log.warning("could not write %s: %s", summary, problem)
 
 
 def _how(failure: Any) -> str:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mmtrain import checkpoint as ckpt
 from mmtrain.data.source import load_class_names
 from mmtrain.devices import resolve_device, resolve_precision, seed_everything
 from mmtrain.errors import Interrupted, UserError
-from mmtrain.guard import checkpoint_to_resume, locked, peer_failure
+from mmtrain.guard import checkpoint_to_resume, locked, peer_failure, refuse_ignored_changes
 from mmtrain.loop import Outputs, Throughput, TrainState, train_loop
 from mmtrain.run import Run
 from mmtrain.runlog import MetricsLog, plot_curves, resume_command, write_json
@@ -31,19 +32,23 @@ from mmtrain.spec import RunSpec, upgrade
 log = logging.getLogger("mmtrain")
 
 
-def fit(spec: RunSpec, run_dir: Path) -> float:
+def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -> float:
     """Train as `spec` says, writing everything into `run_dir`; return the best monitored
     value. Under torchrun (or trainer.nproc_per_node) every rank runs this; only rank 0
-    writes."""
+    writes. `claim`: rank 0's first writes, once it holds the directory's lock."""
     started = time.perf_counter()
     trainer, run_dir = spec.trainer, Path(run_dir)
+    _worker_deaths_where_data_is_read()
     device = resolve_device(trainer.device)
-    with distributed.process_group(device), locked(run_dir, device), ExitStack() as stack:
+    with distributed.process_group(device), locked(run_dir, device, claim), ExitStack() as stack:
         main = distributed.is_main()
         resume_from, saved = checkpoint_to_resume(trainer.resume, run_dir)
         state = TrainState()
         if saved is not None:
             ckpt.check_compatible(upgrade(saved["config"]), spec.config, resume_from)
+            refuse_ignored_changes(
+                upgrade(saved["config"]), spec.config, resume_from, explicit_keys()
+            )
             state = TrainState.from_checkpoint(saved, resume_from)
         # The same seed on every rank, so dropout noise stays in step across ranks.
         seed_everything(trainer.seed)
@@ -79,14 +84,9 @@ def fit(spec: RunSpec, run_dir: Path) -> float:
             finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
             raise
         except RuntimeError as error:
-            if world == 1 or not peer_failure(error):
+            message = _lost_process(error, world, outputs)
+            if message is None:
                 raise
-            reason = str(error).strip().splitlines()[0][:200]
-            message = (
-                f"Another process of this job stopped unexpectedly ({reason}), so this one stops too. "
-                f"The last checkpoint ({ckpt.newest(outputs.checkpoints) or 'none yet'}) is whole; "
-                f"resume with: {resume_command(run_dir)}"
-            )
             finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
@@ -112,6 +112,42 @@ def cpu_threads_note(world: int) -> None:
             "OMP_NUM_THREADS, e.g. OMP_NUM_THREADS=%d mmtrain train ...",
             load, threads, cores, share,
         )  # fmt: skip
+
+
+# The keys the command line set (see mmtrain.launch.start), for every process of the run.
+EXPLICIT_KEYS_ENV = "MMTRAIN_EXPLICIT_KEYS"
+
+
+def explicit_keys() -> list[str]:
+    """The config keys and groups the user's overrides set (optimizer.lr, optimizer)."""
+    return [key for key in os.environ.get(EXPLICIT_KEYS_ENV, "").split(",") if key]
+
+
+def _worker_deaths_where_data_is_read() -> None:
+    """Keep torch from installing its SIGCHLD handler, which raises a loader worker's death
+    wherever the main process happens to be (in the middle of a checkpoint write, which then
+    reads as a disk error). The DataLoader still finds a dead worker within seconds where it
+    waits for its batch, and the run ends there with its own message (`_lost_process`)."""
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True
+
+
+def _lost_process(error: RuntimeError, world: int, out: Outputs) -> str | None:
+    """The message for a run that lost a process (another rank of the job, or a data loader
+    worker killed, e.g. by the out-of-memory killer); None for any other error."""
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
+    if "DataLoader worker" in reason:
+        who = "A data loader worker process of this run stopped unexpectedly"
+    elif world > 1 and peer_failure(error):
+        who = "Another process of this job stopped unexpectedly"
+    else:
+        return None
+    return (
+        f"{who} ({reason}), so the run stops. The last checkpoint "
+        f"({ckpt.newest(out.checkpoints) or 'none yet'}) is whole; resume with: "
+        f"{resume_command(out.run_dir)}"
+    )
 
 
 def finish(

@@ -76,6 +76,7 @@ class TrainerConfig:
     log_every_n_steps: Positive = 20
     on_nonfinite: Literal["stop", "skip"] = "stop"
     resume: str | None = None
+    overwrite: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 

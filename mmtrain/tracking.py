@@ -6,7 +6,6 @@ The trackers themselves are in `mmtrain.loggers`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 
-from mmtrain.runlog import write_json
+from mmtrain.errors import UserError
+from mmtrain.runlog import read_json, write_json
 
 log = logging.getLogger("mmtrain")
 IDS_FILE = "trackers.json"  # the tracked runs' ids, so that a resumed run reopens them
@@ -69,7 +69,12 @@ class RunInfo:
                 values = _swept_values(Path(group), list(hydra.overrides.task))
                 name = f"{hydra.job.num}: {values}" if values else str(hydra.job.num)
         ids_file = run_dir / IDS_FILE
-        ids = json.loads(ids_file.read_text()) if resumed and ids_file.is_file() else {}
+        ids = {}
+        if resumed and ids_file.is_file():
+            try:
+                ids = read_json(ids_file)
+            except UserError as error:
+                log.warning("%s The trackers start new runs instead of continuing theirs.", error)
         return cls(
             run_dir, config, resumed, name, group, list(metric_names), ids, dict(in_force or {})
         )

@@ -225,6 +225,8 @@ def test_a_signal_to_a_ddp_job_saves_once_and_resumes(tmp_path, launcher):
     _wait_for(_log_has(run_dir, "step 2/"))
     os.killpg(process.pid, signal.SIGTERM)  # the launcher, both ranks and their loader workers
     _, stderr = process.communicate(timeout=240)
+    # Ended within seconds of its save, not after torch elastic's 30 s shutdown timeout.
+    assert time.time() - (run_dir / "summary.json").stat().st_mtime < 25, stderr
     # torchrun's own agent reports a signal with its traceback and exit code 1; mmtrain's
     # launcher says it in one line and exits 143.
     if launcher == "nproc_per_node":
@@ -286,14 +288,19 @@ def test_a_dead_ddp_rank_stops_the_job_with_a_line_naming_it(tmp_path):
 
 def test_a_second_run_into_a_busy_directory_is_refused(finished, tmp_path):
     run_dir = _copy(finished, tmp_path / "run")
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    before = {p: p.read_bytes() for p in files}
     with RunLock(run_dir):
-        result = run_cli("train", *TINY, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+        result = run_cli(
+            "train", *TINY, "trainer.seed=7", "trainer.resume=auto", f"hydra.run.dir={run_dir}"
+        )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (
         f"The run directory {run_dir} is in use by another run (pid {os.getpid()} on"
         in result.stderr
     )
-    assert _summary(run_dir) == _summary(finished)  # the holder's files untouched
+    # The holder's files untouched: its saved config (.hydra) and train.log too.
+    assert {p: p.read_bytes() for p in files} == before
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, caplog):
@@ -493,4 +500,271 @@ def test_optuna_is_refused_before_training_when_it_optimises_the_wrong_way(tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "hydra.sweeper.direction=minimize, but each run returns" in result.stderr
     assert "hydra.sweeper.direction=maximize" in result.stderr
-    assert not list(sweep.glob("*/summary.json"))  # no trial trained
+    assert not list(sweep.glob("*/checkpoints/*"))  # no trial trained
+    for summary in sweep.glob("*/summary.json"):  # each refused trial is listed as failed
+        assert json.loads(summary.read_text())["status"] == "failed"
+
+
+# --- 6. A run directory is the run's own: links, refusals, leftovers -------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_links_planted_in_a_run_directory_are_refused_not_followed(finished, tmp_path, command):
+    run_dir = _copy(finished, tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    planted = {"train": ["metrics.jsonl", ".lock"], "eval": ["eval_val.json"]}[command]
+    for name in planted:
+        (run_dir / name).unlink(missing_ok=True)
+        (run_dir / name).symlink_to(victim)
+    if command == "train":
+        args = ["train", *TINY, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    else:
+        args = ["eval", f"run={run_dir}"]
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "symbolic link" in result.stderr and "Traceback" not in result.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_write_helpers_never_follow_a_link(tmp_path):
+    from mmtrain.runlog import open_append, write_file
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "a.json").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        write_file(tmp_path / "a.json", "{}")
+    with pytest.raises(UserError, match="symbolic link"):
+        open_append(tmp_path / "a.json")
+    assert victim.read_text() == "precious\n"
+    write_file(tmp_path / "b.json", "{}")
+    assert (tmp_path / "b.json").read_text() == "{}" and len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_fresh_run_into_a_used_directory_is_refused_and_leaves_it_whole(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = run_cli("train", *TINY, "trainer.seed=7", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2, result.stderr
+    assert f"The run directory {run_dir} already holds a run" in result.stderr
+    assert "trainer.overwrite=true" in result.stderr and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_clears_the_old_run_and_a_resume_keeps_it(tmp_path):
+    from mmtrain.guard import claim
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_24.pt").write_bytes(b"old")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 24}\n')
+    claim(tmp_path, "auto", False)  # a resume continues the run there
+    assert (tmp_path / "metrics.jsonl").exists()
+    with pytest.raises(UserError, match="already holds a run .metrics.jsonl, checkpoints"):
+        claim(tmp_path, None, False)
+    with RunLock(tmp_path):
+        claim(tmp_path, None, True)
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+
+def test_the_lock_survives_its_file_and_is_not_held_by_forked_children(tmp_path):
+    with RunLock(tmp_path):
+        (tmp_path / ".lock").unlink()  # what a user or a cleanup script may do
+        with pytest.raises(UserError, match="in use by another run"):
+            RunLock(tmp_path).__enter__()
+    lock = RunLock(tmp_path).__enter__()
+    started, ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # a loader worker, say: it must not keep the directory locked
+        os.write(ready, b"x")
+        time.sleep(3)
+        os._exit(0)
+    assert os.read(started, 1) == b"x"  # the child runs (its fork handlers have run)
+    lock.__exit__()
+    try:
+        with RunLock(tmp_path):  # free at once, while the child lives on
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
+
+
+def test_a_rejected_config_leaves_nothing_behind(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "mmtrain", "train", "optimizer.lr=abc"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: Key 'lr' of optimizer 'adamw'"), result.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/DATE/TIME
+
+
+def _forked_children(pid: int) -> list[int]:
+    """The loader workers of process `pid` (its children, less multiprocessing's tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == pid and b"resource_tracker" not in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    return sorted(found)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_kill_9_with_loader_workers_frees_the_directory_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    process = _start("train", *SIGNALLED, *LONG_VAL, f"hydra.run.dir={run_dir}")
+    _wait_for(_log_has(run_dir, "step 3/"))
+    workers = _forked_children(process.pid)
+    assert workers
+    process.kill()  # the main process only, as the out-of-memory killer does
+    process.wait()
+    killed = time.monotonic()
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < killed + 2:
+        time.sleep(0.05)
+    assert time.monotonic() - killed < 1.5  # not torch's 5 s watch of the parent
+    with RunLock(run_dir):  # what an immediate requeue (trainer.resume=auto) takes
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_a_killed_loader_worker_fails_the_run_with_a_message(tmp_path):
+    run_dir = tmp_path / "run"
+    process = _start(
+        "train", *SIGNALLED, "trainer.max_epochs=20", "trainer.checkpoint.every_n_steps=2",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    _wait_for(_log_has(run_dir, "step 5/"))
+    os.kill(_forked_children(process.pid)[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr and "data loader worker" in stderr
+    summary = _summary(run_dir)
+    assert summary["status"] == "failed" and "checkpoints/" in summary["error"]
+    assert "trainer.resume=auto" in summary["error"]
+
+
+def test_predict_refuses_to_overwrite_its_input_or_the_run(finished, tmp_path):
+    manifest = tmp_path / "in.csv"
+    write_csv(manifest, learnable_rows(tmp_path, "predict", 2))
+    before = manifest.read_bytes()
+    for output in (manifest.with_suffix(".csv"), finished / "summary.json.csv"):
+        result = run_cli("predict", f"run={finished}", f"input={manifest}", f"output={output}")
+        assert result.returncode == 2, result.stderr
+        assert "overwrite" in result.stderr or "inside the run directory" in result.stderr
+    assert manifest.read_bytes() == before and not (finished / "summary.json.csv").exists()
+
+
+def test_export_replaces_an_earlier_export_whole_and_refuses_other_folders(finished, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    result = run_cli("export", f"run={finished}", f"out={other}")
+    assert result.returncode == 2 and "holds other files" in result.stderr, result.stderr
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+    earlier = tmp_path / "export"
+    earlier.mkdir()
+    for name in ("mmtrain_head.json", "head.safetensors", "stale.bin"):
+        (earlier / name).write_text("an earlier export\n")
+    result = run_cli("export", f"run={finished}", f"out={earlier}")
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in earlier.iterdir()}
+    assert "stale.bin" not in names and "config.json" in names
+    assert json.loads((earlier / "mmtrain_head.json").read_text())["mmtrain_model"] == "clip_fusion"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_report_marks_damaged_jobs_instead_of_failing(finished, tmp_path):
+    sweep = tmp_path / "sweep"
+    for job, summary in (("0", None), ("1", "{not json"), ("2", '["a list"]')):
+        shutil.copytree(finished / ".hydra", sweep / job / ".hydra")
+        if summary is None:
+            shutil.copy(finished / "summary.json", sweep / job / "summary.json")
+        else:
+            (sweep / job / "summary.json").write_text(summary)
+    (sweep / "2" / ".hydra" / "overrides.yaml").write_text("[unclosed")
+    result = run_cli("report", str(sweep))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "cannot be read" in result.stderr
+    assert result.stdout.count("damaged") == 2 and (sweep / "report.png").is_file()
+
+
+def test_a_partial_last_line_of_metrics_is_dropped_with_a_warning(tmp_path, caplog):
+    from mmtrain.runlog import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "epoch": 0, "train/loss": 2.0}\n{"step": 2, "epoch": 0, "tra')
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        metrics = MetricsLog(tmp_path)
+    assert [e["step"] for e in metrics.events] == [
+        1
+    ] and "line 2 is not a whole event" in caplog.text
+    metrics.truncate_after(1)  # what a resume does: the file is whole again
+    metrics.log(2, 0, {"train/loss": 1.5})
+    assert [e["step"] for e in read_jsonl(path)] == [1, 2]
+
+
+def test_a_job_whose_rank_0_died_still_gets_a_summary(tmp_path):
+    from mmtrain.launch import summarise_failure
+
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.save_atomic({"step": 4}, tmp_path / "checkpoints" / "step_4.pt")
+    summarise_failure(tmp_path, "rank 0 (killed by SIGKILL)", since=time.time() - 60)
+    summary = _summary(tmp_path)
+    assert summary["status"] == "failed" and summary["error"] == "rank 0 (killed by SIGKILL)"
+    assert summary["last_checkpoint"].endswith("step_4.pt")
+    (tmp_path / "summary.json").write_text('{"status": "interrupted"}')  # rank 0's own, newer
+    summarise_failure(tmp_path, "another", since=time.time() - 60)
+    assert _summary(tmp_path) == {"status": "interrupted"}
+
+
+def test_a_signal_during_ddp_start_up_says_no_checkpoint_exists(tmp_path):
+    from mmtrain.launch import interrupted_message
+
+    message = interrupted_message("SIGTERM", tmp_path)
+    assert "no checkpoint was written" in message and "is saved" not in message
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.save_atomic({"step": 3}, tmp_path / "checkpoints" / "last.pt")
+    assert "is whole" in interrupted_message("SIGTERM", tmp_path)
+
+
+def test_a_run_tokenizer_naming_its_own_code_is_refused_without_a_prompt(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    config_file = run_dir / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(tokenizer_class="Crafted", auto_map={"AutoTokenizer": ["crafted.Crafted", None]})
+    config_file.write_text(json.dumps(config))
+    (run_dir / "tokenizer" / "crafted.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import PreTrainedTokenizerFast as Crafted\n"
+    )
+    result = run_cli("eval", f"run={run_dir}")
+    assert result.returncode == 2, result.stderr
+    assert "never runs" in result.stderr and "[y/N]" not in result.stdout + result.stderr
+    assert not marker.exists() and "Traceback" not in result.stderr
+
+
+def test_damaged_labels_and_tracker_ids_are_messages(tmp_path, caplog):
+    from mmtrain.data.source import load_class_names
+    from mmtrain.loggers import IDS_FILE, RunInfo
+
+    (tmp_path / "labels.json").write_text('["circle", "squ')
+    with pytest.raises(UserError, match="labels.json is damaged"):
+        load_class_names(tmp_path)
+    (tmp_path / "labels.json").write_text('{"0": "circle"}')
+    with pytest.raises(UserError, match="a JSON list expected"):
+        load_class_names(tmp_path)
+    (tmp_path / IDS_FILE).write_text("\x00\x01")
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        info = RunInfo.of(tmp_path, {}, True, [])
+    assert info.ids == {} and "trackers start new runs" in caplog.text

@@ -371,3 +371,25 @@ def test_runs_of_0_1_0_resume_and_evaluate(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16
+
+
+def test_a_resume_refuses_a_learning_rate_it_would_not_use(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    result = resume_from_step(full_run, 5, run_dir, *RESUMABLE, "optimizer.lr=0.5")
+    assert result.returncode == 2, result.stderr
+    assert "with optimizer.lr changed (optimizer.lr='auto' in the checkpoint, 0.5 now)" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and not (run_dir / "summary.json").exists()
+
+
+def test_a_default_changed_since_the_checkpoint_is_named_not_refused(caplog):
+    from mmtrain.guard import refuse_ignored_changes
+
+    saved = {"optimizer": {"lr": 0.001}, "trainer": {"seed": 1}}
+    current = {"optimizer": {"lr": "auto"}, "trainer": {"seed": 1}}
+    with caplog.at_level("INFO", logger="mmtrain"):
+        refuse_ignored_changes(saved, current, "last.pt", explicit=["trainer.max_epochs"])
+    assert "the checkpoint's optimizer.lr=0.001 (the default is now 'auto')" in caplog.text
+    with pytest.raises(UserError, match="with optimizer.lr changed"):
+        refuse_ignored_changes(saved, current, "last.pt", explicit=["optimizer"])

@@ -11,24 +11,71 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from mmtrain import assemble
 from mmtrain.commands.arguments import parse_args
+from mmtrain.errors import UserError
 
 log = logging.getLogger("mmtrain")
+HEAD_FILE = "mmtrain_head.json"  # every export has it: the mark of an earlier export
 
 
 def export_run(args: list[str]) -> Path:
     """`mmtrain export run=RUN_DIR out=DIR`: a folder `AutoModel.from_pretrained` and
     `AutoTokenizer.from_pretrained` load, plus the head (safetensors) and its config."""
+    own, overrides = parse_args(args, ("run", "out"), ("checkpoint",), __doc__)
+    final = Path(own["out"]).expanduser()
+    _check_folder(final)
+    run = assemble.trained(own["run"], overrides, own.get("checkpoint"))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Written into a new folder beside it, then put in place: nothing of an earlier export
+    # (a head.safetensors the new model has no use for) stays beside the new one.
+    out = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    mask = os.umask(0)
+    os.umask(mask)
+    out.chmod(0o777 & ~mask)  # a folder as mkdir makes it, not mkdtemp's private one
+    try:
+        _write_export(run, out)
+        _replace(final, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    log.info("exported %s to %s", run.checkpoint, final)
+    return final
+
+
+def _check_folder(out: Path) -> None:
+    """`out` must be new, empty, or an earlier mmtrain export (which is replaced whole)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={out} is a file; give a folder to export into.")
+    if out.is_dir() and any(out.iterdir()) and not (out / HEAD_FILE).is_file():
+        raise UserError(
+            f"out={out} is a folder that holds other files and no earlier mmtrain export "
+            f"({HEAD_FILE}); export into a new or empty folder."
+        )
+
+
+def _replace(final: Path, new: Path) -> None:
+    """Put the folder `new` where `final` is, an earlier export there removed."""
+    if final.is_dir() and any(final.iterdir()):
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("replaced the earlier export in %s", final)
+    else:
+        if final.is_dir():
+            final.rmdir()
+        new.rename(final)
+
+
+def _write_export(run: Any, out: Path) -> None:
+    """The export's files, into the folder `out`."""
     from safetensors.torch import save_file
 
-    own, overrides = parse_args(args, ("run", "out"), ("checkpoint",), __doc__)
-    run = assemble.trained(own["run"], overrides, own.get("checkpoint"))
-    out = Path(own["out"]).expanduser()
-    before = _modified(out) if out.is_dir() else None
-    out.mkdir(parents=True, exist_ok=True)
     # LoRA adapters are merged into the weights: the export loads as a plain model.
     backbone, processor = run.transformers_parts()
     backbone.save_pretrained(out)
@@ -54,10 +101,8 @@ def export_run(args: list[str]) -> Path:
     }
     if head:
         save_file(head, out / "head.safetensors")
-    (out / "mmtrain_head.json").write_text(json.dumps(description, indent=2) + "\n")
-    shareable(out, before)
-    log.info("exported %s to %s", run.checkpoint, out)
-    return out
+    (out / HEAD_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    shareable(out, None)
 
 
 def _modified(folder: Path) -> dict[Path, int]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from mmtrain.runlog import save_figure
+
 MAX_ANNOTATED = 25  # classes up to which each cell shows its count
 
 
@@ -42,8 +44,7 @@ def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, title:
                 axes.text(j, i, int(counts[i, j]), ha="center", va="center", color=colour)
     axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
     return path
 
 
@@ -77,8 +78,7 @@ def plot_gallery(
                 spine.set_linewidth(4 if own else 1)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
     return path
 
 

@@ -61,6 +61,7 @@ def predict_run(args: list[str]) -> Path:
         )
     wanted = _contrastive_options(own, output)
     source = Path(own["input"]).expanduser()
+    _refuse_overwriting(own, output, source)
     if not source.is_file():
         raise UserError(
             f"input={own['input']}: no such file ({source.resolve()}); give the CSV or JSONL "
@@ -105,6 +106,23 @@ def predict_run(args: list[str]) -> Path:
     _write_rows(rows, output)
     log.info("wrote %d predictions to %s", len(rows), output)
     return output
+
+
+def _refuse_overwriting(own: dict[str, str], output: Path, source: Path) -> None:
+    """The output may be neither the input manifest nor a file of the run directory: either
+    would be overwritten by the predictions."""
+    target = output.resolve()
+    if target == source.resolve():
+        raise UserError(
+            f"output={own['output']} is the input manifest: writing the predictions would "
+            "overwrite it. Choose another output file."
+        )
+    run_dir = Path(own["run"]).expanduser().resolve()
+    if target.is_relative_to(run_dir):
+        raise UserError(
+            f"output={own['output']} is inside the run directory {own['run']}, whose files the "
+            "run needs. Write the predictions elsewhere."
+        )
 
 
 def _predictions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -12,22 +13,50 @@ from rich.console import Console
 from rich.table import Table
 
 from mmtrain.errors import UserError
+from mmtrain.runlog import save_figure
+
+log = logging.getLogger("mmtrain")
+
+
+def _read(path: Path, load: Any, kind: type) -> Any:
+    """`path` read with `load` (json.loads, yaml.safe_load); None, with a warning, when it
+    is damaged or is not a `kind`."""
+    try:
+        value = load(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        value = error
+    if not isinstance(value, kind):
+        reason = (
+            f"{type(value).__name__}: {value}"
+            if isinstance(value, Exception)
+            else "not a " + kind.__name__
+        )
+        log.warning("%s cannot be read (%s); the job is listed as damaged", path, str(reason)[:200])
+        return None
+    return value
 
 
 def _job(folder: Path) -> dict[str, Any]:
-    """One job's overrides, status and numbers, from its run directory."""
+    """One job's overrides, status and numbers, from its run directory (a damaged file is a
+    warning and a job marked damaged, not the end of the report)."""
     overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.is_file() else []
+    overrides = _read(overrides_file, yaml.safe_load, list) if overrides_file.is_file() else []
     params = dict(
-        o.split("=", 1) for o in overrides if "=" in o and not o.startswith(("hydra", "+hydra"))
+        str(o).split("=", 1)
+        for o in overrides or []
+        if "=" in str(o) and not str(o).startswith(("hydra", "+hydra"))
     )
     summary_file = folder / "summary.json"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        status = summary["status"]
+    summary = _read(summary_file, json.loads, dict) if summary_file.is_file() else None
+    if summary is not None:
+        status = str(summary.get("status", "damaged"))
+    elif summary_file.is_file() or overrides is None:
+        summary, status = {}, "damaged"
     else:  # never got as far as writing a summary: crashed, killed, or still running
         summary, status = {}, "failed" if (folder / "train.log").is_file() else "not started"
-    best = summary.get("best") or {}
+    best = summary.get("best") if isinstance(summary.get("best"), dict) else {}
+    if not isinstance(best.get("value"), int | float | None):
+        best = {**best, "value": None}
     return {
         "job": folder.name,
         "params": params,
@@ -104,8 +133,7 @@ def plot(jobs: list[dict[str, Any]], path: Path) -> None:
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def report(args: list[str]) -> Path:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mmtrain.errors import UserError
+from mmtrain.runlog import read_json
 
 LABELS_FILE = "labels.json"
 
@@ -128,4 +129,11 @@ def load_class_names(run_dir: Path) -> list[str] | None:
     path = Path(run_dir) / LABELS_FILE
     if not path.is_file():
         return None
-    return [str(name) for name in json.loads(path.read_text())]
+    try:
+        names = read_json(path, list)
+    except UserError as error:
+        raise UserError(
+            f"{error} It maps the model's outputs to class names; restore it from a copy of "
+            "the run (or from the run's training data's labels, in id order)."
+        ) from None
+    return [str(name) for name in names]

@@ -93,4 +93,13 @@ def load_saved_tokenizer(run_dir: Path) -> Any:
     path = Path(run_dir) / "tokenizer"
     if not path.is_dir():
         raise UserError(f"{path} not found: the run directory is incomplete.")
-    return AutoTokenizer.from_pretrained(path)
+    try:  # never the code a crafted tokenizer_config.json names (auto_map), never a prompt
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        if "custom code" in reason:
+            reason = "it names code of its own to run (auto_map), which mmtrain never runs"
+        raise UserError(
+            f"Cannot load the run's tokenizer from {path}: {reason}. Is this a run directory "
+            "mmtrain wrote?"
+        ) from None

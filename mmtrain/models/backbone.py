@@ -189,7 +189,7 @@ def _pretrained_config(backbone: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(backbone)
+        config = AutoConfig.from_pretrained(backbone, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
     _family(config.model_type, f"model.backbone={backbone!r}")
@@ -216,7 +216,9 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
     if config.model_type == towers.DUAL:  # whatever processor its image tower came with
         processor_class = "AutoImageProcessor"
     try:
-        processor = _transformers(processor_class).from_pretrained(backbone)
+        processor = _transformers(processor_class).from_pretrained(
+            backbone, trust_remote_code=False
+        )
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
     crop = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
@@ -252,7 +254,7 @@ def load_tokenizer(backbone: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(backbone)
+        return AutoTokenizer.from_pretrained(backbone, trust_remote_code=False)
     except (OSError, ValueError, ImportError) as error:
         raise _load_error(backbone, error) from None
 
@@ -307,7 +309,7 @@ def build_backbone(
             towers.flat_width(config.vision_config, f"model.backbone={backbone!r}'s image tower")
         try:
             return _transformers(family.model_class).from_pretrained(
-                backbone, config=config, **_attention(family)
+                backbone, config=config, trust_remote_code=False, **_attention(family)
             )
         except (OSError, ValueError) as error:
             raise _load_error(backbone, error) from None
