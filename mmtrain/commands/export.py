@@ -35,9 +35,6 @@ def export_run(args: list[str]) -> Path:
     # Written into a new folder beside it, then put in place: nothing of an earlier export
     # (a head.safetensors the new model has no use for) stays beside the new one.
     out = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    mask = os.umask(0)
-    os.umask(mask)
-    out.chmod(0o777 & ~mask)  # a folder as mkdir makes it, not mkdtemp's private one
     try:
         _write_export(run, out)
         _replace(final, out)
@@ -102,21 +99,13 @@ def _write_export(run: Any, out: Path) -> None:
     if head:
         save_file(head, out / "head.safetensors")
     (out / HEAD_FILE).write_text(json.dumps(description, indent=2) + "\n")
-    shareable(out, None)
+    shareable(out)
 
 
-def _modified(folder: Path) -> dict[Path, int]:
-    """Every path under `folder` with its modification time (ns)."""
-    return {path: path.lstat().st_mtime_ns for path in folder.rglob("*")}
-
-
-def shareable(folder: Path, before: dict[Path, int] | None) -> None:
-    """Make what the export wrote under `folder` (new or changed since `before`; all of it
-    when the export created `folder`) readable by others, as a model folder is shared:
-    0644 files, 0755 folders (safetensors writes 0600). Other files are left as they were."""
-    for path, modified in _modified(folder).items():
-        if path.is_symlink() or (before is not None and before.get(path) == modified):
-            continue
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-    if before is None:
-        os.chmod(folder, 0o755)
+def shareable(folder: Path) -> None:
+    """Make the export readable by others, as a model folder is shared: 0644 files, 0755
+    folders (safetensors writes 0600, and the export is first written to a private temporary
+    folder)."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
