@@ -225,6 +225,10 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         )
     # Runs written before the zeroshot group existed get its default.
     zeroshot = Component.checked("zeroshot", config.get("zeroshot") or {"name": "prompts"})
+    caption = data.options.get("caption_from_label")
+    if caption is not None:  # one template, checked as the prompts are
+        load_templates([caption], "data.caption_from_label")
+    zeroshot = prompts_of(zeroshot, caption)
     if "templates" in zeroshot.options:  # a missing template file fails now
         load_templates(zeroshot.options["templates"])
     optimizer = config.get("optimizer") or {}
@@ -246,6 +250,16 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         config, trainer, data, batches, augment, model, traits, optimizer, scheduler,
         zeroshot, sinks, monitor, mode,
     )  # fmt: skip
+
+
+def prompts_of(zeroshot: Component, caption: str | None) -> Component:
+    """The zeroshot group with `templates: auto` resolved: the captions' template
+    (data.caption_from_label) when training makes captions from labels, so the prompts
+    match training, else OpenAI's 80; any other value is the user's and stays."""
+    if zeroshot.options.get("templates") != "auto":
+        return zeroshot
+    templates = [caption] if caption is not None else "openai"
+    return dataclasses.replace(zeroshot, options={**zeroshot.options, "templates": templates})
 
 
 def metric_names(traits: ModelTraits, zeroshot: Component | None = None) -> list[str]:

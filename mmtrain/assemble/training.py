@@ -113,8 +113,9 @@ def zeroshot(spec: RunSpec, split: SplitData, tok: Any, length: int) -> ZeroShot
     task = spec.zeroshot.build(classes=split.zeroshot_classes(), tokenizer=tok, max_length=length)
     if task is not None:
         log.info(
-            "zero-shot classification: %d classes, %d prompt templates",
-            len(task.class_names), len(task.templates),
+            "zero-shot classification: %d classes, %d prompt templates (%r%s)",
+            len(task.class_names), len(task.templates), task.templates[0],
+            ", ..." if len(task.templates) > 1 else "",
         )  # fmt: skip
     return task
 
