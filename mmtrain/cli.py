@@ -33,6 +33,8 @@ Usage:
   mmtrain list [GROUP]                 registered components and config options
   mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric
   mmtrain shards MANIFEST OUT_DIR [shard_size=N ...]   webdataset tar shards from a manifest
+  mmtrain wise run=RUN_DIR alpha=A[,B,...] [out=DIR]  weight-space ensembles of start and fine-tuned (WiSE-FT)
+  mmtrain soup RUN_OR_SWEEP_DIR ... [greedy=true] out=DIR   the average of runs of one backbone (model soups)
 
 Examples:
   mmtrain train                                     the built-in default (synthetic shapes, CPU)
@@ -42,6 +44,7 @@ Examples:
   mmtrain train --config-dir ./conf experiment=mine   your own config groups beside mmtrain's
 """
 COMMANDS = ("train", "eval", "predict", "export", "validate", "list", "report", "shards")
+COMMANDS += ("wise", "soup")
 # `validate` writes nothing: no run directory, no log file, console logging only.
 VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=console")
 log = logging.getLogger("mmtrain")
@@ -240,6 +243,12 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
 
             _console_logging()
             predict_run(args)
+        elif command in ("wise", "soup"):  # runs made by averaging weights
+            from mmtrain.commands.soup import soup_run
+            from mmtrain.commands.wise import wise_run
+
+            _console_logging()
+            (wise_run if command == "wise" else soup_run)(args)
         else:  # export
             from mmtrain.commands.export import export_run
 

@@ -1,5 +1,6 @@
 """Fine-tuning levers of a dual-encoder backbone: frozen towers or layers, per-layer
-depths (layer-wise learning-rate decay), LoRA adapters (peft) and gradient checkpointing.
+depths (layer-wise learning-rate decay), LoRA adapters (peft), gradient checkpointing, and
+the weight averages of WiSE-FT and model soups (`average_weights`).
 
 Generic over `mmtrain.models.backbone.FAMILIES`: towers named `vision_model` and
 `text_model` with `encoder.layers.N`, projections `visual_projection`/`text_projection`.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import torch
 from torch import nn
 
 from mmtrain.errors import UserError
@@ -177,3 +180,37 @@ def plain_backbone(model: nn.Module) -> nn.Module:
     if hasattr(model, "merge_and_unload"):  # a peft model
         return copy.deepcopy(model).merge_and_unload()
     return model
+
+
+def average_weights(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    keys: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """sum_i weights[i] * states[i] for each of `keys` (default: every key), computed in
+    float32 and kept in each tensor's dtype: a WiSE-FT interpolation ([start, tuned],
+    [1 - alpha, alpha]) or a model soup (n runs, 1/n each). The other keys, and tensors
+    that are not floating point (counters, position ids), come from the last state. States
+    must hold the same keys with the same shapes (a ValueError names the first that differs)."""
+    if len(states) != len(weights) or not states:
+        raise ValueError("average_weights needs one weight per state, and at least one state")
+    last = states[-1]
+    for state in states[:-1]:
+        if state.keys() != last.keys():
+            differ = sorted(set(state) ^ set(last))
+            raise ValueError(f"the weights differ in their keys, e.g. {differ[0]!r}")
+        for name, tensor in state.items():
+            if tensor.shape != last[name].shape:
+                raise ValueError(
+                    f"{name!r} has the shape {tuple(tensor.shape)} in one and "
+                    f"{tuple(last[name].shape)} in another"
+                )
+    chosen = set(last) if keys is None else set(keys)
+    averaged = {}
+    for name, tensor in last.items():
+        if name not in chosen or not tensor.is_floating_point():
+            averaged[name] = tensor.clone()
+            continue
+        total = sum(w * s[name].float() for w, s in zip(weights, states, strict=True))
+        averaged[name] = total.to(tensor.dtype)
+    return averaged
