@@ -438,3 +438,61 @@ def test_siglip_loss_on_a_clip_backbone_or_an_unknown_family_is_a_clear_error(tm
         UserError, match="'bert' model; mmtrain trains the dual encoders clip, siglip"
     ):
         _parts("clip_contrastive", "+model.backbone_config.model_type=bert")
+
+
+# --- linear probe, then fine-tune (LP-FT) ------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["clip_fusion", "clip_contrastive"])
+def test_probe_steps_hold_the_towers_then_warm_them_up(model):
+    cfg, parts = _parts(model, "optimizer.probe_steps=3", "scheduler.warmup_steps=2")
+    from mmtrain.spec import parse
+
+    spec = parse(cfg)
+    optimizer = spec.optimizer.build(model=parts.model, samples_per_step=32)
+    schedule = spec.scheduler.build(optimizer=optimizer, total_steps=20)
+    towers = {id(p) for p in parts.model.backbone_parameters()}
+    is_tower = [id(g["params"][0]) in towers for g in optimizer.param_groups]
+    assert any(is_tower) and not all(is_tower)
+    rates = []
+    for _ in range(8):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        schedule.step()
+    for step, lrs in enumerate(rates):
+        for lr, tower in zip(lrs, is_tower, strict=True):
+            if tower and step < 3:
+                assert lr == 0, (step, lr)
+            elif step >= 2:
+                assert lr > 0, (step, tower)
+    # The towers' own warmup (2 steps): half their scheduled rate on the first step after it.
+    tower = is_tower.index(True)
+    scheduled = optimizer.param_groups[tower]["initial_lr"] * schedule.lr_lambdas[0](3)
+    assert rates[3][tower] == pytest.approx(scheduled / 2)
+    assert rates[4][tower] == pytest.approx(
+        optimizer.param_groups[tower]["initial_lr"] * schedule.lr_lambdas[0](4)
+    )
+
+
+def test_probe_steps_resume_exactly_across_the_switch(tmp_path):
+    probe = [*TINY, "optimizer.probe_steps=5", "optimizer.backbone_lr_scale=1.0"]
+    full = tmp_path / "full"
+    result = run_cli(
+        "train", *probe, "trainer.checkpoint.every_n_steps=2", "trainer.checkpoint.keep_last=null",
+        f"hydra.run.dir={full}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "after step 5: the towers start training" in (full / "train.log").read_text()
+    saved = {s: torch.load(full / "checkpoints" / f"step_{s}.pt")["model"] for s in (2, 4, 6)}
+    for name, tensor in saved[2].items():
+        if name.startswith("clip.") and tensor.is_floating_point():
+            assert torch.equal(saved[4][name], tensor), name  # frozen while probing
+    moved = [
+        n for n in saved[4] if n.startswith("clip.") and not torch.equal(saved[4][n], saved[6][n])
+    ]
+    assert moved  # and training after it
+    assert not torch.equal(saved[2]["head.0.weight"], saved[4]["head.0.weight"])
+    resumed = tmp_path / "resumed"
+    result = resume_from_step(full, 4, resumed, *probe, "trainer.checkpoint.every_n_steps=2")
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(full / "checkpoints" / "last.pt", resumed / "checkpoints" / "last.pt")
