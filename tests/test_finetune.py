@@ -305,6 +305,25 @@ def test_lora_trains_only_the_adapters_and_the_head():
     assert not any(moved[n] for n in moved if n.startswith("clip.") and n not in trainable)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_on_the_text_tower_with_the_image_tower_frozen(dora):
+    from mmtrain.models.finetune import plain_backbone
+
+    extra = ["model.lora.use_dora=true"] if dora else []
+    _, parts = _parts("clip_contrastive", "model.lora.r=4", "model.freeze=vision", *extra)
+    model = parts.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("vision_model." in n or "visual_projection" in n for n in trainable)
+    adapters = {n for n in trainable if ".lora_" in n}
+    assert adapters and all("text_model." in n for n in adapters)
+    assert any("lora_magnitude_vector" in n for n in adapters) == dora
+    optimizer = registry.build("optimizer", {"name": "adamw", "lr": 1e-2}, model=model)
+    moved = _step(model, _batch(parts, 16), optimizer)
+    assert any(moved[n] for n in adapters)
+    assert not any(moved[n] for n in moved if "vision_model." in n)
+    assert not any("lora" in n for n in plain_backbone(model.clip).state_dict())  # merged
+
+
 def test_lora_without_peft_or_with_a_bad_rank_is_a_clear_error(monkeypatch):
     with pytest.raises(
         UserError,
@@ -443,9 +462,12 @@ def test_siglip_loss_on_a_clip_backbone_or_an_unknown_family_is_a_clear_error(tm
 # --- linear probe, then fine-tune (LP-FT) ------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["clip_fusion", "clip_contrastive"])
-def test_probe_steps_hold_the_towers_then_warm_them_up(model):
-    cfg, parts = _parts(model, "optimizer.probe_steps=3", "scheduler.warmup_steps=2")
+@pytest.mark.parametrize(
+    "model,extra",
+    [("clip_fusion", ()), ("clip_contrastive", ()), ("clip_contrastive", ("model.lora.r=4",))],
+)
+def test_probe_steps_hold_the_towers_then_warm_them_up(model, extra):
+    cfg, parts = _parts(model, "optimizer.probe_steps=3", "scheduler.warmup_steps=2", *extra)
     from mmtrain.spec import parse
 
     spec = parse(cfg)

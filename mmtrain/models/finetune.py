@@ -34,6 +34,7 @@ class Lora:
     dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
     # Module names (a list) or a regex; null: q/k/v/out projections of every tower layer.
     target_modules: list[str] | str | None = None
+    use_dora: bool = False  # DoRA (peft): a learned magnitude per output beside the direction
 
     @property
     def on(self) -> bool:
@@ -43,7 +44,8 @@ class Lora:
 # Attention projections of the towers' transformer layers, CLIP's and SigLIP's alike (a
 # regex, so SigLIP's attention-pooling head, whose out_proj nn.MultiheadAttention reads
 # directly, is left alone).
-LORA_TARGETS = r".*_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+LORA_TARGETS = r".*{tower}_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+TOWERS_TRAINED = {"none": "", "vision": "text", "text": "vision", "both": ""}
 
 
 def freeze_towers(model: nn.Module, freeze: Freeze) -> None:
@@ -113,9 +115,11 @@ def unfreeze_last(model: nn.Module, layers: int, freeze: str) -> None:
     freeze_towers(model, freeze)
 
 
-def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
-    """The backbone with LoRA adapters (peft) on its attention projections: only the adapters
-    train in the towers; the temperature (and SigLIP's bias) stay trainable."""
+def add_lora(model: nn.Module, lora: Lora, freeze: str = "none") -> nn.Module:
+    """The backbone with LoRA (or DoRA) adapters (peft) on its attention projections: only
+    the adapters train in the towers; the temperature (and SigLIP's bias) stay trainable. A
+    tower frozen by `freeze` gets no adapters by default, and any given to it stay frozen
+    (LiT-style: a frozen image tower, an adapted text tower)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -123,12 +127,13 @@ def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
             "model.lora needs the peft library: pip install 'mmtrain[peft]' "
             "(or set model.lora.r=null to fine-tune without adapters)."
         ) from None
-    targets = lora.target_modules or LORA_TARGETS
+    targets = lora.target_modules or LORA_TARGETS.format(tower=TOWERS_TRAINED[freeze])
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha or lora.r,
         lora_dropout=lora.dropout,
         target_modules=list(targets) if not isinstance(targets, str) else targets,
+        use_dora=lora.use_dora,
     )
     try:
         wrapped = get_peft_model(model, config)
@@ -141,6 +146,7 @@ def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
         param = getattr(model, name, None)
         if isinstance(param, nn.Parameter):
             param.requires_grad_(True)
+    freeze_towers(wrapped, freeze)
     return wrapped
 
 
@@ -164,13 +170,13 @@ def prepare_backbone(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if lora is not None and lora.on:
-        if unfreeze_last_layers is not None or freeze != "none":
+        if unfreeze_last_layers is not None:
             raise UserError(
                 "model.lora trains adapters instead of the backbone's weights; it does not combine "
-                "with model.freeze or model.unfreeze_last_layers. Set model.lora.r=null or leave "
-                "those at their defaults (none, null)."
+                "with model.unfreeze_last_layers. Set model.lora.r=null or "
+                "model.unfreeze_last_layers=null (model.freeze=vision|text does combine)."
             )
-        model = add_lora(model, lora)
+        model = add_lora(model, lora, freeze)
     return model
 
 
