@@ -64,6 +64,7 @@ def flyp(pretrained, colours, tmp_path_factory) -> Path:
     result = run_cli(
         "train", "model=clip_contrastive", f"model.backbone={pretrained}", *colours, *FAST,
         f"data.caption_from_label='{TEMPLATE}'", "trainer.val_before_training=true",
+        f"zeroshot.reference=[{colours[2].split('=', 1)[1]}]",
         "optimizer.lr=3e-3", "optimizer.backbone_lr_scale=1.0", f"hydra.run.dir={run}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -81,6 +82,26 @@ def test_captions_from_labels_train_contrastively_and_prompt_zero_shot_alike(fly
     assert validations[0]["step"] == 0
     # Chance is 1/3; the start is an untrained CLIP, fine-tuning teaches it the colours.
     assert validations[-1]["val/zeroshot_top1"] > max(0.8, validations[0]["val/zeroshot_top1"])
+    # The validation set named as a reference set too: scored alike, at every validation
+    # (top-5 only above 5 classes).
+    for row in validations:
+        assert row["val/reference/val/zeroshot_top1"] == row["val/zeroshot_top1"]
+        assert "val/reference/val/zeroshot_top5" not in row
+
+
+def test_a_reference_set_without_labels_is_refused(pretrained, colours, tmp_path):
+    from mmtrain import assemble
+
+    rows = [{"image": str(Path(colours[1].split("=", 1)[1]).parent / "images" / "val_0.png")}]
+    unlabelled = write_csv(tmp_path / "unlabelled.csv", rows, ("image",))
+    spec = parse(
+        compose_train(
+            ["model=clip_contrastive", f"model.backbone={pretrained}", *colours]
+            + [f"zeroshot.reference=[{unlabelled}]"]
+        )
+    )
+    with pytest.raises(UserError, match=r"zeroshot.reference=.*unlabelled.csv.*no label column"):
+        assemble.references(spec, assemble.backbone(spec), None, 16)
 
 
 def test_a_caption_template_without_one_placeholder_or_labels_is_refused(colours):
@@ -133,6 +154,7 @@ def test_wise_alphas_from_start_to_fine_tuned(flyp, wise, pretrained, tmp_path):
     out = wise
     rows = json.loads((out / "wise.json").read_text())
     assert [row["alpha"] for row in rows] == [0, 0.5, 1]
+    assert all("val/reference/val/zeroshot_top1" in row["metrics"] for row in rows)
     assert (out / "wise.png").stat().st_size > 0
     # alpha=0 is the pretrained backbone, alpha=1 the run's best weights, and each scores
     # what the run measured for them (before training and at its best step).
@@ -152,10 +174,12 @@ def test_wise_alphas_from_start_to_fine_tuned(flyp, wise, pretrained, tmp_path):
             assert row["metrics"][name] == pytest.approx(logged[step][name], abs=1e-5), name
     middle = rows[1]["metrics"]["val/loss"]
     assert middle != rows[0]["metrics"]["val/loss"] and middle != rows[2]["metrics"]["val/loss"]
-    # An ensemble is a run directory the other commands take.
-    result = run_cli("export", f"run={out / 'alpha_0.5'}", f"out={tmp_path / 'export'}")
+    # An ensemble is a run directory the other commands take; eval scores the references too.
+    result = run_cli("eval", f"run={out / 'alpha_0.5'}")
     assert result.returncode == 0, result.stderr
-    assert CLIPModel.from_pretrained(tmp_path / "export") is not None
+    scored = json.loads((out / "alpha_0.5" / "eval_val.json").read_text())["metrics"]
+    for name in ("val/loss", "val/reference/val/zeroshot_top1"):
+        assert scored[name] == pytest.approx(rows[1]["metrics"][name], abs=1e-5)
 
 
 def test_wise_refuses_bad_alphas_and_runs_from_scratch_writing_nothing(flyp, tmp_path):

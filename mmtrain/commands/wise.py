@@ -19,7 +19,7 @@ from typing import Any
 from mmtrain import assemble
 from mmtrain.commands.arguments import parse_args
 from mmtrain.errors import UserError
-from mmtrain.evaluation import evaluate, fresh_metrics
+from mmtrain.evaluation import evaluate, fresh_metrics, reference_metrics
 from mmtrain.spec import of_run
 
 log = logging.getLogger("mmtrain")
@@ -55,12 +55,16 @@ def free_folder(out: Path, what: str) -> Path:
     return out
 
 
-def val_metrics(run: assemble.Trained, split: Any) -> dict[str, float]:
-    """`run`'s validation metrics on `split`, as `mmtrain eval` scores them."""
+def val_metrics(
+    run: assemble.Trained, split: Any, references: list[tuple[str, Any, Any]] = ()
+) -> dict[str, float]:
+    """`run`'s validation metrics on `split`, as `mmtrain eval` scores them, and zero-shot
+    accuracy on the `references` (`assemble.references`: zeroshot.reference)."""
     net, device, autocast = run.on_device()
     task = assemble.zeroshot(run.spec, split, run.tokenizer, run.text_length())
-    scorer = fresh_metrics(net, device, task)
-    return evaluate(net, scorer, run.batches(split), device, autocast) or {}
+    metrics = evaluate(net, fresh_metrics(net, device, task), run.batches(split), device, autocast)
+    batches = [(name, run.batches(data), task) for name, data, task in references]
+    return (metrics or {}) | (reference_metrics(net, batches, device, autocast) or {})
 
 
 def plot_along_alpha(rows: list[dict[str, Any]], monitor: str, path: Path) -> Path:
@@ -103,7 +107,10 @@ def wise_run(args: list[str]) -> list[Path]:
     out = free_folder(Path(own.get("out") or default).expanduser(), "weight-space ensembles")
     run = assemble.trained(str(path), overrides, own.get("checkpoint"))
     start, tuned = assemble.starting_state(run), assemble.plain_state(run)
-    split = run.data()["val"] if len(alphas) > 1 else None
+    split, refs = None, []
+    if len(alphas) > 1:  # scored: the run's validation split and its reference sets
+        split = run.data()["val"]
+        refs = assemble.references(run.spec, run.shape, run.tokenizer, run.text_length())
     rows, written = [], []
     for alpha in alphas:
         where = out if len(alphas) == 1 else out / f"alpha_{alpha:g}"
@@ -111,7 +118,7 @@ def wise_run(args: list[str]) -> list[Path]:
         made_of = {"method": "wise", "alpha": alpha, "run": str(run.checkpoint), "start": backbone}
         written.append(assemble.save_averaged(averaged, free_folder(where, "ensemble"), made_of))
         if split is not None:
-            metrics = val_metrics(averaged, split)
+            metrics = val_metrics(averaged, split, refs)
             rows.append({"alpha": alpha, "run": str(where), "metrics": metrics})
             log.info("alpha %g: %s %.4f", alpha, run.spec.monitor, metrics.get(run.spec.monitor))
     if rows:
