@@ -23,9 +23,9 @@ from mmtrain.errors import UserError
 from mmtrain.spec import RunSpec, of_run
 
 log = logging.getLogger("mmtrain")
-# Model keys that change how a run trains, not the weights it ends with.
-TRAINING_ONLY = ("freeze", "unfreeze_last_layers", "gradient_checkpointing", "lora")
-TRAINING_ONLY += ("contrastive_weight",)
+# Model keys that change how a run trains (or starts), not the shapes of its weights.
+TRAINING_ONLY = ("freeze", "unfreeze_last_layers", "gradient_checkpointing", "lora", "dropout")
+TRAINING_ONLY += ("contrastive_weight", "position_init")
 
 
 def runs_in(folders: list[str]) -> list[Path]:
