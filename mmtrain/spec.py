@@ -322,7 +322,7 @@ def dotlist(overrides: list[str]) -> dict[str, Any]:
 FINE_TUNING_DEFAULTS = {
     "unfreeze_last_layers": None,
     "gradient_checkpointing": False,
-    "lora": {"r": None, "alpha": None, "dropout": 0.0, "target_modules": None},
+    "lora": {"r": None, "alpha": None, "dropout": 0.0, "target_modules": None, "use_dora": False},
 }
 
 
@@ -339,6 +339,8 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     if model.get("name") in ("clip_fusion", "clip_contrastive"):  # before the fine-tuning keys
         for key, value in FINE_TUNING_DEFAULTS.items():
             model.setdefault(key, copy.deepcopy(value))
+    if isinstance(model.get("lora"), dict):  # before DoRA: plain LoRA
+        model["lora"].setdefault("use_dora", False)
     if data.get("name") == "shapes":
         data.pop("on_bad_sample", None)
     if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off
