@@ -220,6 +220,7 @@ def test_a_soup_averages_runs_and_greedy_keeps_what_helps(flyp, wise, tmp_path):
             assert torch.allclose(tensor, expected, atol=1e-6), name
     made_of = json.loads((tmp_path / "uniform" / "averaged.json").read_text())
     assert made_of["method"] == "uniform soup" and len(made_of["runs"]) == 2
+    assert "val/reference/val/zeroshot_top1" in made_of["metrics"]
 
     soup_run([str(wise / "alpha_0"), str(flyp), "greedy=true", f"out={tmp_path / 'greedy'}"])
     made_of = json.loads((tmp_path / "greedy" / "averaged.json").read_text())

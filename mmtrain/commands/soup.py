@@ -127,7 +127,9 @@ def soup_run(args: list[str]) -> Path:
             log.info("greedy soup: %s %s %.4f", runs[i], monitor, score)
             if better(score, best, mode):
                 kept, best, soup = [*kept, i], score, trial
-    metrics = val_metrics(soup, split)
+    first = loaded[0]
+    refs = assemble.references(first.spec, first.shape, first.tokenizer, first.text_length())
+    metrics = val_metrics(soup, split, refs)  # with zero-shot on zeroshot.reference
     log.info("soup of %d runs: %s %.4f", len(kept), monitor, metrics[monitor])
     made_of = {
         "method": "greedy soup" if greedy else "uniform soup",
