@@ -1,15 +1,20 @@
 """Memory and time of recall@k over N image-text pairs: mmtrain's block-wise scoring
 (`mmtrain.retrieval.recall_at_k`) against the full N x N computation it replaced, in the same
-process.
+process; and a Flickr30k/COCO-shaped set (5 captions per image) scored by their protocol.
 
     python benchmarks/retrieval.py [--pairs 100000] [--dim 512] [--full-pairs 10000]
-                                   [--device cpu|cuda] [--threads 2]
+                                   [--images 1000] [--device cpu|cuda] [--threads 2]
 
 The embeddings (normalised, float32, with duplicate captions) are made first; "extra" is the
 peak resident memory (CPU: VmRSS sampled every 5 ms; CUDA: torch.cuda.max_memory_allocated)
 above what they already use. The full computation (the similarity and match matrices,
 N x N x 5 bytes) runs at --full-pairs only (at 100,000 pairs it would need 50 GB); both
 methods are run there and must agree exactly.
+
+The 5-captions case (--images images, 5 x as many captions, as Flickr30k's 1,000-image test
+split) scores each unique image against every caption (a hit: any of its 5) and each caption
+against the unique images, block-wise, against a full-matrix computation of the same protocol
+(they must agree), and prints what counting every row as an image of its own would report.
 """
 
 from __future__ import annotations
@@ -90,6 +95,58 @@ def full_matrix(images, texts, groups, ks=(1, 5)):
     return values
 
 
+CAPTIONS_PER_IMAGE = 5
+
+
+def flickr_shaped(images: int, dim: int, device: torch.device, seed: int = 1):
+    """`images` image embeddings, each with 5 captions near it (rows: image i's captions are
+    rows 5i..5i+4, the image embedding repeated on each), as a Flickr30k/COCO split."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pictures = torch.randn(images, dim, generator=generator, device=device)
+    pictures = torch.nn.functional.normalize(pictures, dim=-1)
+    image_ids = torch.arange(images, device=device).repeat_interleave(CAPTIONS_PER_IMAGE)
+    noise = torch.randn(len(image_ids), dim, generator=generator, device=device)
+    texts = torch.nn.functional.normalize(pictures[image_ids] + 0.4 * noise, dim=-1)
+    return pictures[image_ids], texts, image_ids
+
+
+def full_matrix_protocol(images, texts, image_ids, ks=(1, 5)):
+    """The protocol on whole matrices: [unique images, captions] scores and their hits."""
+    first = [int((image_ids == i).nonzero()[0]) for i in range(int(image_ids.max()) + 1)]
+    similarity = images[first] @ texts.T  # [U, N]
+    own = torch.arange(len(first), device=images.device)[:, None] == image_ids[None, :]
+    values = {}
+    for k in ks:
+        top_texts = similarity.topk(k, dim=1).indices  # [U, k] captions
+        top_images = similarity.topk(k, dim=0).indices.T  # [N, k] images
+        values[f"recall@{k}_i2t"] = float(own.gather(1, top_texts).any(1).float().mean())
+        values[f"recall@{k}_t2i"] = float((top_images == image_ids[:, None]).any(1).float().mean())
+    return values
+
+
+def captions_per_image_case(count: int, dim: int, device: torch.device) -> None:
+    """Flickr30k/COCO-shaped: the protocol, block-wise and on full matrices, and per row."""
+    images, texts, image_ids = flickr_shaped(count, dim, device)
+    captions = torch.arange(len(texts), device=device)  # every caption its own text
+    print(f"\n{count:,} images x {CAPTIONS_PER_IMAGE} captions x {dim}-d (Flickr30k/COCO-shaped)")
+    full, _, _ = measure(
+        "protocol, full matrices",
+        lambda: full_matrix_protocol(images, texts, image_ids),
+        device,
+    )
+    blocks, _, _ = measure(
+        "protocol, blocks (mmtrain)",
+        lambda: recall_at_k(images, texts, captions, image_ids=image_ids),
+        device,
+    )
+    print("identical results (5 captions per image):", full == blocks)
+    measure(
+        "each row its own image (not the protocol)",
+        lambda: recall_at_k(images, texts, captions),
+        device,
+    )
+
+
 def measure(name, fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -98,7 +155,7 @@ def measure(name, fn, device):
         values = fn()
     seconds = time.perf_counter() - start
     print(
-        f"{name:<34} extra peak {memory.extra / MiB:8.1f} MiB  {seconds:7.1f} s  "
+        f"{name:<42} extra peak {memory.extra / MiB:8.1f} MiB  {seconds:7.1f} s  "
         + "  ".join(f"{k} {v:.4f}" for k, v in values.items()),
         flush=True,
     )
@@ -110,6 +167,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--full-pairs", type=int, default=10_000)
+    parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -129,6 +187,8 @@ def main() -> None:
     blocks, _, _ = measure("blocks (mmtrain)", lambda: recall_at_k(images, texts, groups), device)
     print("identical results:", full == blocks)
     del images, texts, captions, groups
+
+    captions_per_image_case(args.images, args.dim, device)
 
     n = args.pairs
     images, texts, captions = pairs(n, args.dim, device)

@@ -16,6 +16,12 @@ on the CPU):
   before any step (the same initial weights), the same batch size, precision (autocast for
   bf16) and AdamW kernel (fused on CUDA, as mmtrain picks) and torch.compile if asked.
 
+Both loops do the same augmentation: with --augment on (the default, as `mmtrain train`
+runs) each batch goes through the run's image augmentation on the device (the default
+random_resized_crop) in the plain loop too; with --augment off neither augments
+(data/augment=none). The augmentation's own cost is timed apart, on one batch on the device,
+and reported on its own line (ms per batch, and its share of a plain step).
+
 Both compute the same loss: model.contrastive_weight=0 (plain cross-entropy) and
 trainer.grad_clip=null (the plain loop does not clip; mmtrain still computes the gradient
 norm for its finite check, which is its own cost and is timed). data.train_size holds every
@@ -62,6 +68,7 @@ import os
 import random
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -123,6 +130,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--warmup-steps", type=int, default=10, help="untimed steps of each loop first"
     )
+    parser.add_argument(
+        "--augment",
+        choices=("on", "off"),
+        default="on",
+        help="the run's image augmentation in both loops (on: the default crop) or in neither",
+    )
     parser.add_argument("--order", choices=("abba", "random"), default="abba")
     parser.add_argument("--seed", type=int, default=0, help="--order random's seed")
     parser.add_argument(
@@ -178,6 +191,7 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
         f"data.train_size={steps * args.batch_size}",
         f"data.val_size={args.batch_size}",
         "data.test_size=0",
+        *([] if args.augment == "on" else ["data/augment=none"]),
     ]
 
 
@@ -216,6 +230,7 @@ class PlainLoop:
 
     def __init__(self, run: Run, cfg: Any, args: argparse.Namespace, sync_loss: bool = False):
         self.device, self.sync_loss = run.device, sync_loss
+        self.augment, self.steps = run.augment, 0  # the run's; no entries with --augment off
         self.model = copy.deepcopy(run.model).train()  # before any step: the initial weights
         lr = run.optimizer.defaults["lr"]
         self.optimizer = adamw(self.model, cfg, lr, fused=run.device.type == "cuda")
@@ -223,7 +238,7 @@ class PlainLoop:
         self.dtype = torch.bfloat16 if args.precision == "bf16" else None
         built = run.train_loader  # the run's training split and collate
         self.loader = DataLoader(
-            PairDataset(built.dataset.split),
+            PairDataset(built.dataset.split, whole=built.dataset.whole),
             batch_size=args.batch_size,
             shuffle=True,
             collate_fn=built.collate_fn,
@@ -241,7 +256,10 @@ class PlainLoop:
             except StopIteration:
                 self.batches = iter(self.loader)
                 batch = next(self.batches)
-            batch = {k: batch[k].to(self.device, non_blocking=True) for k in KEYS}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = self.augment(batch, (self.steps, 0, 0))  # keyed as mmtrain's loop keys it
+            self.steps += 1
+            batch = {k: batch[k] for k in KEYS}
             train_step(
                 self.step_model, batch, self.optimizer, self.dtype, self.device, self.sync_loss
             )
@@ -282,6 +300,29 @@ def time_block(step_block: Callable[[int], None], args, device, memory) -> dict[
         result["samples_per_cpu_s"] = clock.samples_per_s(args.batch_size, cpu=True)
     result["peak_mib"] = memory.peak_mib()
     return result
+
+
+def augment_cost(
+    plain_loop: PlainLoop, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """The run's image augmentation alone on one training batch on the device: ms per batch
+    (--blocks x --block-steps calls after 2 untimed ones); empty when it is off."""
+    augment = plain_loop.augment
+    names = [name for name, _, _ in augment.entries]
+    if not names:
+        return {}
+    batch = next(iter(plain_loop.loader))
+    batch = {k: v.to(device) for k, v in batch.items() if k in ("images", "aspects")}
+    times = []
+    for index in range(2 + args.blocks * args.block_steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        augment(batch, (index, 0, 0))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"entries": names, "ms_per_batch": spread([t * 1e3 for t in times[2:]])}
 
 
 def variant_model(cfg, tokenizer) -> tuple[torch.nn.Module, Any]:
@@ -397,7 +438,7 @@ def main() -> None:
             f"device {device_name} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} {load_before[1]:.2f} "
             f"{load_before[2]:.2f}); model {args.model} ({params / 1e6:.2f} M parameters), "
-            f"batch {args.batch_size}, precision {args.precision}, compile {args.compile}; "
+            f"batch {args.batch_size}, precision {args.precision}, compile {args.compile}, augment {args.augment}; "
             f"{args.blocks} rounds ({args.order}) of one {args.block_steps}-step block per loop "
             f"after {args.warmup_steps} warm-up steps each",
             flush=True,
@@ -419,6 +460,7 @@ def main() -> None:
                 flush=True,
             )
         reported = mmtrain.reported()[-args.blocks :]
+        augment = augment_cost(loops[PLAIN], args, device)
     load_after = os.getloadavg()
 
     results: dict[str, Any] = {
@@ -437,7 +479,14 @@ def main() -> None:
             for name, runs in blocks.items()
         },
         "mmtrain_reported_samples_per_s": spread(reported),
+        "augment": args.augment,
     }
+    if augment:  # its share of a plain step: ms per batch over a plain step's ms
+        step_ms = 1e3 * args.batch_size / results["loops"][PLAIN]["samples_per_s"]["median"]
+        results["augment_cost"] = {
+            **augment,
+            "share_of_plain_step": augment["ms_per_batch"]["median"] / step_ms,
+        }
     for key in ("samples_per_s", "samples_per_cpu_s"):
         if key not in blocks[PLAIN][0]:
             continue
@@ -503,6 +552,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             c = figures["samples_per_cpu_s"]
             line += f"   CPU-s {c['median']:9.1f} [{c['min']:.1f}, {c['max']:.1f}]"
         print(f"{line}   peak {figures['peak_mib']['median']:.0f} MiB")
+    cost = results.get("augment_cost")
+    if cost:
+        ms = cost["ms_per_batch"]
+        print(
+            f"  augmentation alone ({', '.join(cost['entries'])}; in both loops above): "
+            f"{ms['median']:.3f} ms per batch [{ms['min']:.3f}, {ms['max']:.3f}], "
+            f"{100 * cost['share_of_plain_step']:.1f}% of a plain step"
+        )
+    else:
+        print("  augmentation: off in both loops (--augment off)")
     r = results["mmtrain_reported_samples_per_s"]
     print(
         f"  mmtrain's own train/samples_per_s (metrics.jsonl, each block's {args.block_steps} "

@@ -36,6 +36,9 @@ ENTRIES = ("model", "optimizer", "scheduler", "scaler", "data", "rng", "config")
 # Keys whose change makes a checkpoint's weights or data position meaningless.
 SHAPE_SECTIONS = ("model", "data")
 FREE_KEYS = ("data.num_workers",)  # may change between a run and its resume
+# ... except where the data position depends on it: a webdataset stream is dealt to
+# ranks x loader workers, so other workers would read other batches from the same position.
+STREAMED = "webdataset"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -51,13 +54,24 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
     """Refuse to resume when the model or data config differs from the checkpoint's."""
     old = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(saved.get(s, {}), f"{s}.").items()}
     new = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(current.get(s, {}), f"{s}.").items()}
+    free = FREE_KEYS
+    if old.get("data.name") == STREAMED:  # the readers are ranks x workers: both must stay
+        free = ()
+        ranks = [(config.get("trainer") or {}).get("nproc_per_node") for config in (saved, current)]
+        if None not in ranks:  # a checkpoint of a release without the key: not compared
+            old["trainer.nproc_per_node"], new["trainer.nproc_per_node"] = ranks
     differing = sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in FREE_KEYS
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in free
     )
     if differing:
         details = "; ".join(
             f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in differing
         )
+        if {"data.num_workers", "trainer.nproc_per_node"} & set(differing):
+            details += (
+                f"; data={STREAMED} deals its stream to ranks x loader workers, so other "
+                "readers would train on other batches from the same position"
+            )
         raise UserError(
             f"Cannot resume from {path}: the model or data config differs ({details}). "
             "Resume with the run's original overrides (see .hydra/overrides.yaml in its run directory), "
@@ -83,14 +97,53 @@ def snapshot(
     }
 
 
-def restore(saved: dict[str, Any], model, optimizer, scheduler, scaler) -> None:
-    """Load a `snapshot` into the given objects and restore the RNG states (the loop reads
-    its own state from `saved["data"]`)."""
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
+def restore(
+    saved: dict[str, Any], model, optimizer, scheduler, scaler, path: Path | None = None
+) -> None:
+    """Load a `snapshot` (read from `path`) into the given objects and restore the RNG
+    states (the loop reads its own state from `saved["data"]`); a UserError when a part
+    does not fit."""
+    where = path or Path("the checkpoint")
+    load_weights(model, saved, where, None)
+    for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        try:
+            part.load_state_dict(saved[name])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise UserError(
+                f"The {name} state in {where} does not fit this run ({_first_line(error)}): "
+                "it was written by a run with other settings. Resume with that run's config, "
+                "or start a new run in another directory."
+            ) from None
     set_rng_state(saved["rng"])
+
+
+def load_weights(
+    model: torch.nn.Module, saved: dict[str, Any], path: Path, config: dict[str, Any] | None
+) -> None:
+    """Load a checkpoint's weights into `model`; a UserError that names the model keys that
+    differ from `config` (the run's) when the checkpoint was written for another model
+    (another architecture, fusion, size or class count)."""
+    try:
+        model.load_state_dict(saved["model"])
+        return
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        problem = [line.strip() for line in str(error).splitlines() if line.strip()]
+        shown = problem[1] if len(problem) > 1 else problem[0] if problem else ""
+        shown = shown if len(shown) <= 160 else shown[:160] + " ..."
+    theirs = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    old = _flatten(theirs.get("model") or {}, "model.")
+    new = _flatten((config or {}).get("model") or {}, "model.")
+    differing = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if "model.name" in differing:  # another architecture: its other keys are noise
+        differing = ["model.name"]
+    keys = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in differing[:6])
+    raise UserError(
+        f"The checkpoint {path} does not fit this run's model"
+        + (f" ({keys})" if config is not None and keys else "")
+        + f": {shown}. It was written by a run of another model (or another class count: "
+        "labels.json); give a checkpoint of this run (its checkpoints/ folder), or use the run "
+        "that wrote it (run=ITS_RUN_DIR)."
+    ) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -159,14 +212,16 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 # What checkpoints written by mmtrain 0.1 and 0.2 hold besides tensors and plain values:
 # numpy's RNG state, one uint32 array. Its element type is fixed by the allowed classes, so no
-# object can be built from such a file.
-_reconstruct = np._core.multiarray._reconstruct
+# object can be built from such a file. numpy's public API gives the array rebuilder (what an
+# array pickles to); numpy 1.x names it numpy.core.multiarray, numpy 2 numpy._core.multiarray,
+# and a file may come from either, whichever numpy reads it.
+_reconstruct = np.empty(0, dtype=np.uint32).__reduce__()[0]
 _LEGACY_GLOBALS = [
-    _reconstruct,
-    (_reconstruct, "numpy.core.multiarray._reconstruct"),  # as numpy 1.x pickles name it
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (_reconstruct, "numpy._core.multiarray._reconstruct"),
     np.ndarray,
     np.dtype,
-    np.dtypes.UInt32DType,
+    type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType
 ]
 
 
@@ -263,6 +318,17 @@ def load(path: Path) -> dict[str, Any]:
             f"hold {', '.join(ENTRIES)}. Give a checkpoint from a run directory's checkpoints/ "
             "folder (last.pt, best.pt or step_N.pt); to start from other weights, use "
             "model.backbone=PATH_OR_NAME instead."
+        )
+    altered = [key for key in ENTRIES if not isinstance(saved[key], dict)]
+    step = saved.setdefault("step", saved["data"].get("step", 0) if "data" not in altered else 0)
+    if not isinstance(step, int) or isinstance(step, bool):
+        altered.append("step")
+    if altered:  # each entry is a mapping in every checkpoint mmtrain writes
+        raise UserError(
+            f"{path} is not an mmtrain training checkpoint as written: its "
+            f"{', '.join(altered)} entr{'ies are' if len(altered) > 1 else 'y is'} not what "
+            "mmtrain writes (a mapping; the step a whole number). "
+            "The file was altered; use a checkpoint from a run directory's checkpoints/ folder."
         )
     return saved
 

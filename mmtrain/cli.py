@@ -33,8 +33,10 @@ Usage:
   mmtrain list [GROUP]                 registered components and config options
   mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric
   mmtrain shards MANIFEST OUT_DIR [shard_size=N ...]   webdataset tar shards from a manifest
+  mmtrain resume RUN_DIR [KEY=VALUE ...]   continue a stopped run in its own directory
   mmtrain wise run=RUN_DIR alpha=A[,B,...] [out=DIR]  weight-space ensembles of start and fine-tuned (WiSE-FT)
   mmtrain soup RUN_OR_SWEEP_DIR ... [greedy=true] out=DIR   the average of runs of one backbone (model soups)
+  mmtrain COMMAND --help               one command's usage;  mmtrain --version
 
 Examples:
   mmtrain train                                     the built-in default (synthetic shapes, CPU)
@@ -43,8 +45,10 @@ Examples:
   mmtrain validate data=manifest data.train=train.csv data.val=val.csv
   mmtrain train --config-dir ./conf experiment=mine   your own config groups beside mmtrain's
 """
-COMMANDS = ("train", "eval", "predict", "export", "validate", "list", "report", "shards")
-COMMANDS += ("wise", "soup")
+COMMANDS = (
+    "train", "eval", "predict", "export", "validate", "list", "report", "shards", "resume",
+)  # fmt: skip
+COMMANDS += ("wise", "soup")  # runs made by averaging weights
 # `validate` writes nothing: no run directory, no log file, console logging only.
 VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=console")
 log = logging.getLogger("mmtrain")
@@ -176,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
+    if argv[0] in ("--version", "-V"):
+        import mmtrain
+
+        print(f"mmtrain {mmtrain.__version__}")
+        return 0
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         console.print(
@@ -184,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(USAGE, end="", file=sys.stderr)
         return 2
+    from mmtrain.commands.arguments import USAGES, wants_help
+
+    if command in USAGES and wants_help(args):
+        print(USAGES[command], end="")
+        return 0
     # Let exceptions reach this function: user errors are printed below without a traceback.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     # A log file on a full disk: say so once in the error below, not in a traceback per line.
@@ -203,6 +217,10 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        if command == "resume":
+            from mmtrain.commands.resume import train_arguments
+
+            command, args = "train", train_arguments(args)
         if command == "train":
             from omegaconf import OmegaConf
 
@@ -224,7 +242,7 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
         elif command == "list":
             from mmtrain.commands.listing import print_listing
 
-            print_listing(config_source()[1], args)
+            print_listing(*config_source(), args)
         elif command == "report":
             from mmtrain.commands.report import report
 

@@ -52,6 +52,7 @@ class TrainState:
     skipped: int = 0  # steps skipped on non-finite numbers
     loss_sum: float = 0.0  # training loss since the last log line
     loss_n: int = 0
+    parts_sum: dict[str, float] = field(default_factory=dict)  # the loss's parts (loss_ce, ...)
     validating: bool = False  # a signal abandoned the validation of this step
 
     @classmethod
@@ -124,6 +125,7 @@ class _Step:
 
     start: float = field(default_factory=lambda: time.perf_counter())
     loss: Any = 0.0  # summed over micro-batches
+    parts: dict[str, Any] = field(default_factory=dict)  # the model's loss_* outputs, summed
     micro_batches: int = 0
     samples: int = 0  # global samples, for samples/s
     pending: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -222,9 +224,12 @@ def _backward(run: Run, batch: dict[str, torch.Tensor], step: _Step, stepping: b
     # Under DDP, gradients are all-reduced only on the micro-batch that steps.
     sync = stepping or distributed.world_size() == 1
     with run.autocast(), nullcontext() if sync else run.step_model.no_sync():
-        loss = run.step_model(**batch)["loss"]
+        output = run.step_model(**batch)
+        loss = output["loss"]
         run.scaler.scale(loss / accumulate).backward()
     step.loss = step.loss + loss.detach()
+    for name in (key for key in output if key.startswith("loss_")):
+        step.parts[name] = step.parts.get(name, 0.0) + output[name].detach()
 
 
 def _optimizer_step(
@@ -247,6 +252,11 @@ def _optimizer_step(
     if finite or run.scaler.is_enabled():  # the fp16 scaler skips inf steps itself
         run.scaler.step(run.optimizer)
         state.loss_sum, state.loss_n = state.loss_sum + step_loss, state.loss_n + 1
+        if step.parts:  # read in one transfer from the device
+            values = torch.stack([torch.as_tensor(v) for v in step.parts.values()]).tolist()
+            for name, value in zip(step.parts, values, strict=True):
+                total = state.parts_sum.get(name, 0.0)
+                state.parts_sum[name] = total + value / step.micro_batches
     elif t.on_nonfinite == "stop":
         log.error(
             "Non-finite loss or gradients at step %d (batch indices %s); the last good checkpoint is %s. "
@@ -323,11 +333,19 @@ def _log_train(run: Run, state: TrainState, out: Outputs, speed: float, bar: Any
     loss = state.loss_sum / state.loss_n if state.loss_n else math.nan
     loss = distributed.mean(loss, run.device)
     lr = run.scheduler.get_last_lr()[0]
+    # The loss's parts (clip_fusion: train/loss_ce, train/loss_contrastive), as train/loss.
+    parts = {
+        f"train/{name}": distributed.mean(total / state.loss_n, run.device)
+        for name, total in sorted(state.parts_sum.items())
+        if state.loss_n
+    }
     out.metrics.log(
-        state.step, state.epoch, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": speed}
+        state.step,
+        state.epoch,
+        {"train/loss": loss, **parts, "train/lr": lr, "train/samples_per_s": speed},
     )
     log.info(
         "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s", state.step, run.max_steps, loss, lr, speed
     )
     bar.update(bar.task_ids[0], completed=state.step, loss=loss, lr=lr, speed=speed)
-    state.loss_sum, state.loss_n = 0.0, 0
+    state.loss_sum, state.loss_n, state.parts_sum = 0.0, 0, {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
@@ -68,7 +68,7 @@ def adamw(
     samples_per_step: int | None = None,
     lr: Annotated[float, Bounds(gt=0)] | Literal["auto"] = "auto",
     weight_decay: Annotated[float, Bounds(ge=0)] = 0.05,
-    betas: Annotated[Sequence[float], Bounds(ge=0, lt=1)] = (0.9, 0.999),
+    betas: Annotated[tuple[float, float], Bounds(ge=0, lt=1)] = (0.9, 0.999),
     eps: Annotated[float, Bounds(gt=0)] = 1e-8,
     backbone_lr_scale: Annotated[float, Bounds(ge=0)] | Literal["auto"] = "auto",
     layer_decay: Annotated[float, Bounds(gt=0, le=1)] | None = None,
@@ -82,10 +82,6 @@ def adamw(
     their first `probe_steps` steps (`probed`)."""
     lr = _resolved_lr(lr, samples_per_step)
     backbone_lr_scale = _backbone_scale(model, backbone_lr_scale, lr)
-    if len(betas) != 2:
-        raise UserError(
-            f"optimizer.betas must be two numbers, e.g. [0.9,0.999] (got {list(betas)})."
-        )
     groups = param_groups(model, weight_decay, lr, backbone_lr_scale, layer_decay)
     if not groups:
         raise UserError(

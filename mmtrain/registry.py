@@ -150,9 +150,7 @@ def check(kind: str, cfg: Mapping[str, Any] | str, runtime: Iterable[str] = ()) 
 def _refusal(wrong: rules.Mismatch, key: str, where: str) -> UserError:
     """The message of a key's value that breaks its rule (inside a schema: the inner key)."""
     if wrong.accepted is None:
-        return UserError(
-            f"Key {wrong.key(key)!r} of {where} must be {wrong} (got {wrong.value!r})."
-        )
+        return UserError(f"Key {wrong.key(key)!r} of {where} must be {wrong} (got {wrong.shown}).")
     return UserError(f"Unknown key {wrong.key(key)!r} for {where}.{wrong.accepted_keys(key)}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ class Bounds:
     def limits(self) -> str:
         """The range in symbols: ">= 0 and < 1"."""
         pairs = [(">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)]
-        return " and ".join(f"{op} {limit:g}" for op, limit in pairs if limit is not None)
+        return " and ".join(f"{op} {_number(limit)}" for op, limit in pairs if limit is not None)
 
     def describe(self, noun: str) -> str:
         """`noun` ("an integer", "a number") within this range, in words."""
@@ -54,6 +55,15 @@ class Bounds:
         if self == Bounds(gt=0) or (self == Bounds(ge=1) and noun == "an integer"):
             return positive[noun]
         return f"{noun} {self.limits()}"
+
+
+def _number(limit: float) -> str:
+    """A limit as it reads best: 4294967295, not 4.29497e+09; 0.5 as 0.5."""
+    return str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
+
+
+# A seed every generator takes (python, numpy, torch): numpy's are 32-bit.
+Seed = typing.Annotated[int, Bounds(ge=0, le=2**32 - 1)]
 
 
 class Mismatch(ValueError):
@@ -66,6 +76,12 @@ class Mismatch(ValueError):
     ):
         super().__init__(wanted)
         self.value, self.path, self.accepted = value, path, accepted
+
+    @property
+    def shown(self) -> str:
+        """The value as a message quotes it: cut short when it is long (a 400-digit number)."""
+        text = repr(self.value)
+        return text if len(text) <= 60 else f"{text[:40]}...({len(text)} characters)"
 
     def key(self, root: str) -> str:
         """The dotted key that breaks the rule, from `root` (the key the value was given as)."""
@@ -103,6 +119,24 @@ def _parts(hint: Any) -> tuple[Any, Bounds | None]:
     return hint, None
 
 
+def _length(base: Any) -> int | None:
+    """The fixed length of a tuple[X, X] annotation (None for lists and tuple[X, ...])."""
+    args = typing.get_args(base)
+    if typing.get_origin(base) is tuple and args and Ellipsis not in args:
+        return len(args)
+    return None
+
+
+_INT_LIMIT = 2**63  # every integer key is a count, a size or a seed: torch holds it in 64 bits
+
+
+def _too_large(value: Any) -> bool:
+    """An integer beyond what a float holds (a 400-digit number)."""
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max
+    )
+
+
 def _sequence_item(base: Any) -> Any:
     """The element type of Sequence[X] / list[X] / tuple[X, ...] / tuple[X, X] (Any when
     mixed), else None."""
@@ -131,6 +165,8 @@ def describe(hint: Any) -> str:
             words.append(bounds.describe(noun) if bounds and base in (int, float) else noun)
         elif (item := _sequence_item(base)) is not None:
             noun = f"a list of {_PLURALS[item]}" if item in _PLURALS else "a list"
+            if (length := _length(base)) is not None:
+                noun = noun.replace("a list of", f"a list of {length}", 1)
             words.append(noun + (f", each {bounds.limits()}" if bounds else ""))
         elif _is_mapping(base):
             words.append("a mapping")
@@ -152,16 +188,18 @@ def _one(value: Any, base: Any, bounds: Bounds | None) -> tuple[bool, Any]:
         return value in choices, value
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if base is float:
-        if not number or not math.isfinite(value):
+        if not number or _too_large(value) or not math.isfinite(value):
             return False, value
         value = float(value)
     elif base is int:
-        if not number or not isinstance(value, int):
+        if not number or not isinstance(value, int) or abs(value) >= _INT_LIMIT:
             return False, value
     elif base in (str, bool):
         return type(value) is base, value
     elif (item := _sequence_item(base)) is not None:
         if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            return False, value
+        if (length := _length(base)) is not None and len(value) != length:
             return False, value
         fits = [_one(v, item, bounds) for v in value]
         items = [v for _, v in fits]
@@ -208,7 +246,9 @@ def conform(value: Any, hint: Any) -> Any:
         if ok:
             return converted
     wanted = describe(hint)
-    if isinstance(value, float) and not math.isfinite(value):
+    if _too_large(value) or (isinstance(value, float) and not math.isfinite(value)):
         wanted = wanted.replace("a positive number", "a finite positive number")
         wanted = wanted.replace("a number", "a finite number")
+    if isinstance(value, int) and abs(value) >= _INT_LIMIT and "integer" in wanted:
+        wanted += f" (below {_INT_LIMIT:,})"
     raise Mismatch(wanted, value)

@@ -10,7 +10,6 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mmtrain.errors import Interrupted
@@ -101,7 +100,7 @@ def plot_curves(events: list[dict[str, Any]], path: Path) -> None:
                 values.append(value)
     figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
     for name, (steps, values) in sorted(series.items()):
-        axis = losses if name.endswith("loss") else scores
+        axis = losses if name.split("/")[-1].startswith("loss") else scores  # loss, loss_ce
         axis.plot(
             steps, values, label=name, marker="" if name.startswith("train") else "o", markersize=3
         )
@@ -147,16 +146,5 @@ def stderr_log_handler(**options: Any) -> logging.Handler:
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that resumes the run in `run_dir`: its own overrides, then auto resume."""
-    overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml"
-    try:
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
-    except (OSError, yaml.YAMLError):
-        overrides = []
-    kept = [
-        str(o)
-        for o in overrides
-        if not str(o).startswith(("trainer.resume=", "hydra.run.dir=", "hydra.sweep.dir="))
-    ]
-    words = ["mmtrain", "train", *kept, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
-    return " ".join(shlex.quote(word) for word in words)
+    """The command that resumes the run in `run_dir` (its own overrides, auto resume)."""
+    return shlex.join(["mmtrain", "resume", str(run_dir)])

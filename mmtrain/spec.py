@@ -68,7 +68,7 @@ class TrainerConfig:
     grad_clip: Annotated[float, Bounds(gt=0)] | None = 1.0
     compile: bool = False
     nproc_per_node: Positive = 1
-    seed: int = 42
+    seed: rules.Seed = 42
     val_every_n_steps: Positive | None = None
     val_before_training: bool = False
     log_every_n_steps: Positive = 20
@@ -84,8 +84,8 @@ class TrainerConfig:
 
 @dataclass
 class BatchConfig:
-    """The data group's keys that shape batches rather than choose rows: every data source
-    has them; the source's own keys go to its factory."""
+    """The data group's keys that every data source has (they shape batches or say how the
+    labels are scored, rather than choose rows); the source's own keys go to its factory."""
 
     batch_size: Positive = 32
     num_workers: Count = 0
@@ -94,6 +94,9 @@ class BatchConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     hard_negatives: Count = 0
     negative_sampler: str = "perturb"
+    # The class binary F1/precision/recall/AUROC score; None: chosen from the two labels
+    # (mmtrain.metrics.positive_class, checked against them once the data is read).
+    positive_label: str | int | bool | None = None
 
 
 BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
@@ -103,7 +106,7 @@ BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
 # (`mmtrain validate` asks it to verify its cache).
 RUNTIME = {
     "data": ("image_size", "class_names", "num_classes", "full_check"),
-    "model": ("tokenizer", "spec"),
+    "model": ("tokenizer", "spec", "positive_class"),
     "optimizer": ("model", "samples_per_step"),
     "scheduler": ("optimizer", "total_steps"),
     "zeroshot": ("classes", "tokenizer", "max_length"),
@@ -119,7 +122,7 @@ def typed(schema: type, values: Any, path: str, more: str = "") -> Any:
         return rules.conform({} if values is None else values, schema)
     except rules.Mismatch as wrong:
         if wrong.accepted is None:
-            raise UserError(f"{wrong.key(path)} must be {wrong} (got {wrong.value!r}).") from None
+            raise UserError(f"{wrong.key(path)} must be {wrong} (got {wrong.shown}).") from None
         raise UserError(
             f"Unknown key '{wrong.key(path)}'.{wrong.accepted_keys(path)}{more}"
         ) from None
@@ -345,6 +348,8 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
         data.pop("on_bad_sample", None)
     if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off
         model.setdefault("fusion_difference", False)
+    if data:  # data.positive_label came after 0.2.0: null, the rule of this release
+        data.setdefault("positive_label", None)
     if "hard_negatives" not in model and "hard_negatives" in data:
         return config  # written by this release
     for key in ("hard_negatives", "negative_sampler"):

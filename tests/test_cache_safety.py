@@ -47,7 +47,10 @@ def test_worker_processes_build_the_same_cache_as_threads(tmp_path):
     assert len(index["crc32"]) == 70 and len(set(index["crc32"])) > 1
 
 
-@pytest.mark.parametrize("damage", ["truncated", "broken index", "index of other rows"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "broken index", "index of other rows", "index without bytes", "bytes as text"],
+)
 def test_a_damaged_cache_is_named_discarded_and_rebuilt(tmp_path, caplog, damage):
     train, val = write_learnable(tmp_path, train=9, val=3)
     good = _load(train, val)["train"].images.clone()
@@ -58,7 +61,12 @@ def test_a_damaged_cache_is_named_discarded_and_rebuilt(tmp_path, caplog, damage
         meta.write_text(meta.read_text()[:40])
     else:
         index = json.loads(meta.read_text())
-        index["crc32"] = index["crc32"][:-1]
+        if damage == "index of other rows":
+            index["crc32"] = index["crc32"][:-1]
+        elif damage == "index without bytes":  # was KeyError: 'bytes' in validate and train
+            del index["bytes"]
+        else:
+            index["bytes"] = "many"
         meta.write_text(json.dumps(index))
     with caplog.at_level(logging.WARNING, logger="mmtrain"):
         rebuilt = _load(train, val)

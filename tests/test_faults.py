@@ -187,7 +187,7 @@ def test_a_signal_to_the_group_saves_and_the_resume_is_exact(
 
     assert process.returncode == code, stderr
     assert "Traceback" not in stderr and f"Interrupted by {sig.name}" in stderr
-    assert f"trainer.resume=auto hydra.run.dir={run_dir}" in stderr
+    assert f"Resume with: mmtrain resume {run_dir}" in stderr
     summary = _summary(run_dir)
     assert summary["status"] == "interrupted" and summary["steps"] < 16
     assert waited < 60  # one step plus a save (and the loaders' shutdown), not the whole run
@@ -195,9 +195,7 @@ def test_a_signal_to_the_group_saves_and_the_resume_is_exact(
         assert "validation of step 8 abandoned" in (run_dir / "train.log").read_text()
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
-    resumed = run_cli(
-        "train", *SIGNALLED, *LONG_VAL, "trainer.resume=auto", f"hydra.run.dir={run_dir}"
-    )
+    resumed = run_cli("resume", str(run_dir))  # the run's own overrides, its own directory
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(
         uninterrupted / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt"
@@ -232,7 +230,7 @@ def test_a_signal_to_a_ddp_job_saves_once_and_resumes(tmp_path, launcher):
     if launcher == "nproc_per_node":
         assert process.returncode == 143, stderr
         assert "Traceback" not in stderr
-    assert "Interrupted by SIGTERM" in stderr and "trainer.resume=auto" in stderr
+    assert "Interrupted by SIGTERM" in stderr and f"mmtrain resume {run_dir}" in stderr
     summary = _summary(run_dir)
     assert summary["status"] == "interrupted"
     assert ckpt.load(run_dir / "checkpoints" / "last.pt")["step"] == summary["steps"]
@@ -277,7 +275,7 @@ def test_a_dead_ddp_rank_stops_the_job_with_a_line_naming_it(tmp_path):
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 2, stderr
     assert "Traceback" not in stderr
-    assert "rank 1 (killed by SIGKILL)" in stderr and "trainer.resume=auto" in stderr
+    assert "rank 1 (killed by SIGKILL)" in stderr and "mmtrain resume" in stderr
     assert _summary(run_dir)["status"] == "failed"
     saved = ckpt.load(run_dir / "checkpoints" / "last.pt")  # whole
     assert saved["step"] >= 6
@@ -445,7 +443,7 @@ def test_invisible_captions_and_non_files_are_bad_rows(tmp_path):
         ("optimizer.eps=inf", "Key 'eps' of optimizer 'adamw' must be a finite positive number (got inf)"),
         ("optimizer.weight_decay=abc", "Key 'weight_decay' of optimizer 'adamw' must be a number >= 0 (got 'abc')"),
         ("optimizer.weight_decay=-0.1", "Key 'weight_decay' of optimizer 'adamw' must be a number >= 0 (got -0.1)"),
-        ("optimizer.betas=[0.9,2]", "Key 'betas' of optimizer 'adamw' must be a list of numbers, each >= 0 and < 1 (got [0.9, 2])"),
+        ("optimizer.betas=[0.9,2]", "Key 'betas' of optimizer 'adamw' must be a list of 2 numbers, each >= 0 and < 1 (got [0.9, 2])"),
         ("optimizer.layer_decay=1.5", "Key 'layer_decay' of optimizer 'adamw' must be a number > 0 and <= 1 or null (got 1.5)"),
         ("scheduler.warmup_steps=-5", "Key 'warmup_steps' of scheduler 'cosine' must be an integer >= 0 (got -5)"),
         ("scheduler.min_lr_ratio=2", "Key 'min_lr_ratio' of scheduler 'cosine' must be a number >= 0 and <= 1 (got 2)"),

@@ -3,8 +3,12 @@ users add their own config groups beside mmtrain's without forking."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -151,3 +155,63 @@ def test_the_wheel_trains_from_another_folder_in_a_fresh_environment(tmp_path):
     assert_mine_ran(elsewhere / "mine")
     listing = run_in(elsewhere, [mmtrain, "list", "model"])
     assert listing.returncode == 0 and "mmtrain/models/classifier.py:" in listing.stdout
+
+
+def _project() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _names(requirements: list[str]) -> list[str]:
+    """The project names of requirement strings, normalised."""
+    return [_normal(re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0]) for r in requirements]
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party module that mmtrain imports (at the top or inside a function) comes
+    from a distribution pyproject.toml declares, in the core list or in an extra."""
+    project = _project()
+    core = set(_names(project["dependencies"]))
+    declared = core.union(*map(_names, project["optional-dependencies"].values()))
+    imported = set()
+    for path in (ROOT / "mmtrain").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"mmtrain"}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {
+        module: providers.get(module)
+        for module in third_party
+        if not {_normal(d) for d in providers.get(module, [module])} & declared
+    }
+    assert undeclared == {}
+    assert {"pyyaml", "numpy"} <= core  # yaml is imported by the core, not only by extras
+
+
+def test_the_all_extra_holds_every_integration():
+    extras = _project()["optional-dependencies"]
+    integrations = set(extras) - {"all", "dev"}
+    assert {"tensorboard", "wandb", "mlflow", "sweep"} <= integrations
+    (everything,) = extras["all"]
+    assert everything == f"mmtrain[{','.join(sorted(integrations, key=list(extras).index))}]"
+    assert "mmtrain[all]" in extras["dev"]  # `make test` installs what every test needs
+
+
+def test_make_train_installs_the_core_package_and_make_test_the_dev_extras(tmp_path):
+    """`make -n` prints what each target would run, from a fresh checkout's point of view."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    venv = tmp_path / "venv"
+    train = run_in(ROOT, ["make", "-n", "train", f"VENV={venv}"]).stdout
+    assert "pip install -q -e .\n" in train and "[dev" not in train
+    (venv).mkdir()
+    (venv / ".installed-core").touch()  # after `make train`, `make test` still adds the extras
+    test = run_in(ROOT, ["make", "-n", "test", f"VENV={venv}"]).stdout
+    assert "pip install -q -e '.[dev]'" in test and "pytest" in test

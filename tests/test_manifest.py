@@ -387,3 +387,35 @@ def test_unlabelled_pairs_and_empty_manifests(tmp_path):
     assert (
         len(manifest(image_size=8, train=str(pairs), val=str(empty), label_column=None)["val"]) == 0
     )
+
+
+def test_a_rejected_row_makes_no_class(tmp_path):
+    good = learnable_rows(tmp_path, "train", 6)
+    lines = ["image,text,label"] + [f"{r['image']},{r['text']},{r['label']}" for r in good]
+    lines.append(f"{good[0]['image']},a red, square picture,red")  # label " square picture"
+    lines.append(f"{good[1]['image']},a picture,9")  # a class id among names: its own class
+    lines.append("images/missing.png,a picture,purple")  # a missing image makes none either
+    train = tmp_path / "train.csv"
+    train.write_text("\n".join(lines) + "\n")
+    val = write_jsonl(tmp_path / "val.jsonl", good[:2] + [{**good[2], "label": " square picture"}])
+    splits = manifest(image_size=8, train=str(train), val=str(val), on_bad_sample="skip")
+    names = sorted({r["label"] for r in good} | {"9"})
+    assert splits["train"].class_names == names  # was also " square picture" and "purple"
+    assert [r.reason for r in splits["train"].bad_rows] == [
+        "wrong number of fields",
+        "missing file",
+    ]
+    assert [r.reason for r in splits["val"].bad_rows] == ["unknown label"]
+    assert splits["train"].labels.tolist() == [names.index(r["label"]) for r in good] + [0]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [(b"image,text,label\n\x00\x01\x02", "is a binary file"), ("a,é\n".encode("latin-1"), "is not UTF-8 text")],
+)  # fmt: skip
+def test_a_manifest_that_is_not_text_is_named(tmp_path, data, expected):
+    train = tmp_path / "train.csv"
+    train.write_bytes(data)
+    with pytest.raises(UserError) as error:
+        manifest(image_size=8, train=str(train), val=str(train))
+    assert str(error.value).startswith(f"The manifest: {train} {expected}")

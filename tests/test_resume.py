@@ -1,6 +1,7 @@
 """Training state that survives: exact resume, interruption, bad numbers, early stopping."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,54 @@ def test_resumed_run_matches_the_uninterrupted_one_bit_for_bit(full_run, tmp_pat
     assert json.loads((stopped / "summary.json").read_text())["steps"] == 16
 
 
+def test_mmtrain_resume_continues_a_run_from_its_directory_bit_for_bit(full_run, tmp_path):
+    """A run stopped after step 5 (its directory as such a run leaves it: its saved
+    overrides and last.pt) continues with `mmtrain resume RUN_DIR` alone."""
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full_run / ".hydra", stopped / ".hydra")
+    (stopped / "checkpoints").mkdir()
+    shutil.copy(full_run / "checkpoints" / "step_5.pt", stopped / "checkpoints" / "last.pt")
+    result = run_cli("resume", str(stopped))
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"resumed from {stopped / 'checkpoints' / 'last.pt'} at step 5"
+        in (stopped / "train.log").read_text()
+    )
+    assert_same_weights(full_run / "checkpoints" / "last.pt", stopped / "checkpoints" / "last.pt")
+    assert _train_losses(stopped) == _train_losses(full_run, after=5)
+
+
+def test_resume_arguments_are_the_runs_own_overrides_then_the_extra_ones(tmp_path):
+    from mmtrain.commands.resume import train_arguments
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    saved = ["model.fusion=concat", "trainer.resume=auto", "trainer.max_epochs=2"]
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in saved))
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  overrides:\n    hydra: [hydra.run.dir=elsewhere, hydra.mode=RUN,\n"
+        "      'hydra.searchpath=[file:///mine]']\n  runtime:\n    config_sources:\n"
+        "    - {path: mmtrain.conf, schema: pkg, provider: main}\n"
+        "    - {path: /my/conf, schema: file, provider: command-line}\n"
+    )
+    with pytest.raises(UserError, match="no checkpoint"):
+        train_arguments([str(run_dir)])
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "step_3.pt").write_bytes(b"")
+    assert train_arguments([str(run_dir), "trainer.max_epochs=4"]) == [
+        "--config-dir", "/my/conf", "hydra.searchpath=[file:///mine]",
+        "model.fusion=concat", "trainer.max_epochs=2", "trainer.max_epochs=4",
+        "trainer.resume=auto", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="KEY=VALUE overrides only"):
+        train_arguments([str(run_dir), "--cfg"])
+    with pytest.raises(UserError, match="not a run directory"):
+        train_arguments([str(tmp_path)])
+    result = run_cli("resume", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not a directory: it is not a run directory" in result.stderr
+
+
 def test_checkpoint_holds_the_full_training_state(full_run):
     state = torch.load(full_run / "checkpoints" / "step_5.pt", weights_only=True)
     assert state["step"] == 5 and state["epoch"] == 0 and state["data"]["batch"] == 5
@@ -107,21 +156,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr  # 128 + SIGTERM, as a shell reports it
     assert "Interrupted by SIGTERM" in stderr
-    assert f"Resume with: mmtrain train {' '.join(TINY)}" in stderr
-    assert f"trainer.resume=auto hydra.run.dir={run_dir}" in stderr
+    assert f"Resume with: mmtrain resume {run_dir}" in stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 0 < summary["steps"] < 96
     saved = ckpt.load(run_dir / "checkpoints" / "last.pt")
     assert saved["step"] == summary["steps"]
 
-    result = run_cli(
-        "train",
-        *TINY,
-        "trainer.max_epochs=12",
-        "trainer.log_every_n_steps=1",
-        "trainer.resume=auto",
-        f"hydra.run.dir={run_dir}",
-    )
+    result = run_cli("resume", str(run_dir))  # nothing retyped
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 96
@@ -225,8 +266,9 @@ def test_the_loop_state_of_a_checkpoint_loads_or_says_why(full_run, tmp_path):
     from mmtrain.loop import TrainState
 
     saved = torch.load(full_run / "checkpoints" / "step_5.pt", weights_only=True)
-    # the format this release writes: 0.1.0's, plus whether a validation is still due
-    assert set(saved["data"]) == set(STATE_0_1_0) | {"validating"}
+    # the format this release writes: 0.1.0's, plus whether a validation is still due and
+    # the sums of the loss's parts since the last log line
+    assert set(saved["data"]) == set(STATE_0_1_0) | {"validating", "parts_sum"}
     state = TrainState.from_checkpoint({"data": STATE_0_1_0}, tmp_path / "old.pt")
     assert (state.step, state.best, state.loss_n) == (5, 0.61, 3)
     with pytest.raises(UserError, match="written by a newer release") as error:

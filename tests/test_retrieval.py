@@ -109,3 +109,74 @@ def test_gather_rows_pads_unequal_ranks_and_cuts_the_padding_off(tmp_path):
     for rank in (0, 1):
         gathered, longest = results[rank]
         assert torch.equal(gathered, expected) and longest == 5
+
+
+# --- several captions per image: the COCO/Flickr30k protocol ------------------------------
+
+# Scores of 3 images (rows: A, B, C) against 5 captions (columns: a1, a2, b1, b2, c1), chosen
+# by hand: every row and every column holds distinct values.
+SCORES = torch.tensor(
+    [
+        [0.9, 0.1, 0.8, 0.3, 0.2],
+        [0.7, 0.2, 0.6, 0.5, 0.4],
+        [0.1, 0.3, 0.2, 0.4, 0.05],
+    ]
+)
+IMAGE_OF_ROW = torch.tensor([0, 0, 1, 1, 2])  # rows a1, a2 show A; b1, b2 show B; c1 shows C
+# By hand. Image to text, per image its captions ranked by score:
+#   A: a1 .9, b1 .8            top-1 hit (a1), top-2 hit
+#   B: a1 .7, b1 .6            top-1 miss,     top-2 hit (b1)
+#   C: b2 .4, a2 .3            top-1 miss,     top-2 miss (c1 scores .05)
+# Text to image, per caption the images ranked by score:
+#   a1: A .9, B .7   hit, hit      a2: C .3, B .2   miss, miss     b1: A .8, B .6   miss, hit
+#   b2: B .5, C .4   hit, hit      c1: B .4, A .2   miss, miss
+BY_HAND = {
+    "recall@1_i2t": 1 / 3,
+    "recall@2_i2t": 2 / 3,
+    "recall@1_t2i": 2 / 5,
+    "recall@2_t2i": 3 / 5,
+}
+
+
+def test_several_captions_per_image_follow_the_coco_protocol_computed_by_hand():
+    images = torch.eye(3)[IMAGE_OF_ROW]  # image u is axis u, so image u . text j = SCORES[u, j]
+    texts = SCORES.T.contiguous()
+    for budget in (4 * 5, 4 * 5 * 100):  # one query per block, and all at once
+        got = recall_at_k(
+            images, texts, torch.arange(5), (1, 2), budget_bytes=budget, image_ids=IMAGE_OF_ROW
+        )
+        assert got == pytest.approx(BY_HAND, abs=1e-7)
+    # Each row an image of its own (before the protocol): A's two copies fill b1's top 2.
+    per_row = recall_at_k(images, texts, torch.arange(5), (1, 2))
+    assert per_row["recall@2_t2i"] == pytest.approx(2 / 5)
+
+
+def test_validation_merges_rows_with_the_same_pixels_into_one_image():
+    from mmtrain.retrieval import image_keys
+
+    generator = torch.Generator().manual_seed(0)
+    pictures = torch.randint(256, (3, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    keys = image_keys(pictures[IMAGE_OF_ROW])
+    assert torch.equal(keys[0], keys[1]) and not torch.equal(keys[1], keys[2])
+    changed = pictures[:1].clone()
+    changed[0, 1, 4, 4] ^= 1  # one bit of one pixel
+    assert not torch.equal(image_keys(changed)[0], image_keys(pictures[:1])[0])
+
+    metrics = RetrievalMetrics(torch.device("cpu"))
+    for rows in (slice(0, 3), slice(3, 5)):  # the rows of one image may be in two batches
+        ids = torch.tensor([[1, 10 + i, 2] for i in range(5)])[rows]
+        batch = {
+            "images": pictures[IMAGE_OF_ROW][rows],
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "index": torch.arange(5)[rows],
+        }
+        output = {
+            "loss": torch.tensor(1.0),
+            "image_embeds": torch.eye(3)[IMAGE_OF_ROW][rows],
+            "text_embeds": SCORES.T[rows],
+        }
+        metrics.update(output, batch)
+    metrics.KS = (1, 2)
+    values = metrics.compute()
+    assert {k: v for k, v in values.items() if k != "loss"} == pytest.approx(BY_HAND, abs=1e-7)

@@ -52,12 +52,17 @@ def test_values_that_keep_their_rule_are_held_as_the_key_takes_them(hint, value,
         (dict[str, str] | None, "abc", "a mapping or null"),
         (bool, "yes", "true or false"),
         (str | None, 7, "a string or null"),
+        (tuple[float, float], [0.9], "a list of 2 numbers"),  # a fixed length is a rule too
+        (Rate, 10**400, "a finite positive number or auto"),  # beyond a float: no OverflowError
+        (rules.Seed, -1, "an integer >= 0 and <= 4294967295"),  # what numpy's generator takes
+        (Annotated[int, Bounds(ge=1)], 10**400, "a positive integer (below 9,223,372,036,854,775,808)"),
     ],
 )  # fmt: skip
 def test_a_value_that_breaks_its_rule_says_what_the_key_takes(hint, value, wanted):
     with pytest.raises(rules.Mismatch) as error:
         rules.conform(value, hint)
     assert str(error.value) == wanted and error.value.value is value
+    assert len(error.value.shown) <= 70  # a 400-digit number is not echoed whole
 
 
 @dataclass(frozen=True)

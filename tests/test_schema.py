@@ -45,6 +45,15 @@ def test_the_trainer_yaml_holds_the_schemas_defaults():
         ("model.fusion_layers=true", "Key 'fusion_layers' of model 'clip_fusion' must be a positive integer (got True)"),
         ("data.augment.flip.p=often", "Key 'p' of image_augment 'flip' must be a number >= 0 and <= 1 (got 'often')"),
         ("data.hard_negatives=2", "data.hard_negatives=2, but model 'clip_fusion' takes no negative texts"),
+        # Values that raised from deep inside (numpy, float(), the factory) check as rules too.
+        ("optimizer.betas=ab", "Key 'betas' of optimizer 'adamw' must be a list of 2 numbers, each >= 0 and < 1 (got 'ab')"),
+        ("optimizer.betas=[0.9,x]", "Key 'betas' of optimizer 'adamw' must be a list of 2 numbers, each >= 0 and < 1 (got [0.9, 'x'])"),
+        ("optimizer.betas=[0.9]", "Key 'betas' of optimizer 'adamw' must be a list of 2 numbers"),
+        ("model.lora.dropout=abc", "Key 'lora.dropout' of model 'clip_fusion' must be a number >= 0 and < 1 (got 'abc')"),
+        ("model.lora.dropout=1.5", "Key 'lora.dropout' of model 'clip_fusion' must be a number >= 0 and < 1 (got 1.5)"),
+        (f"optimizer.lr={'9' * 400}", "Key 'lr' of optimizer 'adamw' must be a finite positive number or auto (got 9999"),
+        ("trainer.seed=-1", "trainer.seed must be an integer >= 0 and <= 4294967295 (got -1)"),
+        ("data.seed=-3", "Key 'seed' of data 'shapes' must be an integer >= 0 (got -3)"),
     ],
 )  # fmt: skip
 def test_a_bad_key_or_value_names_the_key(override, expected):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import TINY, read_jsonl, run_cli
 
@@ -22,8 +23,20 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     train = [e for e in events if "train/loss" in e]
     val = [e for e in events if "val/accuracy" in e]
     assert [e["step"] for e in val] == [8, 16, 24]  # one evaluation per epoch of 8 steps
-    assert {"val/loss", "val/accuracy", "val/f1", "val/auroc"} <= set(val[-1])
+    assert {
+        "val/loss",
+        "val/accuracy",
+        "val/f1",
+        "val/precision",
+        "val/recall",
+        "val/auroc",
+    } <= set(val[-1])
     assert train[-1]["train/loss"] < train[0]["train/loss"]
+    # clip_fusion's loss is cross-entropy + 0.5 x contrastive: both parts are logged too.
+    for event in train:
+        whole = event["train/loss_ce"] + 0.5 * event["train/loss_contrastive"]
+        assert event["train/loss"] == pytest.approx(whole, rel=1e-5)
+    assert "positive class of val/f1, val/precision, val/recall, val/auroc: 'match' (chosen" in log
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"

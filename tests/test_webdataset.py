@@ -197,6 +197,27 @@ def test_shards_command_then_train_and_resume_exactly(tmp_path):
         tmp_path / "full" / "checkpoints" / "last.pt",
         tmp_path / "resumed" / "checkpoints" / "last.pt",
     )
+    # Other loader workers would read other batches from the same position: refused.
+    step_4 = tmp_path / "full" / "checkpoints" / "step_4.pt"
+    other = run_cli(*args, "data.num_workers=1", f"trainer.resume={step_4}",
+                    f"hydra.run.dir={tmp_path / 'other'}")  # fmt: skip
+    assert other.returncode == 2 and "data.num_workers: 2 in the checkpoint, 1 now" in other.stderr
+
+
+def test_a_stream_resumed_with_other_loader_workers_is_refused(tmp_path):
+    from mmtrain.checkpoint import check_compatible
+
+    def config(name, workers):
+        return {"model": {"name": "clip_fusion"}, "data": {"name": name, "num_workers": workers}}
+
+    check_compatible(config("manifest", 2), config("manifest", 0), tmp_path / "last.pt")
+    with pytest.raises(UserError) as error:
+        check_compatible(config("webdataset", 2), config("webdataset", 0), tmp_path / "last.pt")
+    assert "data.num_workers: 2 in the checkpoint, 0 now" in str(error.value)
+    assert "other batches" in str(error.value)
+    two_ranks = {**config("webdataset", 2), "trainer": {"nproc_per_node": 2}}
+    with pytest.raises(UserError, match="trainer.nproc_per_node: 2 in the checkpoint, 1 now"):
+        check_compatible(two_ranks, {**two_ranks, "trainer": {"nproc_per_node": 1}}, tmp_path)
 
 
 def test_validate_decodes_every_sample_and_lists_the_bad(tmp_path):
@@ -208,3 +229,88 @@ def test_validate_decodes_every_sample_and_lists_the_bad(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "000004.jpg" in result.stdout and "unreadable image" in result.stdout
     assert "train: 20 rows, 19 usable, 1 bad" in result.stdout
+
+
+def test_shards_command_keeps_classes_of_kept_rows_and_nothing_of_a_failed_write(
+    tmp_path, monkeypatch
+):
+    import errno
+    import tarfile
+
+    from mmtrain.commands.shards import write_shards as shards_command
+
+    train, _ = write_learnable(tmp_path / "data", train=9, val=1)
+    lines = train.read_text().splitlines()
+    first = lines[1].split(",")
+    with open(train, "a") as handle:  # an unquoted comma: its label would be " square picture"
+        handle.write(f"{first[0]},a red, square picture,red\n")
+    out = tmp_path / "out%d 100%"  # was: TypeError from a format string
+    shards_command([str(train), str(out), "shard_size=4", "on_bad_sample=skip"])
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert (out / "classes.txt").read_text().split("\n")[:-1] == ["blue", "green", "red"]
+    assert not list(out.glob(".*"))  # no temporary left
+    # A full disk at the second shard: no partial tar, none of the command's files kept.
+    calls = {"n": 0}
+    addfile = tarfile.TarFile.addfile
+
+    def full_disk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 14:  # 3 members per sample: past the first shard's 4 samples
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return addfile(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full_disk)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / ".00000.tar.999.tmp").write_bytes(b"half a shard")  # a killed command's
+    with pytest.raises(UserError, match="no space left on device.*Free space"):
+        shards_command([str(train), str(full), "shard_size=4", "on_bad_sample=skip"])
+    assert calls["n"] > 14 and list(full.iterdir()) == []
+
+
+def _as_tar_of_a_folder(shard):
+    """Rewrite `shard` as `tar -C DIR -cf SHARD .` writes it: a `./` entry, then `./NAME`s."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        folder = tarfile.TarInfo("./")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for member, data in members:
+            member.name = f"./{member.name}"
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_members_named_dot_slash_and_a_truncated_shard(tmp_path, caplog):
+    pattern = write_shards(tmp_path / "s", shards=2, label="json")
+    for shard in (tmp_path / "s").glob("*.tar"):
+        _as_tar_of_a_folder(shard)
+    splits = webdataset(image_size=16, train=pattern, val=pattern)
+    assert len(splits["train"]) == 20  # was 2: every member read as one key ""
+    assert splits["train"].class_names == ["blue", "green", "red"]
+    seen = [i for batch in _epoch(_loader(splits["train"], workers=0), 0) for i in batch]
+    assert len(set(seen)) == 20  # streamed as 20 samples too, each with its image and text
+    # A truncated shard: refused under error, its readable samples kept under skip.
+    last = tmp_path / "s" / "00001.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(UserError, match="1 train shard\\(s\\) cannot be read to their end"):
+        webdataset(image_size=16, train=pattern, val=pattern)
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        kept = webdataset(image_size=16, train=pattern, val=pattern, on_bad_sample="skip")
+    assert 10 < len(kept["train"]) < 20 and "skipped the unreadable tail of 1 train" in caplog.text
+
+
+def test_a_sample_refused_for_its_members_makes_no_class(tmp_path):
+    pattern = write_shards(tmp_path / "s", shards=2, label="json")
+    wds = require_webdataset()
+    with wds.TarWriter(str(tmp_path / "s" / "00001.tar")) as sink:  # the second shard, again
+        sink.write({"__key__": "a", "txt": "no image", "json": json.dumps({"label": "purple"})})
+        sink.write({"__key__": "b", "jpg": _jpeg(0), "txt": " ", "json": '{"label": "pink"}'})
+        for number in range(4):
+            sink.write({"__key__": f"c{number}", "jpg": _jpeg(number), "txt": "a picture",
+                        "json": json.dumps({"label": ["red", "green"][number % 2]})})  # fmt: skip
+    splits = webdataset(image_size=16, train=pattern, val=pattern, on_bad_sample="skip")
+    assert splits["train"].class_names == ["blue", "green", "red"]  # was also pink, purple
+    assert len(splits["train"]) == 16

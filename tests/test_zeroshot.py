@@ -2,6 +2,7 @@
 contrastive run that reports it from step 0 through validation, eval and predict."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -42,11 +43,55 @@ def test_templates_built_in_from_a_file_or_a_list(tmp_path):
         (["a photo"], "must contain {} exactly once"),
         (["a {} or {}"], "must contain {} exactly once"),
         ([], "no prompt templates"),
+        (["a {colour} {}"], "has the field {colour}, which a class name cannot fill"),
+        (["a photo of a {0}."], "has the field {0}, which a class name cannot fill"),
+        (["a {} with a { brace"], "is not a format string"),
     ],
 )
 def test_bad_templates_say_what_to_give(templates, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_templates(templates)
+
+
+def test_template_files_that_are_not_utf8_text_or_hold_a_field_stop_when_the_spec_is_parsed(
+    tmp_path,
+):
+    from conftest import compose_train
+
+    from mmtrain.spec import parse
+
+    files = {
+        "latin1.txt": ("a photo of a {} caf\xe9.\n".encode("latin-1"), "is not UTF-8 text"),
+        "binary.txt": (b"\x89PNG\r\n\x1a\n\0\0\0", "is a binary file"),
+        "named.txt": (b"a {colour} photo of a {}.\n", "has the field {colour}"),
+        "numbered.txt": (b"a photo of a {0}.\n", "has the field {0}"),
+    }
+    for name, (data, message) in files.items():
+        (tmp_path / name).write_bytes(data)
+        config = compose_train(["model=clip_contrastive", f"zeroshot.templates={tmp_path / name}"])
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse(config)  # before any data, model or step: the spec's check
+    with pytest.raises(UserError, match="is not a file"):
+        load_templates(str(tmp_path))
+
+
+def test_prompts_a_tokenizer_cannot_read_warn_once_with_the_share(caplog):
+    captions = ["a red square on the left", "a blue circle at the top"]
+    tokenizer = build_word_tokenizer(captions)
+    classes = (torch.tensor([0, 1]), ["square", "circle"])
+    with caplog.at_level("WARNING", logger="mmtrain"):
+        task = prompts(classes=classes, tokenizer=tokenizer, max_length=16, templates="openai")
+    warnings = [r.getMessage() for r in caplog.records if "zero-shot" in r.getMessage()]
+    assert len(warnings) == 1
+    ids = tokenizer(task.templates[0].format("square"), add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id in ids  # "bad" and "photo" are not caption words
+    share = int(re.search(r"(\d+)% of the prompts' tokens", warnings[0]).group(1))
+    assert 40 < share < 80
+    assert "zeroshot.templates=simple" in warnings[0] and "model.backbone" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmtrain"):  # prompts in the captions' words
+        prompts(classes=classes, tokenizer=tokenizer, max_length=16, templates=["a {} on the left"])
+    assert not [r for r in caplog.records if "zero-shot" in r.getMessage()]
 
 
 def test_class_names_must_name_every_class():
@@ -91,7 +136,25 @@ def test_zeroshot_accuracy_looks_labels_up_by_row_index():
     output = {"loss": torch.tensor(0.5), "image_embeds": images, "text_embeds": images}
     metrics.update(output, batch)
     values = metrics.compute()
-    assert values["zeroshot_top1"] == 0.5 and values["zeroshot_top5"] == 1.0
+    assert values["zeroshot_top1"] == 0.5
+    assert "zeroshot_top5" not in values  # 3 classes: every class is in every top 5
+
+
+def test_zeroshot_top5_is_reported_with_more_than_5_classes():
+    metrics = RetrievalMetrics(
+        torch.device("cpu"), ZeroShotClasses(torch.eye(7), torch.tensor([5, 4, 0]), list("abcdefg"))
+    )
+    # One image embedding for all three rows: classes ranked 0, 1, 2, 3, 4 | 5, 6.
+    images = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]]).expand(3, 7)
+    ids = torch.tensor([[1, 5], [1, 6], [1, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "index": torch.arange(3)}
+    metrics.update(
+        {"loss": torch.tensor(0.5), "image_embeds": images, "text_embeds": images}, batch
+    )
+    values = metrics.compute()
+    # Labels 5 (ranked 6th: a miss), 4 (5th: a top-5 hit), 0 (first: a top-1 hit).
+    assert values["zeroshot_top1"] == pytest.approx(1 / 3)
+    assert values["zeroshot_top5"] == pytest.approx(2 / 3)
 
 
 def test_per_class_scores_match_torchmetrics():
@@ -145,8 +208,8 @@ def run(tmp_path_factory):
 def test_validation_reports_zeroshot_from_step_0_and_it_learns(run):
     val = [e for e in read_jsonl(run / "metrics.jsonl") if "val/loss" in e]
     assert [e["step"] for e in val] == [0, 6, 12, 18]
-    assert all("val/zeroshot_top1" in e and "val/zeroshot_top5" in e for e in val)
-    assert val[-1]["val/zeroshot_top5"] == 1.0  # 3 classes: the true one is always in the top 5
+    assert all("val/zeroshot_top1" in e for e in val)
+    assert not any("val/zeroshot_top5" in e for e in val)  # 3 classes: top-5 would always be 1
     assert val[-1]["val/zeroshot_top1"] > max(val[0]["val/zeroshot_top1"], 0.6)
     assert (
         "zero-shot classification: 3 classes, 1 prompt templates" in (run / "train.log").read_text()
@@ -162,7 +225,7 @@ def test_eval_writes_zeroshot_scores_and_pictures(run):
         for e in read_jsonl(run / "metrics.jsonl")
         if e["step"] == written["step"] and "val/loss" in e
     )
-    for name in ("zeroshot_top1", "zeroshot_top5", "recall@1_i2t", "recall@5_t2i"):
+    for name in ("zeroshot_top1", "recall@1_i2t", "recall@5_t2i"):
         assert written["metrics"][f"val/{name}"] == pytest.approx(logged[f"val/{name}"], abs=1e-5)
     per_class = written["zeroshot_per_class"]
     assert sorted(per_class) == ["blue", "green", "red"]

@@ -106,7 +106,7 @@ def trained(run: str, overrides: list[str] = (), checkpoint: str | None = None) 
     if "num_classes" in spec.model.options and class_names is None:
         raise UserError(f"{path / 'labels.json'} not found: the run directory is incomplete.")
     net = model(spec, tok, shape, class_names)
-    net.load_state_dict(saved["model"])
+    ckpt.load_weights(net, saved, weights, spec.config)
     log.info("loaded %s (step %d)", weights, saved["step"])
     return Trained(path, spec, shape, tok, class_names, net.eval(), weights, saved["step"])
 

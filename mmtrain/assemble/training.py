@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmtrain import distributed, loggers
+from mmtrain import distributed, loggers, registry
 from mmtrain.data import augment as aug
 from mmtrain.data.loader import Collate, make_loader
 from mmtrain.data.negatives import NegativeSampler
@@ -26,6 +26,7 @@ from mmtrain.data.summary import summarize
 from mmtrain.data.tokenizer import build_word_tokenizer, save_tokenizer
 from mmtrain.devices import autocast_for, resolve_precision
 from mmtrain.errors import UserError
+from mmtrain.metrics import positive_class
 from mmtrain.models.backbone import BackboneSpec, backbone_spec, load_tokenizer
 from mmtrain.models.interface import Model
 from mmtrain.models.zeroshot import ZeroShotTask
@@ -94,8 +95,10 @@ def model(spec: RunSpec, tok: Any, shape: BackboneSpec, class_names: list[str] |
     options = dict(spec.model.options)
     if "num_classes" in options:
         options["num_classes"] = num_classes(spec, class_names or [])
+    scored = positive(spec, class_names)
     log.info("building model %s", spec.model.name)
-    built = dataclasses.replace(spec.model, options=options).build(tokenizer=tok, spec=shape)
+    chosen = dataclasses.replace(spec.model, options=options)
+    built = chosen.build(tokenizer=tok, spec=shape, positive_class=scored)
     trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in built.parameters() if not p.requires_grad)
     log.info(
@@ -103,6 +106,20 @@ def model(spec: RunSpec, tok: Any, shape: BackboneSpec, class_names: list[str] |
         f"{trainable + frozen:,}", f"{trainable:,}", f"{frozen:,}",
     )  # fmt: skip
     return built
+
+
+def positive(spec: RunSpec, class_names: list[str] | None) -> int | None:
+    """The class a classifier's binary metrics score (data.positive_label, checked against
+    the labels); None for a model that reports no such metrics."""
+    given = spec.batches.positive_label
+    if not registry.accepted("model", spec.model.name, {"positive_class": None}):
+        if given is not None:
+            log.warning(
+                "data.positive_label=%s is not used: model %s reports no per-class metrics.",
+                given, spec.model.name,
+            )  # fmt: skip
+        return None
+    return positive_class(class_names or [], given)
 
 
 def zeroshot(spec: RunSpec, split: SplitData, tok: Any, length: int) -> ZeroShotTask | None:
@@ -267,10 +284,18 @@ def training_run(
     steps_per_epoch, max_steps = total_steps(spec.trainer, len(train_loader))
     optimizer = _optimizer(spec, net)
     schedule = spec.scheduler.build(optimizer=optimizer, total_steps=max_steps)
-    if built.zeroshot is None and spec.monitor not in metric_names(spec.traits):
+    reported = metric_names(spec.traits)
+    if built.zeroshot is not None:
+        reported += [f"val/{name}" for name in built.zeroshot.metric_names()]
+    if spec.monitor not in reported:
+        why = (
+            "the validation split has no image classes to score zero-shot"
+            if built.zeroshot is None
+            else "top-5 is reported only with more than 5 classes"
+        )
         raise UserError(
-            f"trainer.checkpoint.monitor={spec.monitor}: the validation split has no image "
-            f"classes to score zero-shot; choose one of: {', '.join(metric_names(spec.traits))}."
+            f"trainer.checkpoint.monitor={spec.monitor}: {why}; choose one of: "
+            f"{', '.join(reported)}."
         )
     precision = resolve_precision(spec.trainer.precision, device)
     return Run(

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import textwrap
 import typing
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import mmtrain
@@ -63,8 +66,9 @@ def defined_at(fn: object) -> str:
     return f"{shown}:{line}"
 
 
-def print_listing(config_dir: Traversable, args: list[str]) -> None:
-    """One table of every group, or the components of one group with their keys and files."""
+def print_listing(config_path: str, config_dir: Traversable, args: list[str]) -> None:
+    """One table of every group, or the components of one group with the values a run uses
+    (the YAML options', composed as `mmtrain train` composes them) and where each is defined."""
     console = Console()
     if len(args) > 1 or (args and args[0] not in GROUPS):
         raise UserError(
@@ -72,7 +76,7 @@ def print_listing(config_dir: Traversable, args: list[str]) -> None:
         )
     if not args:
         table = Table(title="mmtrain: config groups and registered components")
-        table.add_column("group", style="bold")
+        table.add_column("group", style="bold", no_wrap=True)
         table.add_column("config options (GROUP=OPTION)")
         table.add_column("registered components")
         for group, kinds in GROUPS.items():
@@ -80,49 +84,130 @@ def print_listing(config_dir: Traversable, args: list[str]) -> None:
             table.add_row(group, ", ".join(_options(config_dir, group)), components or "-")
         console.print(table)
         console.print(
-            "Details of one group (keys, defaults, where each is defined): mmtrain list GROUP"
+            "Details of one group (keys, the values a run uses, where each is defined): "
+            "mmtrain list GROUP",
+            soft_wrap=True,
         )
         return
-    group = args[0]
+    _print_group(console, args[0], _composed(config_path, config_dir, args[0]))
+
+
+def _composed(config_path: str, config_dir: Traversable, group: str) -> dict[str, Any]:
+    """Each YAML option of `group` (and "" for the default config) -> the config that
+    `mmtrain train GROUP=OPTION` composes, as plain values."""
+    from hydra import compose, initialize_config_dir, initialize_config_module
+    from omegaconf import OmegaConf
+
+    if config_path.startswith("pkg://"):
+        context = initialize_config_module(config_path[len("pkg://") :], version_base=None)
+    else:
+        context = initialize_config_dir(config_path, version_base=None)
+    picks = _options(config_dir, group)
+    with context:
+        return {
+            option: OmegaConf.to_container(
+                compose("train", [f"{group}={option}"] if option else [])
+            )
+            for option in ["", *picks]
+        }
+
+
+def _print_group(console: Console, group: str, configs: dict[str, Any]) -> None:
     console.print(
-        f"[bold]{group}[/] config options: {', '.join(_options(config_dir, group)) or '-'}"
+        f"[bold]{group}[/] config options: {', '.join(o for o in configs if o) or '-'}",
+        soft_wrap=True,
     )
+    default = configs[""]
     if group == "data":
-        console.print(f"Keys every data option has: {', '.join(f'data.{k}' for k in BATCH_KEYS)}")
+        console.print(
+            f"Keys every data option has: {', '.join(f'data.{k}' for k in BATCH_KEYS)}",
+            soft_wrap=True,
+        )
     if group == "trainer":
-        table = Table(title="trainer keys (typed: a wrong value or an unknown key is an error)")
-        table.add_column("key", style="bold")
-        table.add_column("takes")
-        table.add_column("default")
-        for key, hint, default in _schema_rows(TrainerConfig, "trainer"):
-            table.add_row(key, rules.describe(hint), repr(default))
-        console.print(table)
+        console.print("trainer keys (typed: a wrong value or an unknown key is an error):")
+        for key, hint, _ in _schema_rows(TrainerConfig, "trainer"):
+            value = _dig(default, key.split("."))
+            console.print(
+                f"  {key}={_typed(value)}  [dim]{rules.describe(hint)}[/]", soft_wrap=True
+            )
     for kind in GROUPS[group]:
-        table = Table(title=f"registered {kind} components")
-        table.add_column("name", style="bold")
-        table.add_column("keys (defaults)")
-        table.add_column("description")
-        table.add_column("defined at", no_wrap=True)
+        console.print(f"\n[bold]registered {kind} components[/]", soft_wrap=True)
         for name in registry.names(kind):
             fn = registry.get(kind, name)
-            keys = [
-                f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
-                for p in inspect.signature(fn).parameters.values()
-                if p.name not in SUPPLIED.get(kind, ())
-            ]
-            table.add_row(name, ", ".join(keys), _summary(fn), defined_at(fn))
-        console.print(table)
+            prefix, option, values = _values_in_force(group, kind, name, configs)
+            where = f"{group}={option}, " if option else ""
+            console.print(f"[bold]{name}[/]  ({where}{defined_at(fn)})", soft_wrap=True)
+            summary = textwrap.fill(_summary(fn), max(console.width, 60), initial_indent="  ")
+            console.print(escape(summary.replace("\n", "\n  ")), highlight=False, soft_wrap=True)
+            for param in inspect.signature(fn).parameters.values():
+                if param.name in SUPPLIED.get(kind, ()):
+                    continue
+                if values is not None and param.name in values:
+                    for key, value in _flat(f"{prefix}{param.name}", values[param.name]):
+                        console.print(f"    {key}={_typed(value)}", highlight=False, soft_wrap=True)
+                elif param.default is not inspect.Parameter.empty:
+                    note = "the function's default" + (", not set in the YAML" if values else "")
+                    console.print(
+                        f"    {prefix}{param.name}={_typed(param.default)}  [dim]({note})[/]",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
     if GROUPS[group]:
         console.print(
-            "The defaults shown are the functions' own; each YAML option sets its values "
-            "(`mmtrain train --cfg job` prints what a run uses).",
+            "\nValues: what a run with that option uses (the YAML's; the function's own default "
+            "where the YAML sets none). `mmtrain train --cfg job` prints a whole run's config.",
             highlight=False,
+            soft_wrap=True,
         )
     if group == "data":
         console.print(
             "Augmentations (training split only) are switched on by probability: "
-            "data.augment.flip.p=0.5 data.augment.word_dropout.p=0.1"
+            "data.augment.flip.p=0.5 data.augment.word_dropout.p=0.1",
+            soft_wrap=True,
         )
+
+
+def _values_in_force(
+    group: str, kind: str, name: str, configs: dict[str, Any]
+) -> tuple[str, str | None, dict[str, Any] | None]:
+    """(the keys' prefix, the option that selects component `name`, the values that option
+    gives it); values None where no YAML option configures the component."""
+    if kind in ("image_augment", "text_augment"):
+        return f"data.augment.{name}.", None, configs[""]["data"]["augment"].get(name)
+    if kind == "logger":
+        chosen = configs.get(name, {}).get("logger") or {}
+        return f"logger.{name}.", (name if name in configs else None), chosen.get(name)
+    if kind == group:
+        for option, config in configs.items():
+            if option and (config.get(group) or {}).get("name") == name:
+                return f"{group}.", option, config[group]
+    return f"{group}.", None, None
+
+
+def _flat(key: str, value: Any) -> list[tuple[str, Any]]:
+    """A nested mapping as the dotted keys a command line sets."""
+    if isinstance(value, dict) and value:
+        return [pair for k, v in value.items() for pair in _flat(f"{key}.{k}", v)]
+    return [(key, value)]
+
+
+def _dig(config: dict[str, Any], path: list[str]) -> Any:
+    for part in path:
+        config = config[part]
+    return config
+
+
+def _typed(value: Any) -> str:
+    """`value` as it is typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_typed(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_typed(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def _schema_rows(schema: type, prefix: str) -> list[tuple[str, object, object]]:

@@ -27,7 +27,7 @@ import torch
 
 from mmtrain import assemble
 from mmtrain.commands.arguments import parse_args
-from mmtrain.errors import UserError
+from mmtrain.errors import UserError, read_text
 from mmtrain.retrieval import topk
 
 log = logging.getLogger("mmtrain")
@@ -196,7 +196,8 @@ def _names(value: str, key: str, file_only: bool = False) -> list[str]:
     """Lines of a text file (blank lines skipped), or a comma-separated list."""
     path = Path(value).expanduser()
     if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = read_text(path, f"{key}={value}")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     elif file_only or value.endswith(".txt"):
         raise UserError(
             f"{key}={value}: no such file ({path.resolve()}); give a text file with one "

@@ -12,9 +12,11 @@ the ids (one name per line, in id order: open_clip's layout). Beside them too:
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -23,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.labels import Classes, classes_of
-from mmtrain.data.rows import Checker, ManifestRow, check_row, read_manifest
+from mmtrain.data.rows import Checker, ManifestRow, check_fields, read_manifest
 from mmtrain.data.samples import CLASSES_FILE, IMAGE_KEYS, SIZES_FILE, require_webdataset
 from mmtrain.data.source import BadRow
 from mmtrain.errors import UserError
@@ -66,12 +68,14 @@ def _parse(args: list[str]) -> tuple[Path, Path, dict[str, str]]:
     return Path(positional[0]).expanduser().resolve(), Path(positional[1]).expanduser(), options
 
 
-def _classes(rows: list[ManifestRow], label_column: str | None) -> Classes:
-    """The classes of the manifest's labels (one class without a label column)."""
+def _classes(rows: list[ManifestRow], problems: list, label_column: str | None) -> Classes:
+    """The classes of the labels of the rows kept by every other check (one class without
+    a label column): a rejected row makes no class."""
     if label_column is None:
         for row in rows:
             row.label = 0
-    return classes_of([row.label for row in rows])
+    kept = [row.label for row, problem in zip(rows, problems, strict=True) if problem is None]
+    return classes_of(kept or [row.label for row in rows])
 
 
 def _progress(what: str) -> Progress:
@@ -82,49 +86,90 @@ def _progress(what: str) -> Progress:
 
 
 def _check(
-    rows: list[ManifestRow], checker: Checker, manifest: Path, max_pixels: int
-) -> tuple[list[tuple[Path, str, int]], list[BadRow]]:
-    """(path, text, class id) of every good row, and the bad rows."""
-    bad: list[BadRow] = []
-    good = []
+    rows: list[ManifestRow], checker: Checker, max_pixels: int
+) -> list[tuple[Path | None, tuple[str, str] | None]]:
+    """Per row, (image path, problem) from every check but its label's."""
+    checked = []
     with _progress("checking rows") as progress:
         task = progress.add_task("check", total=len(rows))
         for row in rows:
-            path, label, problem = check_row(checker, row)
+            path, problem = check_fields(checker, row)
             if problem is None:
                 try:
                     load_image(path, 32, max_pixels)  # decodes it once: a broken file is a bad row
                 except ImageProblem as error:
                     problem = (error.reason, error.detail)
-            if problem is None:
-                good.append((path, row.text, label))
-            else:
-                bad.append(BadRow("rows", str(manifest), row.line, *problem))
+            checked.append((path, problem))
             progress.advance(task)
+    return checked
+
+
+def _labelled(
+    rows: list[ManifestRow], checked: list, classes: Classes, manifest: Path
+) -> tuple[list[tuple[Path, str, int]], list[BadRow]]:
+    """(path, text, class id) of every good row, and the bad rows, in the manifest's order."""
+    checker = Checker(str(manifest), manifest.parent, classes)
+    good, bad = [], []
+    for row, (path, problem) in zip(rows, checked, strict=True):
+        label, label_problem = checker.label(row)
+        problem = problem or label_problem
+        if problem is None:
+            good.append((path, row.text, label))
+        else:
+            bad.append(BadRow("rows", str(manifest), row.line, *problem))
     return good, bad
 
 
+def _shard(
+    wds, target: Path, samples: list[tuple[int, Path, str, int]], classes: Classes, advance
+) -> None:
+    """Write `samples` (number, path, text, class id) as the shard `target`: into a
+    temporary file beside it, synced, then renamed, so `target` is whole or absent."""
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as stream:
+            with wds.TarWriter(stream) as sink:
+                for number, path, text, label in samples:
+                    ext, data = _image_bytes(path)
+                    sample = {"__key__": f"{number:09d}", ext: data, "txt": text, "cls": str(label)}
+                    if not classes.ids:  # the name: every split maps it to the training ids
+                        sample["json"] = json.dumps({"label": classes.names[label]})
+                    sink.write(sample)
+                    advance()
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def _write(good: list[tuple[Path, str, int]], out: Path, size: int, classes: Classes) -> dict:
-    """Write the good rows as shards of `size` samples into `out`; {shard name: samples}."""
+    """Write the good rows as shards of `size` samples into `out`; {shard name: samples}.
+    A failed write (a full disk) leaves none of this command's files behind."""
     wds = require_webdataset()
     sizes: dict[str, int] = {}
-    with (
-        _progress("writing shards") as progress,
-        wds.ShardWriter(str(out / "%05d.tar"), maxcount=size, verbose=0) as sink,
-    ):
-        task = progress.add_task("write", total=len(good))
-        for number, (path, text, label) in enumerate(good):
-            ext, data = _image_bytes(path)
-            sample = {"__key__": f"{number:09d}", ext: data, "txt": text, "cls": str(label)}
-            if not classes.ids:  # the name: every split maps it to the training split's id
-                sample["json"] = json.dumps({"label": classes.names[label]})
-            sink.write(sample)
-            sizes[f"{number // size:05d}.tar"] = sizes.get(f"{number // size:05d}.tar", 0) + 1
-            progress.advance(task)
-    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
-    if not classes.ids:
-        names = "".join(f"{name}\n" for name in classes.names)
-        (out / CLASSES_FILE).write_text(names, encoding="utf-8")
+    try:
+        with _progress("writing shards") as progress:
+            task = progress.add_task("write", total=len(good))
+            for first in range(0, len(good), size):
+                name = f"{first // size:05d}.tar"  # the folder is a path, never a pattern
+                chunk = [(n, *good[n]) for n in range(first, min(first + size, len(good)))]
+                _shard(wds, out / name, chunk, classes, lambda: progress.advance(task))
+                sizes[name] = len(chunk)
+        (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+        if not classes.ids:
+            names = "".join(f"{name}\n" for name in classes.names)
+            (out / CLASSES_FILE).write_text(names, encoding="utf-8")
+    except OSError as error:
+        for path in [*(out / name for name in sizes), out / SIZES_FILE, out / CLASSES_FILE]:
+            path.unlink(missing_ok=True)
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise UserError(
+            f"Could not write the shards into {out} "
+            f"({'no space left on device' if full else error.strerror or error}); nothing of "
+            f"them was kept. {'Free space' if full else 'Fix the cause'} and run mmtrain "
+            "shards again."
+        ) from None
     return sizes
 
 
@@ -141,9 +186,9 @@ def write_shards(args: list[str]) -> Path:
         "label": label_column,
     }
     _, rows = read_manifest(manifest, columns)
+    max_pixels = int(options["max_image_pixels"])
     if not rows:
         raise UserError(f"The manifest {manifest} has no rows.")
-    classes = _classes(rows, label_column)
     root = (
         Path(options["image_root"]).expanduser().resolve()
         if options["image_root"]
@@ -152,8 +197,11 @@ def write_shards(args: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise UserError(f"{out} already holds .tar files; choose an empty folder.")
-    checker = Checker(str(manifest), root, classes)
-    good, bad = _check(rows, checker, manifest, int(options["max_image_pixels"]))
+    for stale in out.glob(".*.tar.*.tmp"):  # a shard a killed command was writing
+        stale.unlink(missing_ok=True)
+    checked = _check(rows, Checker(str(manifest), root, Classes([], ids=False)), max_pixels)
+    classes = _classes(rows, [problem for _, problem in checked], label_column)
+    good, bad = _labelled(rows, checked, classes, manifest)
     if bad and options["on_bad_sample"] == "error":
         listing = "\n".join(f"  {row}" for row in bad)
         raise UserError(
@@ -168,6 +216,7 @@ def write_shards(args: list[str]) -> Path:
         f"wrote {len(good)} samples in {len(sizes)} shard(s) to {out} ({len(bad)} bad row(s) left out). "
         f"Train with: data=webdataset \"data.train='{out}/{{00000..{last:05d}}}.tar'\"",
         highlight=False,
+        markup=False,  # a folder named [like this] is no markup
         soft_wrap=True,
     )
     return out

@@ -49,6 +49,7 @@ def validate_data(cfg: DictConfig, console: Console | None = None) -> list[BadRo
         shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
         console.print(f"{len(names)} classes (id order): {shown}", highlight=False, soft_wrap=True)
         assemble.num_classes(spec, names)
+        assemble.positive(spec, names)  # data.positive_label names one of two labels
     if bad:
         console.print(
             f"{len(bad)} bad row(s). Fix or remove them, or train with data.on_bad_sample=skip "

@@ -80,9 +80,13 @@ def open_cache(data: Path, meta: Path, size: int, verify: bool) -> CachedImages:
         ):
             raise ValueError("its lists and shape disagree")
         problems = [tuple(p) if p else None for p in problems]
+        expected = record["bytes"]
+        if not isinstance(expected, int) or isinstance(expected, bool):
+            raise ValueError(f"its byte size {expected!r} is no integer")
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DamagedCache(f"its index {meta.name} is unreadable ({error})") from None
-    actual, expected = data.stat().st_size, record["bytes"]
+        # Every field is read here: a field missing (KeyError 'bytes') damages the index.
+        raise DamagedCache(f"its index {meta.name} is unreadable ({error!r})") from None
+    actual = data.stat().st_size
     if actual != expected:
         raise DamagedCache(f"{data.name} is {actual:,} bytes, its index says {expected:,}")
     try:

@@ -19,11 +19,12 @@ from typing import Annotated, Any, Literal
 import torch
 
 from mmtrain.data.cache import cache_options, decoded_images
+from mmtrain.data.cached import CachedImages
 from mmtrain.data.labels import Classes, classes_of, resolve_label
 from mmtrain.data.rows import (
     Checker,
     ManifestRow,
-    check_row,
+    check_fields,
     read_manifest,
     row_negatives,
     settle_bad_rows,
@@ -36,29 +37,45 @@ from mmtrain.rules import Bounds
 log = logging.getLogger("mmtrain")
 
 
-def _load_split(
-    split: str,
-    path: Path,
+def _decode_split(
     rows: list[ManifestRow],
     manifest_bytes: bytes,
     checker: Checker,
     image_size: int,
     cache_dir: Path,
     max_image_pixels: int,
-    with_negatives: bool,
     cache: dict[str, Any],
-) -> SplitData:
-    paths, problems, labels = [], [], []
+) -> tuple[list[Path | None], CachedImages, list[tuple[str, str] | None]]:
+    """(image paths, their decoded images, per row its problem but a label's): every check
+    that decides whether a row is kept before the classes exist."""
+    paths, problems = [], []
     for row in rows:
-        image, label, problem = check_row(checker, row)
+        image, problem = check_fields(checker, row)
         paths.append(image)
-        labels.append(label)
         problems.append(problem)
     cache = decoded_images(paths, manifest_bytes, cache_dir, image_size, max_image_pixels, cache)
+    return paths, cache, [cache.problems[i] or problem for i, problem in enumerate(problems)]
+
+
+def _split_data(
+    split: str,
+    path: Path,
+    rows: list[ManifestRow],
+    decoded: tuple[list[Path | None], CachedImages, list[tuple[str, str] | None]],
+    classes: Classes,
+    image_size: int,
+    with_negatives: bool,
+) -> SplitData:
+    """The split's kept rows, each label resolved among `classes`; the others as bad rows."""
+    paths, cache, problems = decoded
+    checker = Checker(str(path), path.parent, classes)
     bad: list[BadRow] = []
     good: list[int] = []
+    labels: list[int | None] = []
     for position, (row, problem) in enumerate(zip(rows, problems, strict=True)):
-        problem = cache.problems[position] or problem
+        label, label_problem = checker.label(row)
+        labels.append(label)
+        problem = problem or label_problem
         if problem is None:
             good.append(position)
         else:
@@ -96,23 +113,33 @@ def _read_splits(
     return read
 
 
+def _kept_labels(
+    read: dict[str, tuple[Path, bytes, list[ManifestRow]]],
+    decoded: dict[str, tuple[list[Path | None], CachedImages, list[tuple[str, str] | None]]],
+) -> list[Any]:
+    """The labels of the training rows kept by every check but the label's (all of them
+    when none is kept: each is then reported as it is)."""
+    if "train" not in read:
+        return []
+    rows, problems = read["train"][2], decoded["train"][2]
+    kept = [row.label for row, problem in zip(rows, problems, strict=True) if problem is None]
+    return kept or [row.label for row in rows]
+
+
 def _classes(
     read: dict[str, tuple[Path, bytes, list[ManifestRow]]],
+    kept: list[Any],
     label_column: str | None,
     class_names: list[str] | None,
     num_classes: int | None,
 ) -> Classes:
-    """The run's classes (`class_names`) or those of the training labels."""
-    if label_column is None:  # no labels: one class, every row in it
-        for _, _, rows in read.values():
-            for row in rows:
-                row.label = 0
+    """The run's classes (`class_names`) or those of the labels of the training rows that
+    are `kept`: a row refused for its fields (a caption's unquoted comma shifts its tail
+    into the label) makes no class."""
     if class_names is not None:
         classes = Classes.given(class_names)
     else:
-        classes = classes_of([row.label for row in read["train"][2]], num_classes)
-    if "train" in read and not read["train"][2]:
-        raise UserError(f"The training manifest {read['train'][0]} has no rows.")
+        classes = classes_of(kept, num_classes)
     if not classes.names:
         raise UserError(
             f"The training manifest {read['train'][0]} has no usable label in column "
@@ -187,23 +214,35 @@ def manifest(
     if negative_column:
         columns["negative"] = negative_column
     read = _read_splits({"train": train, "val": val, "test": test}, columns)
-    classes = _classes(read, label_column, class_names, num_classes)
-    if caption_from_label is not None:
-        caption_rows(read, classes, caption_from_label)
-        log.info("captions made from the labels: %r", caption_from_label)
-    genuine = matching_class(classes.names, None if label_column is None else match_label)
+    if "train" in read and not read["train"][2]:
+        raise UserError(f"The training manifest {read['train'][0]} has no rows.")
+    if label_column is None:  # no labels: one class, every row in it
+        for _, _, rows in read.values():
+            for row in rows:
+                row.label = 0
+    if caption_from_label is not None:  # the label as written, until the classes exist
+        caption_rows(read, Classes([], ids=False), caption_from_label)
     options = cache_options(cache, cache_workers, cache_scale, full_check)
-    splits: dict[str, SplitData] = {}
+    decoded = {}
     for split, (path, data, rows) in read.items():
         root = Path(image_root).expanduser().resolve() if image_root else path.parent
         folder = Path(cache_dir).expanduser().resolve() if cache_dir else path.parent
         if not cache_dir:
             folder = folder / ".mmtrain_cache"
-        checker = Checker(str(path), root, classes)
-        splits[split] = _load_split(
-            split, path, rows, data, checker, image_size, folder, max_image_pixels,
-            bool(negative_column), options,
-        )  # fmt: skip
+        checker = Checker(str(path), root, Classes([], ids=False))
+        decoded[split] = _decode_split(
+            rows, data, checker, image_size, folder, max_image_pixels, options
+        )
+    classes = _classes(read, _kept_labels(read, decoded), label_column, class_names, num_classes)
+    if caption_from_label is not None:
+        caption_rows(read, classes, caption_from_label)
+        log.info("captions made from the labels: %r", caption_from_label)
+    genuine = matching_class(classes.names, None if label_column is None else match_label)
+    splits: dict[str, SplitData] = {}
+    for split, (path, _, rows) in read.items():
+        splits[split] = _split_data(
+            split, path, rows, decoded[split], classes, image_size, bool(negative_column)
+        )
         if genuine is not None:  # a matching task: only its matching rows are true pairs
             splits[split].paired = splits[split].labels == genuine
         if splits[split].bad_rows:

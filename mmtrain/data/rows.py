@@ -2,7 +2,8 @@
 
 `read_manifest` reads a file into `ManifestRow`s without judging them; a `Checker` judges
 a row's image path, text and label (the label through `mmtrain.data.labels`), and
-`check_row` puts the checks together. `settle_bad_rows` applies `data.on_bad_sample` to the
+`check_row` puts the checks together (`check_fields` all but the label's: the classes come
+from the rows that pass them). `settle_bad_rows` applies `data.on_bad_sample` to the
 bad rows of every split: the report of `error`, or the count of `skip`. The manifest
 source, the hf source and `mmtrain shards` all check rows this way.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 from mmtrain.data.labels import Classes, resolve_label
 from mmtrain.data.source import BadRow
-from mmtrain.errors import UserError
+from mmtrain.errors import UserError, read_text
 
 log = logging.getLogger("mmtrain")
 # Characters that show nothing: controls, format characters (zero-width space, joiners,
@@ -115,13 +116,8 @@ def read_manifest(path: Path, columns: dict[str, str | None]) -> tuple[bytes, li
             f"The manifest {path} is neither .csv nor .jsonl; mmtrain reads the format from "
             "the extension. Rename or convert the file."
         )
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise _read_error(
-            path, f"it is not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
+    text = read_text(path, "The manifest")
+    data = text.encode("utf-8")
     if suffix == ".csv":
         header, rows = _csv_rows(path, text, columns)
     else:
@@ -206,17 +202,25 @@ def _path_problem(checker: Checker, row: ManifestRow, path: Path | None) -> tupl
     return None
 
 
+def check_fields(checker: Checker, row: ManifestRow) -> tuple[Path | None, tuple[str, str] | None]:
+    """(image path to decode, problem) of one row, from every check but its label's and
+    its image's decoding: what decides whether a row is kept before any class exists. The
+    path is None when there is nothing to decode."""
+    path = checker.path(row)
+    problem = _path_problem(checker, row, path)
+    if problem is not None:
+        return None, problem
+    return path, checker.text(row)
+
+
 def check_row(
     checker: Checker, row: ManifestRow
 ) -> tuple[Path | None, int | None, tuple[str, str] | None]:
     """(image path to decode, class id, problem) of one row, from every check but the
     image's decoding; the path is None when there is nothing to decode."""
     label, label_problem = checker.label(row)
-    path = checker.path(row)
-    problem = _path_problem(checker, row, path)
-    if problem is not None:
-        return None, label, problem
-    return path, label, checker.text(row) or label_problem
+    path, problem = check_fields(checker, row)
+    return path, label, problem or label_problem
 
 
 def bad_row_report(bad: list[BadRow], where: str = "in the manifests") -> str:

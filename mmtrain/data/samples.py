@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ import torch
 
 from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.labels import Classes, resolve_label
-from mmtrain.errors import UserError
+from mmtrain.errors import UserError, read_text
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CLASSES_FILE = "classes.txt"  # beside the shards: one class name per line, in id order
 SIZES_FILE = "sizes.json"  # beside the shards: {shard file name: samples} (open_clip's)
+IMAGE = "__image__"  # in a scanned sample: it has an image member
 INSTALL = "pip install 'mmtrain[webdataset]'"
 
 
@@ -68,7 +70,7 @@ def read_classes_file(folder: Path) -> list[str] | None:
     path = folder / CLASSES_FILE
     if not path.is_file():
         return None
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path, "The class names beside the shards").split("\n")
     return [name.removesuffix("\r") for name in lines if name.strip()]
 
 
@@ -144,24 +146,61 @@ def raw_label(sample: dict[str, Any], label_key: str) -> tuple[str | None, Any]:
     return None, None
 
 
-def scan(shards: list[Path], label_key: str | None) -> tuple[list[int], list[Any], list[str]]:
+def member_name(name: str) -> str:
+    """A shard member's name as mmtrain groups it: `./KEY.jpg` (what `tar -C DIR -cf X.tar .`
+    writes) is `KEY.jpg`, so its samples keep their keys."""
+    return posixpath.normpath(name)
+
+
+def shard_samples(shards: list[Path], handler: Any) -> Any:
+    """The raw samples of `shards` as webdataset groups a shard's members (member names
+    through `member_name`); `handler(error)` gets each read error and goes on (True)."""
+    wds = require_webdataset()
+    samples = wds.tarfile_to_samples(handler=handler, rename_files=member_name)
+    return samples([{"url": str(shard)} for shard in shards])
+
+
+def _small_members(shard: Path) -> tuple[list[dict[str, bytes]], str | None]:
+    """The small members (txt, cls, json) of each sample of `shard`, grouped as
+    `shard_samples` groups them, and the error that ended reading a damaged shard (the
+    samples before it are kept)."""
+    from webdataset.tariterators import base_plus_ext
+
+    samples: list[dict[str, bytes]] = []
+    key = None
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                prefix, ext = base_plus_ext(member_name(member.name))
+                if not member.isreg() or prefix is None:
+                    continue
+                if prefix != key:
+                    key = prefix
+                    samples.append({})
+                if ext.lower() in ("txt", "cls", "json"):
+                    samples[-1][ext.lower()] = tar.extractfile(member).read()
+                elif ext.lower() in IMAGE_KEYS:
+                    samples[-1][IMAGE] = b""  # it has one (its bytes are not read)
+    except (tarfile.TarError, OSError) as error:
+        return samples, str(error)
+    return samples, None
+
+
+def scan(
+    shards: list[Path], label_key: str | None
+) -> tuple[list[int], list[Any], list[str], list[str]]:
     """One pass over the shards' small members (images are skipped, not read): per shard its
-    sample count, every label and every text."""
-    counts, labels, texts = [], [], []
+    sample count, every text, the labels of the samples with an image and a text (a sample
+    refused for lacking one makes no class), and per damaged shard "SHARD: error" (its
+    samples before the damage are counted)."""
+    counts, labels, texts, damaged = [], [], [], []
     for shard in shards:
-        samples: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    entry = samples.setdefault(key, {})
-                    if ext in ("txt", "cls", "json"):
-                        entry[ext] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError) as error:
-            raise UserError(f"Cannot read the shard {shard}: {error}.") from None
+        samples, error = _small_members(shard)
+        if error is not None:
+            damaged.append(f"{shard}: {error}")
         counts.append(len(samples))
-        for entry in samples.values():
+        for entry in samples:
             texts.append(entry.get("txt", b"").decode("utf-8", errors="replace"))
-            if label_key is not None:
+            if label_key is not None and IMAGE in entry and texts[-1].strip():
                 labels.append(raw_label(entry, label_key)[1])
-    return counts, labels, texts
+    return counts, labels, texts, damaged

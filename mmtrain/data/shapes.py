@@ -118,7 +118,7 @@ def shapes(
     train_size: Annotated[int, Bounds(ge=1)] = 6000,
     val_size: Annotated[int, Bounds(ge=1)] = 1000,
     test_size: Annotated[int, Bounds(ge=0)] = 1000,
-    seed: int = 0,
+    seed: Annotated[int, Bounds(ge=0)] = 0,
 ) -> dict[str, SplitData]:
     """The synthetic matching set (`test_size=0`: no test split); `image_size` comes from
     the model's backbone."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmtrain.data.samples import SampleChecker, require_webdataset, scan
+from mmtrain.data.samples import SampleChecker, require_webdataset, scan, shard_samples
 from mmtrain.data.source import BadRow
 from mmtrain.errors import UserError
 
@@ -81,10 +81,7 @@ class StreamSplit:
 
     def check_all(self) -> None:
         """Decode every sample once (`mmtrain validate`) and list the bad ones."""
-        wds = require_webdataset()
-        for sample in wds.tarfile_to_samples(handler=self._tar_problem)(
-            [{"url": str(s)} for s in self.shards]
-        ):
+        for sample in shard_samples(self.shards, self._tar_problem):
             _, problem = self.checker(sample)
             if problem is not None:
                 where = str(sample.get("__url__", ""))
@@ -126,13 +123,11 @@ class ShardStream(IterableDataset):
         self.batches_per_reader = 0  # set by StreamLoader: every reader yields this many
 
     def _raw(self, shards: list[Path]) -> Iterator[dict[str, Any]]:
-        wds = require_webdataset()
-
         def unreadable(error: Exception) -> bool:
             self.split.count_bad("unreadable shard", str(error))
             return True
 
-        samples = wds.tarfile_to_samples(handler=unreadable)([{"url": str(s)} for s in shards])
+        samples = shard_samples(shards, unreadable)
         # A sample's index names it in every epoch and run: its shard's place in the list
         # of shards, and its place in that shard.
         number = {str(shard): i for i, shard in enumerate(self.split.shards)}

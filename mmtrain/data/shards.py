@@ -49,16 +49,18 @@ def _sizes(shards: list[Path]) -> int | None:
 
 
 def _count(
-    shards: dict[str, list[Path]], label_key: str | None, scan_labels: bool
+    shards: dict[str, list[Path]], label_key: str | None, scan_labels: bool, on_bad_sample: str
 ) -> tuple[dict[str, int], list[Any] | None, list[str] | None]:
     """(samples per split, the training labels and texts when they were scanned): a split
-    is scanned once when no sizes.json counts it, or for its labels (`scan_labels`)."""
+    is scanned once when no sizes.json counts it, or for its labels (`scan_labels`). A
+    damaged shard stops it (on_bad_sample=error) or has its unreadable tail skipped."""
     counts: dict[str, int] = {}
     texts, labels = None, None
     for split, paths in shards.items():
         known = _sizes(paths)
         if known is None or (split == "train" and scan_labels):
-            found, found_labels, found_texts = scan(paths, label_key)
+            found, found_labels, found_texts, damaged = scan(paths, label_key)
+            _settle_damaged(split, damaged, on_bad_sample)
             log.info(
                 "  scanned the %s shards once: %d shards, %d samples", split, len(paths), sum(found)
             )
@@ -67,6 +69,24 @@ def _count(
                 labels, texts = found_labels, found_texts
         counts[split] = known
     return counts, labels, texts
+
+
+def _settle_damaged(split: str, damaged: list[str], on_bad_sample: str) -> None:
+    """Shards that end in damage (truncated): a UserError under `error`; counted and their
+    samples before the damage kept under `skip`."""
+    if not damaged:
+        return
+    listing = "\n".join(f"  {line}" for line in damaged)
+    if on_bad_sample == "error":
+        raise UserError(
+            f"{len(damaged)} {split} shard(s) cannot be read to their end (truncated or "
+            f"damaged):\n{listing}\nWrite them again, or set data.on_bad_sample=skip to "
+            "train on the samples before the damage."
+        )
+    log.warning(
+        "skipped the unreadable tail of %d %s shard(s) (data.on_bad_sample=skip):\n%s",
+        len(damaged), split, listing,
+    )  # fmt: skip
 
 
 def _classes(
@@ -119,7 +139,7 @@ def webdataset(
     cls_ids = (home / CLASSES_FILE).is_file()  # a cls file then holds a class id
     scan_labels = class_names is None and label_key is not None
     scan_labels = scan_labels and not cls_ids and num_classes is None
-    counts, labels, texts = _count(shards, label_key, scan_labels)
+    counts, labels, texts = _count(shards, label_key, scan_labels, on_bad_sample)
     if class_names is not None:
         classes, origin = Classes.given(class_names), "the run's labels.json"
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -275,6 +276,13 @@ def build_backbone(
             )
         except (OSError, ValueError) as error:
             raise _load_error(backbone, error) from None
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a .bin
+            raise UserError(
+                f"Refusing to load the weights of model.backbone={backbone!r}: its .bin file "
+                "holds Python objects other than tensors, and unpickling them could run code "
+                "(nothing from it was used). Use a backbone from a source you trust, saved as "
+                "model.safetensors (save_pretrained writes it)."
+            ) from None
     config = _config_from_dict(backbone_config or {})
     text = config.text_config
     text.vocab_size = len(tokenizer)

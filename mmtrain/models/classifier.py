@@ -52,9 +52,12 @@ class ImageTextClassifier(nn.Module):
         contrastive_weight: float,
         spec: BackboneSpec,
         finetunes_pretrained_towers: bool = False,
+        positive_class: int | None = None,
     ):
         super().__init__()
         self.clip = clip
+        # The class binary F1/precision/recall/AUROC score (mmtrain.metrics.positive_class).
+        self.positive_class = 1 if positive_class is None else positive_class
         self.finetunes_pretrained_towers = finetunes_pretrained_towers
         self.fusion = fusion
         self.num_classes = num_classes
@@ -90,7 +93,9 @@ class ImageTextClassifier(nn.Module):
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """Logits, and with `labels` the loss; `paired` marks rows whose text truly
-        describes the image (the rows the contrastive term aligns)."""
+        describes the image (the rows the contrastive term aligns). With the contrastive
+        term, also the loss's parts, detached, for the log: `loss_ce` and
+        `loss_contrastive` (0 for a batch with no genuine pair), loss = ce + weight x it."""
         features = self.features(images, input_ids, attention_mask)
         logits = self.head(self.fusion(features))
         output = {"logits": logits}
@@ -99,11 +104,15 @@ class ImageTextClassifier(nn.Module):
             keep = (
                 paired.bool() if paired is not None else torch.ones_like(labels, dtype=torch.bool)
             )
+            if self.contrastive_weight:
+                output["loss_ce"] = loss.detach()
+                output["loss_contrastive"] = torch.zeros_like(output["loss_ce"])
             if self.contrastive_weight and keep.any():  # a batch may hold no genuine pair
                 aligned = contrastive_loss(
                     features.image_embed[keep], features.text_embed[keep], self.clip.logit_scale
                 )
                 loss = loss + self.contrastive_weight * aligned
+                output["loss_contrastive"] = aligned.detach()
             output["loss"] = loss
         return output
 
@@ -117,7 +126,7 @@ class ImageTextClassifier(nn.Module):
 
     def metrics(self, device: torch.device, zeroshot: None = None) -> ClassificationMetrics:
         """A fresh set of streaming validation metrics (names: ClassificationMetrics.NAMES)."""
-        return ClassificationMetrics(self.num_classes, device)
+        return ClassificationMetrics(self.num_classes, device, self.positive_class)
 
 
 @registry.register("model", "clip_fusion", traits=ImageTextClassifier.traits)
@@ -140,9 +149,11 @@ def clip_fusion(
     unfreeze_last_layers: UnfreezeLast = None,
     gradient_checkpointing: bool = False,
     lora: Lora | None = None,
+    positive_class: int | None = None,
 ) -> ImageTextClassifier:
     """A CLIP classifier on `fusion` of image and text features; the head's input size is
-    the fusion's `out_dim`."""
+    the fusion's `out_dim`. `positive_class` (supplied by mmtrain from data.positive_label
+    and the labels) is the class its binary metrics score."""
     if num_classes is None or num_classes < 2:  # null in the config: the data's classes
         raise UserError(f"model.num_classes must be at least 2 (got {num_classes}).")
     clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
@@ -157,5 +168,6 @@ def clip_fusion(
     clip = prepare_backbone(clip, freeze, unfreeze_last_layers, gradient_checkpointing, lora)
     finetunes = backbone is not None and not (lora is not None and lora.on)
     return ImageTextClassifier(
-        clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec, finetunes
-    )
+        clip, fuse, num_classes, head_hidden, dropout, contrastive_weight, spec, finetunes,
+        positive_class,
+    )  # fmt: skip

@@ -9,6 +9,8 @@ the labels arrive as values from `mmtrain.assemble`.
 
 from __future__ import annotations
 
+import logging
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,24 +116,23 @@ SIMPLE_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
+log = logging.getLogger("mmtrain")
+# A share of unknown prompt tokens above which zero-shot scores say little (warned once).
+UNKNOWN_SHARE_WARNING = 0.1
 BUILT_IN = {"openai": OPENAI_TEMPLATES, "simple": SIMPLE_TEMPLATES, "photo": ("a photo of a {}.",)}
 PROMPTS_PER_BATCH = 256
 
 
 def load_templates(templates: str | list[str], key: str = "zeroshot.templates") -> list[str]:
-    """Prompt templates from a built-in set's name, a text file (one per line; blank lines
-    and lines starting with # are skipped) or a list; each must hold `{}` once."""
+    """Prompt templates from a built-in set's name, a UTF-8 text file (one per line; blank
+    lines and lines starting with # are skipped) or a list; each must hold one empty field
+    `{}` (where the class name goes) and no other (`{{` and `}}` are literal braces). Checked
+    when the spec is parsed, before anything is built."""
     if isinstance(templates, str) and templates in BUILT_IN:
         return list(BUILT_IN[templates])
     if isinstance(templates, str):
         path = Path(templates).expanduser()
-        if not path.is_file():
-            raise UserError(
-                f"{key}={templates}: neither a built-in set ({', '.join(BUILT_IN)}) nor a file "
-                f"({path.resolve()} does not exist); give a set's name, a text file with one "
-                "template per line, or a list like '[\"a photo of a {{}}.\"]'."
-            )
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        lines = [line.strip() for line in _read_text(path, key, templates).splitlines()]
         templates = [line for line in lines if line and not line.startswith("#")]
         where = f"{key}={path}"
     else:
@@ -141,12 +142,56 @@ def load_templates(templates: str | list[str], key: str = "zeroshot.templates") 
             f"{where}: no prompt templates; give at least one, like 'a photo of a {{}}.'."
         )
     for template in templates:
-        if template.count("{}") != 1:
+        problem = _template_problem(template)
+        if problem:
             raise UserError(
-                f"{where}: the template {template!r} must contain {{}} exactly once (where the "
-                "class name goes), e.g. 'a photo of a {}.'."
+                f"{where}: the template {template!r} {problem}: it must contain {{}} exactly "
+                "once (where the class name goes) and no other field, e.g. 'a photo of a {}.' "
+                "(write {{ and }} for a literal brace)."
             )
     return templates
+
+
+def _read_text(path: Path, key: str, given: str) -> str:
+    """The text of a template file, or a UserError saying why it cannot be read."""
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise UserError(
+            f"{key}={given}: neither a built-in set ({', '.join(BUILT_IN)}) nor a file "
+            f"({path.resolve()} {what}); give a set's name, a text file with one "
+            "template per line, or a list like '[\"a photo of a {{}}.\"]'."
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{key}={given}: cannot read {path}: {error.strerror}.") from None
+    if b"\0" in data:
+        raise UserError(
+            f"{key}={given}: {path} is a binary file, not text; give a text file with one "
+            "template per line."
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{key}={given}: {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save it as UTF-8."
+        ) from None
+
+
+def _template_problem(template: str) -> str | None:
+    """What is wrong with a prompt template (None when it takes the class name once)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as error:  # a lone { or }
+        return f"is not a format string ({error})"
+    fields = [name for _, name, _, _ in parts if name is not None]
+    named = [name for name in fields if name]
+    if named:
+        return f"has the field {{{named[0]}}}, which a class name cannot fill"
+    if len(fields) != 1:
+        return f"has {len(fields)} fields {{}}"
+    return None
 
 
 @dataclass
@@ -165,6 +210,10 @@ class ZeroShotTask:
         return prompt_embeddings(
             model, self.tokenizer, self.max_length, self.class_names, self.templates, device
         )
+
+    def metric_names(self) -> list[str]:
+        """What validation reports for it: top-5 only with more than 5 classes."""
+        return ["zeroshot_top1", *(["zeroshot_top5"] if len(self.class_names) > 5 else [])]
 
     def classes(self, model: EmbeddingModel, device: torch.device) -> ZeroShotClasses:
         """The targets the metrics score against, embedded by `model` as it is now."""
@@ -228,7 +277,38 @@ def prompts(
                 "label-id order, or zeroshot.class_names=null to use the data's."
             )
         names = [str(name) for name in class_names]
-    return ZeroShotTask(list(names), prompt_templates, labels, tokenizer, max_length)
+    task = ZeroShotTask(list(names), prompt_templates, labels, tokenizer, max_length)
+    warn_unknown_tokens(task)
+    return task
+
+
+def unknown_share(tokenizer: Any, prompts: list[str]) -> float:
+    """The share of the prompts' tokens (special tokens aside) that `tokenizer` reads as
+    unknown; 0 for a tokenizer without an unknown token (a byte-level BPE reads anything)."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None or not prompts:
+        return 0.0
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    total = sum(len(row) for row in ids)
+    return sum(row.count(unknown) for row in ids) / total if total else 0.0
+
+
+def warn_unknown_tokens(task: ZeroShotTask) -> float:
+    """Warn (once, when the task is built) when many prompt tokens are unknown to the
+    tokenizer, as for a word-level one built from the captions; return the share."""
+    prompts = [template.format(name) for name in task.class_names for template in task.templates]
+    share = unknown_share(task.tokenizer, prompts)
+    if share > UNKNOWN_SHARE_WARNING:
+        log.warning(
+            "zero-shot: %.0f%% of the prompts' tokens (%d classes x %d templates) are unknown "
+            "to the tokenizer (a tokenizer built from the training captions knows only their "
+            "words), so the class embeddings say little and val/zeroshot_* stays near chance. "
+            "Write class names and templates in the captions' words (zeroshot.class_names=[...], "
+            "zeroshot.templates=FILE or a list like '[\"a picture of a {}\"]'), try "
+            "zeroshot.templates=simple, or use a pretrained tokenizer (model.backbone=NAME).",
+            100 * share, len(task.class_names), len(task.templates),
+        )  # fmt: skip
+    return share
 
 
 @register("zeroshot", "none")
