@@ -210,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
+def _averaged_runs(command: str, args: list[str]) -> None:
+    """`mmtrain wise` and `mmtrain soup`: runs made by averaging weights."""
+    from mmtrain.commands.soup import soup_run
+    from mmtrain.commands.wise import wise_run
+
+    _console_logging()
+    (wise_run if command == "wise" else soup_run)(args)
+
+
 def _dispatch(command: str, args: list[str], console: Console) -> int:
     """Run `command`; user errors, interruptions and write failures become messages."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -261,12 +270,8 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
 
             _console_logging()
             predict_run(args)
-        elif command in ("wise", "soup"):  # runs made by averaging weights
-            from mmtrain.commands.soup import soup_run
-            from mmtrain.commands.wise import wise_run
-
-            _console_logging()
-            (wise_run if command == "wise" else soup_run)(args)
+        elif command in ("wise", "soup"):
+            _averaged_runs(command, args)
         else:  # export
             from mmtrain.commands.export import export_run
 

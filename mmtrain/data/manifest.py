@@ -161,6 +161,38 @@ def caption_rows(
             row.text = template.format(classes.names[label] if label is not None else row.label)
 
 
+def _text_column(
+    text_column: str, label_column: str | None, caption_from_label: str | None
+) -> str | None:
+    """The column captions are read from: none when they are made from the labels."""
+    if caption_from_label is None:
+        return text_column
+    if label_column is None:
+        raise UserError(
+            f"data.caption_from_label={caption_from_label!r} makes captions from the labels, "
+            "but data.label_column=null reads none; name the label column, or set "
+            "data.caption_from_label=null to use the text column."
+        )
+    log.info("captions made from the labels: %r", caption_from_label)
+    return None
+
+
+def _unlabelled_or_captioned(
+    read: dict[str, tuple[Path, bytes, list[ManifestRow]]],
+    label_column: str | None,
+    caption_from_label: str | None,
+) -> None:
+    """Rows without labels (`label_column` null) all in one class; with
+    `caption_from_label`, captions of the labels as written until the classes exist (every
+    row's text then passes the text check; its label is checked on its own)."""
+    for _, _, rows in read.values():
+        for row in rows:
+            if label_column is None:
+                row.label = 0
+    if caption_from_label is not None:
+        caption_rows(read, Classes([], ids=False), caption_from_label)
+
+
 @register("data", "manifest")
 def manifest(
     *,
@@ -203,25 +235,14 @@ def manifest(
             f"the columns {image_column!r}, {text_column!r}, {label_column!r}); "
             "data.test is optional."
         )
-    if caption_from_label is not None and label_column is None:
-        raise UserError(
-            f"data.caption_from_label={caption_from_label!r} makes captions from the labels, "
-            "but data.label_column=null reads none; name the label column, or set "
-            "data.caption_from_label=null to use the text column."
-        )
-    text = None if caption_from_label is not None else text_column
+    text = _text_column(text_column, label_column, caption_from_label)
     columns = {"image": image_column, "text": text, "label": label_column}
     if negative_column:
         columns["negative"] = negative_column
     read = _read_splits({"train": train, "val": val, "test": test}, columns)
     if "train" in read and not read["train"][2]:
         raise UserError(f"The training manifest {read['train'][0]} has no rows.")
-    if label_column is None:  # no labels: one class, every row in it
-        for _, _, rows in read.values():
-            for row in rows:
-                row.label = 0
-    if caption_from_label is not None:  # the label as written, until the classes exist
-        caption_rows(read, Classes([], ids=False), caption_from_label)
+    _unlabelled_or_captioned(read, label_column, caption_from_label)
     options = cache_options(cache, cache_workers, cache_scale, full_check)
     decoded = {}
     for split, (path, data, rows) in read.items():
@@ -236,7 +257,6 @@ def manifest(
     classes = _classes(read, _kept_labels(read, decoded), label_column, class_names, num_classes)
     if caption_from_label is not None:
         caption_rows(read, classes, caption_from_label)
-        log.info("captions made from the labels: %r", caption_from_label)
     genuine = matching_class(classes.names, None if label_column is None else match_label)
     splits: dict[str, SplitData] = {}
     for split, (path, _, rows) in read.items():
