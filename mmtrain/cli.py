@@ -35,6 +35,8 @@ Usage:
   mmtrain report SWEEP_DIR             table and plot of a multirun's jobs by metric
   mmtrain shards MANIFEST OUT_DIR [shard_size=N ...]   webdataset tar shards from a manifest
   mmtrain resume RUN_DIR [KEY=VALUE ...]   continue a stopped run in its own directory
+  mmtrain wise run=RUN_DIR alpha=A[,B,...] [out=DIR]  weight-space ensembles of start and fine-tuned (WiSE-FT)
+  mmtrain soup RUN_OR_SWEEP_DIR ... [greedy=true] out=DIR   the average of runs of one backbone (model soups)
   mmtrain COMMAND --help               one command's usage;  mmtrain --version
 
 Examples:
@@ -47,6 +49,7 @@ Examples:
 COMMANDS = (
     "train", "eval", "predict", "export", "validate", "list", "report", "shards", "resume",
 )  # fmt: skip
+COMMANDS += ("wise", "soup")  # runs made by averaging weights
 # `validate` writes nothing: no run directory, no log file, console logging only.
 VALIDATE_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=console")
 log = logging.getLogger("mmtrain")
@@ -215,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
+def _averaged_runs(command: str, args: list[str]) -> None:
+    """`mmtrain wise` and `mmtrain soup`: runs made by averaging weights."""
+    from mmtrain.commands.soup import soup_run
+    from mmtrain.commands.wise import wise_run
+
+    _console_logging()
+    (wise_run if command == "wise" else soup_run)(args)
+
+
 def _dispatch(command: str, args: list[str], console: Console) -> int:
     """Run `command`; user errors, interruptions and write failures become messages."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -271,6 +283,8 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
 
             _console_logging()
             predict_run(args)
+        elif command in ("wise", "soup"):
+            _averaged_runs(command, args)
         else:  # export
             from mmtrain.commands.export import export_run
 

@@ -20,6 +20,31 @@ def fresh_metrics(model: Model, device: torch.device, zeroshot: ZeroShotTask | N
     return model.metrics(device, zeroshot=zeroshot.classes(model, device))
 
 
+def reference_metrics(
+    model: Model,
+    references: list[tuple[str, Any, ZeroShotTask]],
+    device: torch.device,
+    autocast: Any,
+    stop: StopSignal | None = None,
+) -> dict[str, float] | None:
+    """Zero-shot accuracy of `model` on each reference set ((name, batches, task): other
+    labelled data than the run's, zeroshot.reference), as `val/reference/NAME/zeroshot_top1`
+    and, with more than 5 classes, `.../zeroshot_top5`; None when a `stop` signal abandoned
+    the pass."""
+    found: dict[str, float] = {}
+    for name, batches, task in references:
+        scores = evaluate(
+            model, fresh_metrics(model, device, task), batches, device, autocast, stop
+        )
+        if scores is None:
+            return None
+        kept = (
+            ("zeroshot_top1", "zeroshot_top5") if len(task.class_names) > 5 else ("zeroshot_top1",)
+        )
+        found |= {f"val/reference/{name}/{k}": scores[f"val/{k}"] for k in kept}
+    return found
+
+
 def evaluate(
     model: Model,
     metrics: Metrics,

@@ -29,7 +29,7 @@ from torch import nn
 from mmtrain import checkpoint as ckpt
 from mmtrain import distributed
 from mmtrain.errors import UserError
-from mmtrain.evaluation import evaluate
+from mmtrain.evaluation import evaluate, reference_metrics
 from mmtrain.guard import StopSignal
 from mmtrain.models.feature_cache import accumulated_backward
 from mmtrain.run import Run
@@ -313,6 +313,9 @@ def _validate(run: Run, state: TrainState, out: Outputs, stop: StopSignal) -> bo
     # The unwrapped model: evaluation needs no gradient sync between ranks.
     state.validating = True
     metrics = evaluate(run.model, run.val_metrics(), run.val_loader, run.device, run.autocast, stop)
+    if metrics is not None and run.references:  # zeroshot.reference: forgetting, as it happens
+        more = reference_metrics(run.model, run.references, run.device, run.autocast, stop)
+        metrics = None if more is None else metrics | more
     if metrics is None:
         log.warning("validation of step %d abandoned; it is done first on resume", state.step)
         return False

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
@@ -71,11 +72,14 @@ def adamw(
     eps: Annotated[float, Bounds(gt=0)] = 1e-8,
     backbone_lr_scale: Annotated[float, Bounds(ge=0)] | Literal["auto"] = "auto",
     layer_decay: Annotated[float, Bounds(gt=0, le=1)] | None = None,
+    probe_steps: Annotated[int, Bounds(ge=0)] = 0,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups` (layer-wise lr decay with `layer_decay`); the fused kernel
     on CUDA. `backbone_lr_scale=auto` is the fine-tuning recipe for a pretrained backbone
     (`FINETUNE_BACKBONE_SCALE`) and 1.0 for one trained from scratch or through adapters.
-    `lr=auto` scales `AUTO_LR` per `AUTO_LR_SAMPLES` with the samples of an optimizer step."""
+    `lr=auto` scales `AUTO_LR` per `AUTO_LR_SAMPLES` with the samples of an optimizer step.
+    `probe_steps` (LP-FT) marks the towers' groups: the schedule holds them at lr 0 for
+    their first `probe_steps` steps (`probed`)."""
     lr = _resolved_lr(lr, samples_per_step)
     backbone_lr_scale = _backbone_scale(model, backbone_lr_scale, lr)
     groups = param_groups(model, weight_decay, lr, backbone_lr_scale, layer_decay)
@@ -83,8 +87,26 @@ def adamw(
         raise UserError(
             "No trainable parameters: model.freeze froze everything the optimizer could train."
         )
+    if probe_steps:
+        _mark_probe(groups, set(map(id, model.backbone_parameters())), probe_steps, lr)
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=on_cuda or None)
+
+
+def _mark_probe(groups: list[dict], backbone: set[int], probe_steps: int, lr: float) -> None:
+    """Mark the towers' parameter groups with `probe_steps` (read by `probed`), and say so."""
+    towers = [g for g in groups if id(g["params"][0]) in backbone]
+    for group in towers:
+        group["probe_steps"] = probe_steps
+    if not towers:
+        log.warning("optimizer.probe_steps=%d: no tower trains (model.freeze).", probe_steps)
+        return
+    log.info(
+        "linear probe first (optimizer.probe_steps=%d): the towers stay at lr 0 for %d steps "
+        "while the new layers train at lr %.1e; then the towers train at lr %.1e after a "
+        "warmup of scheduler.warmup_steps.",
+        probe_steps, probe_steps, lr, max(g["lr"] for g in towers),
+    )  # fmt: skip
 
 
 # `optimizer.lr=auto`: 1e-3 per 64 samples, scaled linearly with the samples an optimizer step
@@ -144,6 +166,33 @@ def _checked_warmup(warmup_steps: int, total_steps: int) -> int:
     return warmup_steps
 
 
+def probed(schedule: torch.optim.lr_scheduler.LambdaLR, warmup_steps: int) -> Any:
+    """`schedule` with LP-FT for the groups the optimizer marked with `probe_steps` N (the
+    towers): lr 0 for steps 0..N-1, then a warmup of their own over `warmup_steps`, then the
+    schedule's factor like every group. The factors are pure functions of the step, so a
+    run resumed before or after the switch steps as one never stopped; the log says when the
+    towers start."""
+    optimizer = schedule.optimizer
+    probes = [group.get("probe_steps", 0) for group in optimizer.param_groups]
+    if not any(probes):
+        return schedule
+    base, said = schedule.lr_lambdas[0], []
+
+    def after_probe(probe_steps: int) -> Callable[[int], float]:
+        def factor(step: int) -> float:
+            if step < probe_steps:
+                return 0.0
+            if step == probe_steps and not said:
+                said.append(step)
+                log.info("after step %d: the towers start training (optimizer.probe_steps)", step)
+            return min(1.0, (step - probe_steps + 1) / max(1, warmup_steps)) * base(step)
+
+        return factor
+
+    lambdas = [base if n == 0 else after_probe(n) for n in probes]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
 @register("scheduler", "cosine")
 def cosine(
     *,
@@ -156,9 +205,10 @@ def cosine(
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     warmup_steps = _checked_warmup(warmup_steps, total_steps)
-    return get_cosine_with_min_lr_schedule_with_warmup(
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio
     )
+    return probed(schedule, warmup_steps)
 
 
 @register("scheduler", "constant")
@@ -172,4 +222,4 @@ def constant(
     from transformers.optimization import get_constant_schedule_with_warmup
 
     warmup_steps = _checked_warmup(warmup_steps, total_steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    return probed(get_constant_schedule_with_warmup(optimizer, warmup_steps), warmup_steps)

@@ -5,7 +5,7 @@ else; it never builds anything itself."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,11 +49,15 @@ class Run:
     watch: ChanceWatch  # hints once when validation stays at chance
     # summary.json's bad_samples, asked at the end: streamed splits count theirs while training.
     bad_samples: Callable[[], dict[str, Any]]
+    # zeroshot.reference: (name, batches, task) of each labelled set scored zero-shot too.
+    references: list[tuple[str, DataLoader, ZeroShotTask]] = field(default_factory=list)
 
     def close(self) -> None:
         """End the loaders' worker processes (the run is over, however it ended)."""
         close_workers(self.train_loader)
         close_workers(self.val_loader)
+        for _, batches, _ in self.references:
+            close_workers(batches)
 
     def in_force(self) -> dict[str, Any]:
         """The values this run uses where the config says `auto` or leaves them to the run,

@@ -239,6 +239,10 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         )
     # Runs written before the zeroshot group existed get its default.
     zeroshot = Component.checked("zeroshot", config.get("zeroshot") or {"name": "prompts"})
+    caption = data.options.get("caption_from_label")
+    if caption is not None:  # one template, checked as the prompts are
+        load_templates([caption], "data.caption_from_label")
+    zeroshot = prompts_of(zeroshot, caption)
     if "templates" in zeroshot.options:  # a missing template file fails now
         load_templates(zeroshot.options["templates"])
     optimizer = config.get("optimizer") or {}
@@ -260,6 +264,16 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         config, trainer, data, batches, augment, model, traits, optimizer, scheduler,
         zeroshot, sinks, monitor, mode, tokenizer.tokenizer,
     )  # fmt: skip
+
+
+def prompts_of(zeroshot: Component, caption: str | None) -> Component:
+    """The zeroshot group with `templates: auto` resolved: the captions' template
+    (data.caption_from_label) when training makes captions from labels, so the prompts
+    match training, else OpenAI's 80; any other value is the user's and stays."""
+    if zeroshot.options.get("templates") != "auto":
+        return zeroshot
+    templates = [caption] if caption is not None else "openai"
+    return dataclasses.replace(zeroshot, options={**zeroshot.options, "templates": templates})
 
 
 def metric_names(traits: ModelTraits, zeroshot: Component | None = None) -> list[str]:
@@ -358,7 +372,7 @@ def dotlist(overrides: list[str]) -> dict[str, Any]:
 FINE_TUNING_DEFAULTS = {
     "unfreeze_last_layers": None,
     "gradient_checkpointing": False,
-    "lora": {"r": None, "alpha": None, "dropout": 0.0, "target_modules": None},
+    "lora": {"r": None, "alpha": None, "dropout": 0.0, "target_modules": None, "use_dora": False},
 }
 
 
@@ -382,6 +396,8 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     if model.get("name") in ("clip_fusion", "clip_contrastive"):  # before the fine-tuning keys
         for key, value in FINE_TUNING_DEFAULTS.items():
             model.setdefault(key, copy.deepcopy(value))
+    if isinstance(model.get("lora"), dict):  # before DoRA: plain LoRA
+        model["lora"].setdefault("use_dora", False)
     if data.get("name") == "shapes":
         data.pop("on_bad_sample", None)
     if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off

@@ -305,6 +305,25 @@ def test_lora_trains_only_the_adapters_and_the_head():
     assert not any(moved[n] for n in moved if n.startswith("clip.") and n not in trainable)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_on_the_text_tower_with_the_image_tower_frozen(dora):
+    from mmtrain.models.finetune import plain_backbone
+
+    extra = ["model.lora.use_dora=true"] if dora else []
+    _, parts = _parts("clip_contrastive", "model.lora.r=4", "model.freeze=vision", *extra)
+    model = parts.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("vision_model." in n or "visual_projection" in n for n in trainable)
+    adapters = {n for n in trainable if ".lora_" in n}
+    assert adapters and all("text_model." in n for n in adapters)
+    assert any("lora_magnitude_vector" in n for n in adapters) == dora
+    optimizer = registry.build("optimizer", {"name": "adamw", "lr": 1e-2}, model=model)
+    moved = _step(model, _batch(parts, 16), optimizer)
+    assert any(moved[n] for n in adapters)
+    assert not any(moved[n] for n in moved if "vision_model." in n)
+    assert not any("lora" in n for n in plain_backbone(model.clip).state_dict())  # merged
+
+
 def test_lora_without_peft_or_with_a_bad_rank_is_a_clear_error(monkeypatch):
     with pytest.raises(
         UserError,
@@ -438,3 +457,64 @@ def test_siglip_loss_on_a_clip_backbone_or_an_unknown_family_is_a_clear_error(tm
         UserError, match="'bert' model; mmtrain trains the dual encoders clip, siglip"
     ):
         _parts("clip_contrastive", "+model.backbone_config.model_type=bert")
+
+
+# --- linear probe, then fine-tune (LP-FT) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model,extra",
+    [("clip_fusion", ()), ("clip_contrastive", ()), ("clip_contrastive", ("model.lora.r=4",))],
+)
+def test_probe_steps_hold_the_towers_then_warm_them_up(model, extra):
+    cfg, parts = _parts(model, "optimizer.probe_steps=3", "scheduler.warmup_steps=2", *extra)
+    from mmtrain.spec import parse
+
+    spec = parse(cfg)
+    optimizer = spec.optimizer.build(model=parts.model, samples_per_step=32)
+    schedule = spec.scheduler.build(optimizer=optimizer, total_steps=20)
+    towers = {id(p) for p in parts.model.backbone_parameters()}
+    is_tower = [id(g["params"][0]) in towers for g in optimizer.param_groups]
+    assert any(is_tower) and not all(is_tower)
+    rates = []
+    for _ in range(8):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        schedule.step()
+    for step, lrs in enumerate(rates):
+        for lr, tower in zip(lrs, is_tower, strict=True):
+            if tower and step < 3:
+                assert lr == 0, (step, lr)
+            elif step >= 2:
+                assert lr > 0, (step, tower)
+    # The towers' own warmup (2 steps): half their scheduled rate on the first step after it.
+    tower = is_tower.index(True)
+    scheduled = optimizer.param_groups[tower]["initial_lr"] * schedule.lr_lambdas[0](3)
+    assert rates[3][tower] == pytest.approx(scheduled / 2)
+    assert rates[4][tower] == pytest.approx(
+        optimizer.param_groups[tower]["initial_lr"] * schedule.lr_lambdas[0](4)
+    )
+
+
+def test_probe_steps_resume_exactly_across_the_switch(tmp_path):
+    probe = [*TINY, "optimizer.probe_steps=5", "optimizer.backbone_lr_scale=1.0"]
+    full = tmp_path / "full"
+    result = run_cli(
+        "train", *probe, "trainer.checkpoint.every_n_steps=2", "trainer.checkpoint.keep_last=null",
+        f"hydra.run.dir={full}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "after step 5: the towers start training" in (full / "train.log").read_text()
+    saved = {s: torch.load(full / "checkpoints" / f"step_{s}.pt")["model"] for s in (2, 4, 6)}
+    for name, tensor in saved[2].items():
+        if name.startswith("clip.") and tensor.is_floating_point():
+            assert torch.equal(saved[4][name], tensor), name  # frozen while probing
+    moved = [
+        n for n in saved[4] if n.startswith("clip.") and not torch.equal(saved[4][n], saved[6][n])
+    ]
+    assert moved  # and training after it
+    assert not torch.equal(saved[2]["head.0.weight"], saved[4]["head.0.weight"])
+    resumed = tmp_path / "resumed"
+    result = resume_from_step(full, 4, resumed, *probe, "trainer.checkpoint.every_n_steps=2")
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(full / "checkpoints" / "last.pt", resumed / "checkpoints" / "last.pt")

@@ -237,7 +237,7 @@ BUILDERS = (
     "mmtrain.optim",
     "mmtrain.loggers",
 )
-RUN_COMMANDS = ("evaluate", "predict", "export", "validate")
+RUN_COMMANDS = ("evaluate", "predict", "export", "validate", "wise", "soup")
 ALLOWED = ("mmtrain.data.source",)  # the split's type (SplitData) and its bad rows (BadRow)
 
 

@@ -9,8 +9,19 @@ experiment trackers. `train` (through `mmtrain.recipe`), `eval`, `predict`, `exp
 - `trained(run_dir)`: a finished run rebuilt from its directory alone (config, tokenizer,
   label names, weights); `untrained(spec, out)`: the same for a model never trained
   (`mmtrain.assemble.finished`).
+- `starting_state`, `plain_state`, `interpolated`, `uniform_average`, `with_weights`,
+  `save_averaged`: runs made by averaging weights, WiSE-FT and model soups
+  (`mmtrain.assemble.averaged`).
 """
 
+from mmtrain.assemble.averaged import (
+    interpolated,
+    plain_state,
+    save_averaged,
+    starting_state,
+    uniform_average,
+    with_weights,
+)
 from mmtrain.assemble.finished import Trained, prediction_input, trained, untrained
 from mmtrain.assemble.training import (
     Parts,
@@ -21,6 +32,7 @@ from mmtrain.assemble.training import (
     num_classes,
     parts,
     positive,
+    references,
     tokenizer,
     trackers,
     training_run,
@@ -28,6 +40,12 @@ from mmtrain.assemble.training import (
 )
 
 __all__ = [
+    "interpolated",
+    "plain_state",
+    "save_averaged",
+    "starting_state",
+    "uniform_average",
+    "with_weights",
     "Parts",
     "Trained",
     "backbone",
@@ -38,6 +56,7 @@ __all__ = [
     "parts",
     "positive",
     "prediction_input",
+    "references",
     "tokenizer",
     "trackers",
     "trained",

@@ -143,9 +143,11 @@ def prediction_input(
     policy = options.get("on_bad_sample", "error")
     # No labels: every row is in the one class "0" (the manifest's unlabelled mode). Bad rows
     # are collected here and reported by the caller, in its own words.
+    # The input's own texts are predicted on, never captions made from labels.
     options.update(
-        train=None, val=str(manifest), test=None, label_column=None, on_bad_sample="skip"
-    )
+        train=None, val=str(manifest), test=None, label_column=None, on_bad_sample="skip",
+        caption_from_label=None,
+    )  # fmt: skip
     reader = Component.checked("data", {"name": "manifest", **options})
     split = reader.build(image_size=done.shape.image_size, class_names=["0"], num_classes=None)
     return done, split["val"], policy

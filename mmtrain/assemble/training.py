@@ -32,7 +32,7 @@ from mmtrain.models.interface import Model
 from mmtrain.models.towers import DUAL, check_vocabulary
 from mmtrain.models.zeroshot import ZeroShotTask
 from mmtrain.run import Run
-from mmtrain.spec import RunSpec, metric_names, total_steps
+from mmtrain.spec import Component, RunSpec, metric_names, total_steps
 from mmtrain.watch import ChanceWatch
 
 log = logging.getLogger("mmtrain")
@@ -141,10 +141,47 @@ def zeroshot(spec: RunSpec, split: SplitData, tok: Any, length: int) -> ZeroShot
     task = spec.zeroshot.build(classes=split.zeroshot_classes(), tokenizer=tok, max_length=length)
     if task is not None:
         log.info(
-            "zero-shot classification: %d classes, %d prompt templates",
-            len(task.class_names), len(task.templates),
+            "zero-shot classification: %d classes, %d prompt templates (%r%s)",
+            len(task.class_names), len(task.templates), task.templates[0],
+            ", ..." if len(task.templates) > 1 else "",
         )  # fmt: skip
     return task
+
+
+def references(
+    spec: RunSpec, shape: BackboneSpec, tok: Any, length: int
+) -> list[tuple[str, SplitData, ZeroShotTask]]:
+    """zeroshot.reference: each labelled manifest read at the backbone's size (its captions
+    made from its labels, so it needs no text column) and its zero-shot task, named by the
+    file's stem; none when the model does not embed or zero-shot is off."""
+    files = spec.zeroshot.options.get("reference") or []
+    if not spec.traits.embeds or not files:
+        return []
+    found = []
+    for file in files:
+        options = {"name": "manifest", "train": str(file), "val": str(file)}
+        reader = Component.checked("data", {**options, "caption_from_label": "{}"})
+        try:
+            split = reader.build(image_size=shape.image_size)["val"]
+        except UserError as error:
+            raise UserError(
+                f"zeroshot.reference={file}: {error} A reference set is a manifest (CSV or "
+                "JSONL) with an image and a label (class name) per row; its images are "
+                "classified zero-shot among its labels."
+            ) from None
+        if split.zeroshot_classes() is None:
+            raise UserError(
+                f"zeroshot.reference={file}: it has {len(split.class_names)} class; a reference "
+                "set needs at least two labels to classify among."
+            )
+        # Its own class names in the run's prompt templates (zeroshot.class_names names the
+        # run's classes, not these).
+        task = ZeroShotTask(split.class_names, spec.prompt_templates(), split.labels, tok, length)
+        log.info(
+            "zero-shot reference %s: %d images, %d classes", file, len(split), len(task.labels)
+        )
+        found.append((Path(str(file)).stem, split, task))
+    return found
 
 
 # --- a training run -----------------------------------------------------------------------
@@ -165,6 +202,8 @@ class Parts:
     # Applied on the training device to each training batch: (batch, key) -> batch.
     augment: aug.ImageAugment
     zeroshot: ZeroShotTask | None  # zero-shot classification of the val split
+    # zeroshot.reference: (name, split, task) of other labelled sets scored zero-shot.
+    references: list[tuple[str, SplitData, ZeroShotTask]] = dataclasses.field(default_factory=list)
 
 
 def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = None) -> Parts:
@@ -202,7 +241,7 @@ def parts(spec: RunSpec, run_dir: Path | None, class_names: list[str] | None = N
         spec, shape, splits, tok, net, Collate(tok, length, pad_to_max_length=pad),
         Collate(tok, length, text_augment, _negatives(spec, train), pad_to_max_length=pad),
         aug.ImageAugment(entries[aug.IMAGE], seed, shape.image_size),
-        zeroshot(spec, splits["val"], tok, length),
+        zeroshot(spec, splits["val"], tok, length), references(spec, shape, tok, length),
     )  # fmt: skip
 
 
@@ -230,6 +269,17 @@ def loader(built: Parts, split: str, *, train: bool, device: torch.device) -> Da
         shuffle=train, seed=spec.trainer.seed, pin_memory=device.type == "cuda",
         rank=distributed.rank(), world_size=distributed.world_size(),
         whole=train and built.augment.cuts_whole_pictures,
+    )  # fmt: skip
+
+
+def _in_order(built: Parts, split: SplitData, device: torch.device) -> DataLoader:
+    """The rows of `split` in order, in validation batches (this rank's share under DDP)."""
+    spec = built.spec
+    return make_loader(
+        split, built.collate, batch_size=spec.batches.batch_size,
+        num_workers=spec.batches.num_workers, shuffle=False, seed=spec.trainer.seed,
+        pin_memory=device.type == "cuda", rank=distributed.rank(),
+        world_size=distributed.world_size(),
     )  # fmt: skip
 
 
@@ -272,6 +322,9 @@ def training_run(
             getattr(built.splits["val"], "labels", None), max_steps, _from_scratch_vit(spec, built)
         ),
         bad_samples=lambda: bad_samples(built.splits),
+        references=[
+            (name, _in_order(built, split, device), task) for name, split, task in built.references
+        ],
     )  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from mmtrain.commands import pictures
 from mmtrain.commands.arguments import parse_args
 from mmtrain.data.source import SplitData
 from mmtrain.errors import UserError
-from mmtrain.evaluation import evaluate, fresh_metrics
+from mmtrain.evaluation import evaluate, fresh_metrics, reference_metrics
 from mmtrain.metrics import (
     ClassificationMetrics,
     RetrievalMetrics,
@@ -80,6 +80,9 @@ def evaluate_run(args: list[str], config_path: str | None = None) -> dict[str, f
     task = assemble.zeroshot(run.spec, split, run.tokenizer, run.text_length())
     scorer = fresh_metrics(model, device, task)
     metrics = evaluate(model, scorer, run.batches(split), device, autocast)
+    references = assemble.references(run.spec, run.shape, run.tokenizer, run.text_length())
+    batches = [(name, run.batches(data), task) for name, data, task in references]
+    metrics |= reference_metrics(model, batches, device, autocast) or {}
     metrics = {name.replace("val/", f"{split_name}/"): value for name, value in metrics.items()}
     result: dict[str, Any] = {
         "split": split_name,

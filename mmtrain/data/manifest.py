@@ -20,7 +20,7 @@ import torch
 
 from mmtrain.data.cache import cache_options, decoded_images
 from mmtrain.data.cached import CachedImages
-from mmtrain.data.labels import Classes, classes_of
+from mmtrain.data.labels import Classes, classes_of, resolve_label
 from mmtrain.data.rows import (
     Checker,
     ManifestRow,
@@ -148,6 +148,51 @@ def _classes(
     return classes
 
 
+def caption_rows(
+    read: dict[str, tuple[Path, bytes, list[ManifestRow]]], classes: Classes, template: str
+) -> None:
+    """Give every row the caption `template` makes of its label's class name (FLYP): a
+    labelled image set trains contrastively, with captions that match the zero-shot
+    prompts. A row whose label is not a class keeps its label in the caption; the label's
+    own check reports it."""
+    for _, _, rows in read.values():
+        for row in rows:
+            label, _ = resolve_label(row.label, classes)
+            row.text = template.format(classes.names[label] if label is not None else row.label)
+
+
+def _text_column(
+    text_column: str, label_column: str | None, caption_from_label: str | None
+) -> str | None:
+    """The column captions are read from: none when they are made from the labels."""
+    if caption_from_label is None:
+        return text_column
+    if label_column is None:
+        raise UserError(
+            f"data.caption_from_label={caption_from_label!r} makes captions from the labels, "
+            "but data.label_column=null reads none; name the label column, or set "
+            "data.caption_from_label=null to use the text column."
+        )
+    log.info("captions made from the labels: %r", caption_from_label)
+    return None
+
+
+def _unlabelled_or_captioned(
+    read: dict[str, tuple[Path, bytes, list[ManifestRow]]],
+    label_column: str | None,
+    caption_from_label: str | None,
+) -> None:
+    """Rows without labels (`label_column` null) all in one class; with
+    `caption_from_label`, captions of the labels as written until the classes exist (every
+    row's text then passes the text check; its label is checked on its own)."""
+    for _, _, rows in read.values():
+        for row in rows:
+            if label_column is None:
+                row.label = 0
+    if caption_from_label is not None:
+        caption_rows(read, Classes([], ids=False), caption_from_label)
+
+
 @register("data", "manifest")
 def manifest(
     *,
@@ -167,6 +212,7 @@ def manifest(
     cache_workers: Annotated[int, Bounds(ge=0)] | None = None,
     cache_scale: Annotated[float, Bounds(ge=1, le=4)] = 1.143,
     match_label: str | int | None = "auto",
+    caption_from_label: str | None = None,
     class_names: list[str] | None = None,
     num_classes: int | None = None,
     full_check: bool = False,
@@ -180,7 +226,8 @@ def manifest(
     `cache_workers` processes (null: one per CPU, at most 8, or threads for < 256 images),
     whole at `cache_scale` x the model's size (the loader cuts the model's input), or
     decoded by the loader every epoch with `cache=False`; `full_check` (`mmtrain validate`)
-    checks every cached pixel.
+    checks every cached pixel. `caption_from_label` (a template with one `{}`, "a photo of
+    {}.") makes each row's caption from its class name; the text column is then not read.
     """
     if val is None or (train is None and class_names is None):
         raise UserError(
@@ -188,16 +235,14 @@ def manifest(
             f"the columns {image_column!r}, {text_column!r}, {label_column!r}); "
             "data.test is optional."
         )
-    columns = {"image": image_column, "text": text_column, "label": label_column}
+    text = _text_column(text_column, label_column, caption_from_label)
+    columns = {"image": image_column, "text": text, "label": label_column}
     if negative_column:
         columns["negative"] = negative_column
     read = _read_splits({"train": train, "val": val, "test": test}, columns)
     if "train" in read and not read["train"][2]:
         raise UserError(f"The training manifest {read['train'][0]} has no rows.")
-    if label_column is None:  # no labels: one class, every row in it
-        for _, _, rows in read.values():
-            for row in rows:
-                row.label = 0
+    _unlabelled_or_captioned(read, label_column, caption_from_label)
     options = cache_options(cache, cache_workers, cache_scale, full_check)
     decoded = {}
     for split, (path, data, rows) in read.items():
@@ -210,6 +255,8 @@ def manifest(
             rows, data, checker, image_size, folder, max_image_pixels, options
         )
     classes = _classes(read, _kept_labels(read, decoded), label_column, class_names, num_classes)
+    if caption_from_label is not None:
+        caption_rows(read, classes, caption_from_label)
     genuine = matching_class(classes.names, None if label_column is None else match_label)
     splits: dict[str, SplitData] = {}
     for split, (path, _, rows) in read.items():

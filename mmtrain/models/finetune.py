@@ -1,5 +1,6 @@
 """Fine-tuning levers of a dual-encoder backbone: frozen towers or layers, per-layer
-depths (layer-wise learning-rate decay), LoRA adapters (peft) and gradient checkpointing.
+depths (layer-wise learning-rate decay), LoRA adapters (peft), gradient checkpointing, and
+the weight averages of WiSE-FT and model soups (`average_weights`).
 
 Generic over `mmtrain.models.backbone.FAMILIES`: towers named `vision_model` and
 `text_model` whose blocks are `encoder.layers.N` (CLIP, SigLIP, Swin's stages),
@@ -12,9 +13,11 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import torch
 from torch import nn
 
 from mmtrain.errors import UserError
@@ -36,6 +39,7 @@ class Lora:
     dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
     # Module names (a list) or a regex; null: q/k/v/out projections of every tower layer.
     target_modules: list[str] | str | None = None
+    use_dora: bool = False  # DoRA (peft): a learned magnitude per output beside the direction
 
     @property
     def on(self) -> bool:
@@ -44,14 +48,16 @@ class Lora:
 
 # Attention projections of the towers' transformer layers: CLIP's and SigLIP's
 # (self_attn.q_proj ...), ViT's (attention.q_proj ... o_proj), BERT's and Swin's
-# (attention.self.query ..., attention.output.dense). A regex, so SigLIP's attention-pooling head, whose out_proj
-# nn.MultiheadAttention reads directly, is left alone. A convolutional tower has none: LoRA
-# leaves it frozen.
+# (attention.self.query ..., attention.output.dense). A regex, so SigLIP's attention-pooling
+# head, whose out_proj nn.MultiheadAttention reads directly, is left alone. A convolutional
+# tower has none: LoRA leaves it frozen. `{tower}` narrows it to the tower `model.freeze`
+# leaves trained.
 LORA_TARGETS = (
-    r".*_model\.(encoder\.)?layers?\.\d+\.(blocks\.\d+\.)?"
+    r".*{tower}_model\.(encoder\.)?layers?\.\d+\.(blocks\.\d+\.)?"
     r"((self_attn|attention)\.(q_proj|k_proj|v_proj|out_proj|o_proj)"
     r"|attention\.(self|attention)\.(query|key|value)|attention\.output\.dense)"
 )
+TOWERS_TRAINED = {"none": "", "vision": "text", "text": "vision", "both": ""}
 
 
 def freeze_towers(model: nn.Module, freeze: Freeze) -> None:
@@ -127,9 +133,11 @@ def unfreeze_last(model: nn.Module, layers: int, freeze: str) -> None:
     freeze_towers(model, freeze)
 
 
-def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
-    """The backbone with LoRA adapters (peft) on its attention projections: only the adapters
-    train in the towers; the temperature (and SigLIP's bias) stay trainable."""
+def add_lora(model: nn.Module, lora: Lora, freeze: str = "none") -> nn.Module:
+    """The backbone with LoRA (or DoRA) adapters (peft) on its attention projections: only
+    the adapters train in the towers; the temperature (and SigLIP's bias) stay trainable. A
+    tower frozen by `freeze` gets no adapters by default, and any given to it stay frozen
+    (LiT-style: a frozen image tower, an adapted text tower)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -137,12 +145,13 @@ def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
             "model.lora needs the peft library: pip install 'mmtrain[peft]' "
             "(or set model.lora.r=null to fine-tune without adapters)."
         ) from None
-    targets = lora.target_modules or LORA_TARGETS
+    targets = lora.target_modules or LORA_TARGETS.format(tower=TOWERS_TRAINED[freeze])
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha or lora.r,
         lora_dropout=lora.dropout,
         target_modules=list(targets) if not isinstance(targets, str) else targets,
+        use_dora=lora.use_dora,
     )
     try:
         wrapped = get_peft_model(model, config)
@@ -162,6 +171,7 @@ def add_lora(model: nn.Module, lora: Lora) -> nn.Module:
         param = getattr(model, name, None)
         if isinstance(param, nn.Parameter):
             param.requires_grad_(True)
+    freeze_towers(wrapped, freeze)
     return wrapped
 
 
@@ -181,13 +191,13 @@ def prepare_backbone(
     if gradient_checkpointing:
         checkpoint_activations(model)
     if lora is not None and lora.on:
-        if unfreeze_last_layers is not None or freeze != "none":
+        if unfreeze_last_layers is not None:
             raise UserError(
                 "model.lora trains adapters instead of the backbone's weights; it does not combine "
-                "with model.freeze or model.unfreeze_last_layers. Set model.lora.r=null or leave "
-                "those at their defaults (none, null)."
+                "with model.unfreeze_last_layers. Set model.lora.r=null or "
+                "model.unfreeze_last_layers=null (model.freeze=vision|text does combine)."
             )
-        model = add_lora(model, lora)
+        model = add_lora(model, lora, freeze)
     return model
 
 
@@ -215,3 +225,37 @@ def plain_backbone(model: nn.Module) -> nn.Module:
     if hasattr(model, "merge_and_unload"):  # a peft model
         return copy.deepcopy(model).merge_and_unload()
     return model
+
+
+def average_weights(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    keys: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """sum_i weights[i] * states[i] for each of `keys` (default: every key), computed in
+    float32 and kept in each tensor's dtype: a WiSE-FT interpolation ([start, tuned],
+    [1 - alpha, alpha]) or a model soup (n runs, 1/n each). The other keys, and tensors
+    that are not floating point (counters, position ids), come from the last state. States
+    must hold the same keys with the same shapes (a ValueError names the first that differs)."""
+    if len(states) != len(weights) or not states:
+        raise ValueError("average_weights needs one weight per state, and at least one state")
+    last = states[-1]
+    for state in states[:-1]:
+        if state.keys() != last.keys():
+            differ = sorted(set(state) ^ set(last))
+            raise ValueError(f"the weights differ in their keys, e.g. {differ[0]!r}")
+        for name, tensor in state.items():
+            if tensor.shape != last[name].shape:
+                raise ValueError(
+                    f"{name!r} has the shape {tuple(tensor.shape)} in one and "
+                    f"{tuple(last[name].shape)} in another"
+                )
+    chosen = set(last) if keys is None else set(keys)
+    averaged = {}
+    for name, tensor in last.items():
+        if name not in chosen or not tensor.is_floating_point():
+            averaged[name] = tensor.clone()
+            continue
+        total = sum(w * s[name].float() for w, s in zip(weights, states, strict=True))
+        averaged[name] = total.to(tensor.dtype)
+    return averaged

@@ -258,10 +258,13 @@ def prompts(
     max_length: int,
     class_names: list[str] | None = None,
     templates: str | list[str] = "openai",
+    reference: list[str] | None = None,
 ) -> ZeroShotTask | None:
     """Zero-shot classification of a split's images by prompts of its class names: the
     split's own label names, or `class_names` (the same classes in label-id order, e.g.
-    readable names for ids). None when the split has no image classes."""
+    readable names for ids). None when the split has no image classes. `reference`
+    (labelled manifests scored the same way at every validation) is read by
+    `mmtrain.assemble.references`."""
     prompt_templates = load_templates(templates)
     if classes is None:
         return None
