@@ -227,6 +227,28 @@ def _averaged_runs(command: str, args: list[str]) -> None:
     (wise_run if command == "wise" else soup_run)(args)
 
 
+def _train(args: list[str]) -> None:
+    """`mmtrain train`: Hydra runs `_train_task` (once, or per sweep job); mmtrain writes the
+    run's .hydra files itself once it holds the run directory's lock."""
+    from omegaconf import OmegaConf
+
+    from mmtrain.launch import defer_run_files, shared_run_dir
+
+    OmegaConf.register_new_resolver(
+        "mmtrain_direction", lambda *, _root_: _direction(_root_), replace=True
+    )
+    args, deferred = defer_run_files(args)
+    extra = [
+        *deferred,
+        *shared_run_dir(args),
+        *([DIRECTION_OVERRIDE] if _sweeps_with_optuna(args) else []),
+    ]
+    _failed.clear()
+    _run_hydra(_train_task, _with_overrides(args, extra))
+    if _failed:
+        raise _failed[0]
+
+
 def _dispatch(command: str, args: list[str], console: Console) -> int:
     """Run `command`; user errors, interruptions and write failures become messages."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -239,23 +261,7 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
 
             command, args = "train", train_arguments(args)
         if command == "train":
-            from omegaconf import OmegaConf
-
-            from mmtrain.launch import defer_run_files, shared_run_dir
-
-            OmegaConf.register_new_resolver(
-                "mmtrain_direction", lambda *, _root_: _direction(_root_), replace=True
-            )
-            args, deferred = defer_run_files(args)
-            extra = [
-                *deferred,
-                *shared_run_dir(args),
-                *([DIRECTION_OVERRIDE] if _sweeps_with_optuna(args) else []),
-            ]
-            _failed.clear()
-            _run_hydra(_train_task, _with_overrides(args, extra))
-            if _failed:
-                raise _failed[0]
+            _train(args)
         elif command == "validate":
             _results.clear()
             _run_hydra(_validate_task, _with_overrides(args, VALIDATE_HYDRA))

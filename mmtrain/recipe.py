@@ -25,9 +25,10 @@ from mmtrain.devices import resolve_device, resolve_precision, seed_everything
 from mmtrain.errors import Interrupted, UserError
 from mmtrain.guard import checkpoint_to_resume, locked, peer_failure, refuse_ignored_changes
 from mmtrain.loop import Outputs, Throughput, TrainState, train_loop
+from mmtrain.releases import upgrade
 from mmtrain.run import Run
 from mmtrain.runlog import MetricsLog, plot_curves, resume_command, write_json
-from mmtrain.spec import RunSpec, upgrade
+from mmtrain.spec import RunSpec
 
 log = logging.getLogger("mmtrain")
 

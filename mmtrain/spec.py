@@ -32,6 +32,7 @@ from mmtrain.errors import UserError
 from mmtrain.metrics import RetrievalMetrics
 from mmtrain.models.interface import ModelTraits
 from mmtrain.models.zeroshot import load_templates
+from mmtrain.releases import upgrade
 from mmtrain.rules import Bounds
 
 Positive = Annotated[int, Bounds(ge=1)]
@@ -99,10 +100,14 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
-class ModelTokenizer:
-    """model.tokenizer, a key of every model (not its factory's: that receives the tokenizer)."""
+class ModelLoading:
+    """Keys of every model that say how transformers loads it (not its factory's, which
+    receives the tokenizer and the backbone's shape): model.tokenizer, a pretrained
+    tokenizer's name or folder; model.trust_remote_code, whether code that a backbone or
+    tokenizer folder names (a config's auto_map) may run: never, unless the user opts in."""
 
     tokenizer: str | None = None
+    trust_remote_code: bool = False
 
 
 BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
@@ -177,6 +182,8 @@ class RunSpec:
     # model.tokenizer: a pretrained tokenizer's name or folder (the assembler loads it; the
     # model's factory receives the tokenizer itself); None: the backbone's own, or built.
     tokenizer: str | None = None
+    # model.trust_remote_code: transformers may run the code a backbone or tokenizer names.
+    trust_remote_code: bool = False
 
     def prompt_templates(self) -> list[str]:
         """The zero-shot prompt templates (zeroshot.templates; openai by default)."""
@@ -226,7 +233,10 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
     augment = aug.parse(batches.augment)
     registry.get("negatives", batches.negative_sampler)
     model_values = dict(config.get("model") or {})
-    tokenizer = typed(ModelTokenizer, {"tokenizer": model_values.pop("tokenizer", None)}, "model")
+    loading = {
+        k: model_values.pop(k) for k in ("tokenizer", "trust_remote_code") if k in model_values
+    }
+    loading = typed(ModelLoading, loading, "model")
     model = Component.checked("model", model_values)
     if "fusion" in model.options:
         registry.get("fusion", model.options["fusion"])
@@ -262,7 +272,7 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         )
     return RunSpec(
         config, trainer, data, batches, augment, model, traits, optimizer, scheduler,
-        zeroshot, sinks, monitor, mode, tokenizer.tokenizer,
+        zeroshot, sinks, monitor, mode, loading.tokenizer, loading.trust_remote_code,
     )  # fmt: skip
 
 
@@ -366,52 +376,3 @@ def of_run(run_dir: Path, overrides: list[str] = ()) -> RunSpec:
 def dotlist(overrides: list[str]) -> dict[str, Any]:
     """`KEY.PATH=VALUE` overrides as a nested mapping, values typed as YAML types them."""
     return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-
-
-# Model keys added after 0.2.0; a run written before them trained without them.
-FINE_TUNING_DEFAULTS = {
-    "unfreeze_last_layers": None,
-    "gradient_checkpointing": False,
-    "lora": {"r": None, "alpha": None, "dropout": 0.0, "target_modules": None, "use_dora": False},
-}
-
-
-def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config that mmtrain 0.1.0 wrote (a checkpoint's, a run's
-    .hydra/config.yaml), in this release's keys; a config of this release comes back equal.
-
-    0.1.0 kept hard negatives in the model group (model.hard_negatives,
-    model.negative_sampler); the data pipeline draws them now (data.*). Its `shapes` took
-    data.on_bad_sample, which only sources that read files take now.
-
-    Before trainer.default_epochs, trainer.max_epochs (with a min_steps floor) was the
-    default budget: such a config keeps the budget it trained with (`budget`).
-    """
-    config = copy.deepcopy(config)
-    model, data = config.get("model") or {}, config.get("data") or {}
-    trainer = config.get("trainer")
-    if isinstance(trainer, dict) and "default_epochs" not in trainer and trainer.get("min_steps"):
-        trainer["default_epochs"] = trainer.get("max_epochs") or 10
-        trainer["max_epochs"] = None
-    if model.get("name") in ("clip_fusion", "clip_contrastive"):  # before the fine-tuning keys
-        for key, value in FINE_TUNING_DEFAULTS.items():
-            model.setdefault(key, copy.deepcopy(value))
-    if isinstance(model.get("lora"), dict):  # before DoRA: plain LoRA
-        model["lora"].setdefault("use_dora", False)
-    if data.get("name") == "shapes":
-        data.pop("on_bad_sample", None)
-    if model.get("name") == "clip_fusion":  # 0.2.0 had no product fusion: its default, off
-        model.setdefault("fusion_difference", False)
-    if data:  # data.positive_label came after 0.2.0: null, the rule of this release
-        data.setdefault("positive_label", None)
-    if "hard_negatives" not in model and "hard_negatives" in data:
-        return config  # written by this release
-    for key in ("hard_negatives", "negative_sampler"):
-        if key in model:
-            data.setdefault(key, model.pop(key))
-    if not data.get("hard_negatives") and data.get("name") in ("shapes", "manifest"):
-        # Without negatives the sampler is never used: take this release's default of the
-        # data option, so the run's config equals the one its overrides compose today.
-        data["hard_negatives"] = 0
-        data["negative_sampler"] = "shapes" if data["name"] == "shapes" else "perturb"
-    return config

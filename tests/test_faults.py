@@ -768,3 +768,29 @@ def test_damaged_labels_and_tracker_ids_are_messages(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mmtrain"):
         info = RunInfo.of(tmp_path, {}, True, [])
     assert info.ids == {} and "trackers start new runs" in caplog.text
+
+
+def test_code_a_tokenizer_names_runs_only_when_the_user_opts_in(tmp_path):
+    from mmtrain.data.tokenizer import build_word_tokenizer, load_saved_tokenizer, save_tokenizer
+    from mmtrain.spec import parse
+
+    save_tokenizer(build_word_tokenizer(["a red circle", "a blue square"]), tmp_path)
+    marker = tmp_path / "RAN"
+    config_file = tmp_path / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(tokenizer_class="Crafted", auto_map={"AutoTokenizer": [None, "crafted.Crafted"]})
+    config_file.write_text(json.dumps(config))
+    (tmp_path / "tokenizer" / "crafted.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class Crafted(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    with pytest.raises(UserError, match="model.trust_remote_code=true"):
+        load_saved_tokenizer(tmp_path)
+    assert not marker.exists()
+    assert type(load_saved_tokenizer(tmp_path, trust_remote_code=True)).__name__ == "Crafted"
+    assert marker.exists()
+    assert parse(_compose(["model.trust_remote_code=true"])).trust_remote_code is True
+    assert parse(_compose([])).trust_remote_code is False
+    with pytest.raises(UserError, match="model.trust_remote_code"):
+        parse(_compose(["model.trust_remote_code=maybe"]))

@@ -18,6 +18,7 @@ LAYERS = {
     "mmtrain": 0,  # the empty package itself
     "mmtrain.errors": 0,
     "mmtrain.rules": 1,
+    "mmtrain.releases": 1,  # earlier releases' configs in this release's keys
     "mmtrain.distributed": 1,
     "mmtrain.retrieval": 1,
     "mmtrain.devices": 1,

@@ -321,7 +321,7 @@ def test_a_config_written_by_0_1_0_reads_as_this_releases(model, moved):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from mmtrain.spec import upgrade
+    from mmtrain.releases import upgrade
 
     old = OmegaConf.to_container(OmegaConf.load(FIXTURES / f"config-0.1.0-{model}.yaml"))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

@@ -187,7 +187,8 @@ def test_the_budget_the_user_sets_is_obeyed():
 
 
 def test_a_run_written_before_default_epochs_keeps_its_budget():
-    from mmtrain.spec import TrainerConfig, budget, typed, upgrade
+    from mmtrain.releases import upgrade
+    from mmtrain.spec import TrainerConfig, budget, typed
 
     old = {"trainer": {"max_epochs": 10, "max_steps": None, "min_steps": 2000}}
     trainer = typed(TrainerConfig, upgrade(old)["trainer"], "trainer")

@@ -101,7 +101,7 @@ def trained(run: str, overrides: list[str] = (), checkpoint: str | None = None) 
         )
     saved = ckpt.load(weights)
     shape = backbone(spec)
-    tok = load_saved_tokenizer(path)
+    tok = load_saved_tokenizer(path, spec.trust_remote_code)
     class_names = load_class_names(path)
     if "num_classes" in spec.model.options and class_names is None:
         raise UserError(f"{path / 'labels.json'} not found: the run directory is incomplete.")

@@ -44,7 +44,14 @@ log = logging.getLogger("mmtrain")
 def backbone(spec: RunSpec) -> BackboneSpec:
     """What the backbone asks of the data (size, mean/std, text length), loading no weights."""
     options = spec.model.options
-    return backbone_spec(options.get("backbone"), options.get("backbone_config"))
+    if spec.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code=true: transformers may run the code that the backbone's or "
+            "tokenizer's folder names (auto_map). Only for folders from a source you trust."
+        )
+    return backbone_spec(
+        options.get("backbone"), options.get("backbone_config"), spec.trust_remote_code
+    )
 
 
 def data(
@@ -86,13 +93,13 @@ def tokenizer(spec: RunSpec, train_texts: list[str], shape: BackboneSpec | None 
     vocabulary size from the tokenizer); `shape` (the backbone's) checks that it fits."""
     name = spec.model.options.get("backbone")
     if spec.tokenizer is not None:
-        named = load_named_tokenizer(spec.tokenizer)
+        named = load_named_tokenizer(spec.tokenizer, spec.trust_remote_code)
         log.info("tokenizer: model.tokenizer=%s, %d tokens", spec.tokenizer, len(named))
         if shape is not None:
             check_vocabulary(named, shape.vocab_size, f"model.tokenizer={spec.tokenizer!r}")
         return named
     if name is not None:
-        own = load_tokenizer(name)
+        own = load_tokenizer(name, spec.trust_remote_code)
         if shape is not None and shape.family == DUAL:  # two towers saved side by side
             check_vocabulary(own, shape.vocab_size, f"model.backbone={name!r}")
         return own

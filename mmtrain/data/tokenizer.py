@@ -61,12 +61,13 @@ def build_word_tokenizer(texts: Iterable[str], min_frequency: int = 1) -> PreTra
     )
 
 
-def load_named_tokenizer(name: str) -> Any:
-    """The pretrained tokenizer `model.tokenizer` names (a hub name or a saved folder)."""
+def load_named_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """The pretrained tokenizer `model.tokenizer` names (a hub name or a saved folder); code
+    it names (auto_map) runs only with `trust_remote_code`."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError, TypeError, KeyError) as error:
         raise UserError(
             f"model.tokenizer={name!r} does not load as a tokenizer: {error}. Give a folder "
@@ -86,19 +87,20 @@ def save_tokenizer(tokenizer: Any, run_dir: Path) -> Path:
     return path
 
 
-def load_saved_tokenizer(run_dir: Path) -> Any:
-    """The tokenizer a run saved (`save_tokenizer`)."""
+def load_saved_tokenizer(run_dir: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer a run saved (`save_tokenizer`); code it names runs only with
+    `trust_remote_code` (the run's model.trust_remote_code)."""
     from transformers import AutoTokenizer
 
     path = Path(run_dir) / "tokenizer"
     if not path.is_dir():
         raise UserError(f"{path} not found: the run directory is incomplete.")
     try:  # never the code a crafted tokenizer_config.json names (auto_map), never a prompt
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if "custom code" in reason:
-            reason = "it names code of its own to run (auto_map), which mmtrain never runs"
+            reason = "it names code of its own to run (auto_map), which mmtrain never runs unless the run sets model.trust_remote_code=true"
         raise UserError(
             f"Cannot load the run's tokenizer from {path}: {reason}. Is this a run directory "
             "mmtrain wrote?"

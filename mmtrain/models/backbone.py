@@ -89,6 +89,7 @@ class BackboneSpec:
     pad_to_max_length: bool = False  # pad every text to max_text_length (SigLIP)
     family: str = "clip"
     vocab_size: int | None = None  # a pretrained text tower's: a tokenizer must fit in it
+    trust_remote_code: bool = False  # model.trust_remote_code: its loads may run its code
 
     def text_length(self, wanted: int | None) -> int:
         """`wanted` text positions (data.max_text_length; null: the backbone's), capped at
@@ -133,6 +134,12 @@ def _transformers(name: str) -> Any:
 
 
 def _load_error(backbone: str, error: Exception) -> UserError:
+    if "custom code" in str(error) or "trust_remote_code" in str(error):
+        return UserError(
+            f"model.backbone={backbone!r} names code of its own to run (auto_map in its "
+            "config), which mmtrain never runs unless you opt in: set "
+            "model.trust_remote_code=true only for a folder from a source you trust."
+        )
     return UserError(
         f"Could not load the backbone model.backbone={backbone!r}: {error}. "
         "The model hub may be unreachable (offline machine) or the name not cached. "
@@ -185,19 +192,22 @@ def _config_from_dict(backbone_config: dict[str, Any]) -> Any:
     return config_class(text_config=text, vision_config=vision, **options)
 
 
-def _pretrained_config(backbone: str) -> Any:
+def _pretrained_config(backbone: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(backbone, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(backbone, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
     _family(config.model_type, f"model.backbone={backbone!r}")
     return config
 
 
-def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) -> BackboneSpec:
-    """Image size, mean/std, text length and padding of the backbone, without loading weights."""
+def backbone_spec(
+    backbone: str | None, backbone_config: dict[str, Any] | None, trust_remote_code: bool = False
+) -> BackboneSpec:
+    """Image size, mean/std, text length and padding of the backbone, without loading weights.
+    Code a backbone folder names (auto_map) runs only with `trust_remote_code`."""
     if backbone is None:
         config = _config_from_dict(backbone_config or {})
         family = FAMILIES[config.model_type]
@@ -210,14 +220,14 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
             pad_to_max_length=family.pad_to_max_length,
             family=config.model_type,
         )
-    config = _pretrained_config(backbone)
+    config = _pretrained_config(backbone, trust_remote_code)
     family = FAMILIES[config.model_type]
     processor_class = family.image_processor_class
     if config.model_type == towers.DUAL:  # whatever processor its image tower came with
         processor_class = "AutoImageProcessor"
     try:
         processor = _transformers(processor_class).from_pretrained(
-            backbone, trust_remote_code=False
+            backbone, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as error:
         raise _load_error(backbone, error) from None
@@ -233,6 +243,7 @@ def backbone_spec(backbone: str | None, backbone_config: dict[str, Any] | None) 
         pad_to_max_length=family.pad_to_max_length,
         family=config.model_type,
         vocab_size=config.text_config.vocab_size,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -249,12 +260,12 @@ def image_processor(spec: BackboneSpec) -> Any:
     )
 
 
-def load_tokenizer(backbone: str) -> Any:
+def load_tokenizer(backbone: str, trust_remote_code: bool = False) -> Any:
     """The pretrained backbone's own tokenizer, from the same name or directory."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(backbone, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(backbone, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError) as error:
         raise _load_error(backbone, error) from None
 
@@ -294,6 +305,7 @@ def build_backbone(
     backbone_config: dict[str, Any] | None,
     tokenizer: Any,
     position_init: PositionInit = "sincos",
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """A CLIPModel, SiglipModel or VisionTextDualEncoderModel: pretrained weights, or random
     weights from `backbone_config`.
@@ -303,13 +315,13 @@ def build_backbone(
     `position_init="sincos"`) 2D sine-cosine vision position embeddings.
     """
     if backbone is not None:
-        config = _pretrained_config(backbone)
+        config = _pretrained_config(backbone, trust_remote_code)
         family = FAMILIES[config.model_type]
         if config.model_type == towers.DUAL:  # with the image tower's width checked (flat_width)
             towers.flat_width(config.vision_config, f"model.backbone={backbone!r}'s image tower")
         try:
             return _transformers(family.model_class).from_pretrained(
-                backbone, config=config, trust_remote_code=False, **_attention(family)
+                backbone, config=config, trust_remote_code=trust_remote_code, **_attention(family)
             )
         except (OSError, ValueError) as error:
             raise _load_error(backbone, error) from None

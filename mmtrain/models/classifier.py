@@ -156,7 +156,9 @@ def clip_fusion(
     and the labels) is the class its binary metrics score."""
     if num_classes is None or num_classes < 2:  # null in the config: the data's classes
         raise UserError(f"model.num_classes must be at least 2 (got {num_classes}).")
-    clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
+    clip = build_backbone(
+        backbone, backbone_config, tokenizer, position_init, spec.trust_remote_code
+    )
     offered = {
         **widths(clip),
         "layers": fusion_layers,

@@ -196,7 +196,9 @@ def _dual_encoder(
     gradient_checkpointing: bool,
     lora: Lora | None,
 ) -> ContrastiveCLIP:
-    clip = build_backbone(backbone, backbone_config, tokenizer, position_init)
+    clip = build_backbone(
+        backbone, backbone_config, tokenizer, position_init, spec.trust_remote_code
+    )
     if loss == "sigmoid" and clip.config.model_type == "clip":
         raise UserError(
             f"model=siglip_contrastive needs a SigLIP backbone or a dual encoder of two towers "
