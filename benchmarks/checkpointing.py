@@ -31,7 +31,7 @@ from common import MODELS, ClipVocab, PeakMemory, compose_cfg, quiet, set_thread
 from mmtrain import registry
 from mmtrain.devices import resolve_device, seed_everything
 from mmtrain.models.backbone import backbone_spec
-from mmtrain.spec import plain
+from mmtrain.spec import LOADING_KEYS, plain
 
 SIZES_SHOWN = {"vit-b32": "ViT-B/32", "small": "small (conf/model)"}
 
@@ -64,6 +64,8 @@ def measure(args: argparse.Namespace) -> dict:
         overrides = [o for o in overrides if "fusion" not in o]
     overrides.append(f"model.gradient_checkpointing={args.variant == 'on'}")
     model_cfg = plain(compose_cfg(overrides).model)
+    for key in LOADING_KEYS:  # the spec's keys, not the factory's
+        model_cfg.pop(key, None)
     if "num_classes" in model_cfg:
         model_cfg["num_classes"] = 2
     spec = backbone_spec(None, model_cfg["backbone_config"])

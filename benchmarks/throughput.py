@@ -97,7 +97,7 @@ from mmtrain.loop import Outputs, TrainState, train_loop
 from mmtrain.models.backbone import backbone_spec
 from mmtrain.run import Run
 from mmtrain.runlog import MetricsLog
-from mmtrain.spec import parse, plain
+from mmtrain.spec import LOADING_KEYS, parse, plain
 
 # name, attention, autocast dtype, fused AdamW, tf32, torch.compile
 VARIANTS = [
@@ -328,6 +328,8 @@ def augment_cost(
 def variant_model(cfg, tokenizer) -> tuple[torch.nn.Module, Any]:
     model_cfg = plain(cfg.model)
     model_cfg["num_classes"] = 2
+    for key in LOADING_KEYS:  # the spec's keys, not the factory's
+        model_cfg.pop(key, None)
     spec = backbone_spec(None, model_cfg["backbone_config"])
     seed_everything(cfg.trainer.seed)
     return registry.build("model", model_cfg, tokenizer=tokenizer, spec=spec), spec

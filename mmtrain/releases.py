@@ -35,6 +35,9 @@ def upgrade(config: dict[str, Any]) -> dict[str, Any]:
     if model.get("name") in ("clip_fusion", "clip_contrastive"):  # before the fine-tuning keys
         for key, value in FINE_TUNING_DEFAULTS.items():
             model.setdefault(key, copy.deepcopy(value))
+    if model.get("name"):  # model.tokenizer and model.trust_remote_code came after 0.2.0
+        model.setdefault("tokenizer", None)
+        model.setdefault("trust_remote_code", False)
     if isinstance(model.get("lora"), dict):  # before DoRA: plain LoRA
         model["lora"].setdefault("use_dora", False)
     if data.get("name") == "shapes":

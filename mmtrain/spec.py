@@ -111,6 +111,8 @@ class ModelLoading:
 
 
 BATCH_KEYS = tuple(f.name for f in dataclasses.fields(BatchConfig))
+# Keys of every model section that the spec keeps (RunSpec), not the model's factory.
+LOADING_KEYS = tuple(f.name for f in dataclasses.fields(ModelLoading))
 # Per kind of component, the keyword arguments mmtrain supplies at run time (not config
 # keys). A data source gets the ones its factory has a parameter for: the backbone's image
 # size, a finished run's label names, the model's number of classes, and `full_check`
@@ -233,9 +235,7 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
     augment = aug.parse(batches.augment)
     registry.get("negatives", batches.negative_sampler)
     model_values = dict(config.get("model") or {})
-    loading = {
-        k: model_values.pop(k) for k in ("tokenizer", "trust_remote_code") if k in model_values
-    }
+    loading = {k: model_values.pop(k) for k in LOADING_KEYS if k in model_values}
     loading = typed(ModelLoading, loading, "model")
     model = Component.checked("model", model_values)
     if "fusion" in model.options:

@@ -8,7 +8,6 @@ import torch
 from conftest import TINY, read_jsonl, run_cli
 from conftest import compose_train as _compose
 from manifest_files import MODEL_TINY, write_jsonl, write_learnable
-from omegaconf import OmegaConf
 from PIL import Image
 
 from mmtrain.assemble import trained
@@ -367,10 +366,8 @@ def test_a_pretrained_backbone_gets_the_fine_tuning_rates(
     tokenizer = (
         load_tokenizer(str(pretrained)) if backbone else build_word_tokenizer(["a red circle"])
     )
-    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model).items()}
-    model = registry.build(
-        "model", model_cfg, tokenizer=tokenizer, spec=assemble.backbone(parse(cfg))
-    )
+    spec = parse(cfg)
+    model = spec.model.build(tokenizer=tokenizer, spec=assemble.backbone(spec))
     optimizer = registry.build("optimizer", {"name": "adamw", "lr": 1e-3, **options}, model=model)
     by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     backbone_ids = {id(p) for p in model.backbone_parameters() if p.requires_grad}

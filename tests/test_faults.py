@@ -649,7 +649,7 @@ def test_a_killed_loader_worker_fails_the_run_with_a_message(tmp_path):
     assert "Traceback" not in stderr and "data loader worker" in stderr
     summary = _summary(run_dir)
     assert summary["status"] == "failed" and "checkpoints/" in summary["error"]
-    assert "trainer.resume=auto" in summary["error"]
+    assert f"mmtrain resume {run_dir}" in summary["error"]
 
 
 def test_predict_refuses_to_overwrite_its_input_or_the_run(finished, tmp_path):
@@ -756,7 +756,7 @@ def test_a_run_tokenizer_naming_its_own_code_is_refused_without_a_prompt(finishe
 
 def test_damaged_labels_and_tracker_ids_are_messages(tmp_path, caplog):
     from mmtrain.data.source import load_class_names
-    from mmtrain.loggers import IDS_FILE, RunInfo
+    from mmtrain.tracking import IDS_FILE, RunInfo
 
     (tmp_path / "labels.json").write_text('["circle", "squ')
     with pytest.raises(UserError, match="labels.json is damaged"):
