@@ -451,3 +451,22 @@ def test_a_mixture_weight_must_be_positive_in_the_spec():
     sources[1]["weight"] = 0
     with pytest.raises(UserError, match="sources.1.weight' of data 'webdataset' must be a pos"):
         registry.check("data", {"name": "webdataset", "sources": sources}, ["image_size"])
+
+
+def test_a_server_that_stops_answering_ends_the_run_with_exit_1_and_a_whole_checkpoint(tmp_path):
+    local = write_shards(tmp_path / "s", shards=4, per_shard=8)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    # Every request fails once the first epoch's last.pt is written: the second epoch's.
+    with _Shards(tmp_path / "s", fail=lambda path, number: last.exists()) as served:
+        mixture = f"data.sources=[{{urls:'{served.url}/{{00000..00003}}.tar',weight:2}}]"
+        result = run_cli(
+            "train", "data=webdataset", mixture, f"data.val='{local}'",
+            "data.samples_per_epoch=32", "data.batch_size=8", "data.retries=1",
+            "model.num_classes=3", *MODEL_TINY, "trainer.max_epochs=3",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"cannot read the shard {served.url}/0000" in result.stderr
+    assert "curl exited with status 22" in result.stderr and "Traceback" not in result.stderr
+    assert "try 2 of 2" in (tmp_path / "run" / "train.log").read_text()
+    assert torch.load(last, weights_only=False)["data"]["step"] == 4  # whole, after epoch 1

@@ -204,17 +204,18 @@ def _shard(url: str, handler: Any, retries: int) -> Iterator[dict]:
             _close(streams)  # a command that failed after its last byte raises here
             return
         except Exception as error:  # noqa: BLE001 - a transfer's or a tar reader's
-            if not (is_url(url) and _transfer_failed(streams)):
+            failed = _transfer_failed(streams, error) if is_url(url) else None
+            if failed is None:
                 handler(error)  # a damaged shard: the handler raises or goes on
                 return
             failures += 1
             if failures > retries:
                 raise ShardUnreachable(
-                    f"cannot read the shard {url} after {failures} tries ({error}); check the "
-                    "URL or command, the server and its credentials (data.retries sets the "
-                    "tries)."
+                    f"cannot read the shard {url} after {failures} tries ({failed}); check "
+                    "the URL or command, the server and its credentials (data.retries sets "
+                    "the tries)."
                 ) from None
-            log.warning("reading %s failed (%s); try %d of %d", url, error, failures + 1,
+            log.warning("reading %s failed (%s); try %d of %d", url, failed, failures + 1,
                         retries + 1)  # fmt: skip
             time.sleep(min(2.0 ** (failures - 1), 30.0))
         finally:
@@ -228,22 +229,26 @@ def _kept(sources: Iterable[dict], streams: list[Any]) -> Iterator[dict]:
         yield source
 
 
-def _transfer_failed(streams: list[Any]) -> bool:
-    """True when the shard's transfer failed (no stream was opened, or its command or curl
-    exited with an error), False when its bytes arrived and the tar in them is damaged."""
+def _transfer_failed(streams: list[Any], error: Exception) -> str | None:
+    """Why the shard's transfer failed (it could not be opened, or its command or curl
+    exited with an error), or None when its bytes arrived and the tar in them is damaged."""
     from webdataset.gopen import Pipe
 
     if not streams:
-        return True
+        return f"it could not be opened: {error.args[0] if error.args else error!r}"
     stream = streams[0]
     if not isinstance(stream, Pipe):
-        return False
+        return None
     try:
         status = stream.proc.wait(timeout=10)
     except subprocess.TimeoutExpired:  # still sending: the bytes so far are damaged
         stream.proc.kill()
-        return False
-    return status not in stream.ignore_status
+        return None
+    if status in stream.ignore_status:
+        return None
+    command = stream.args[0][0]
+    name = command[0] if isinstance(command, list) else command
+    return f"{name} exited with status {status}"
 
 
 def _close(streams: list[Any], quietly: bool = False) -> None:
