@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import sys
+import time
 
 import pytest
 import torch
@@ -320,7 +321,8 @@ def test_a_sample_refused_for_its_members_makes_no_class(tmp_path):
 
 class _Shards:
     """Shards of `folder` served over http on 127.0.0.1 by a thread: `fail(path, number)`
-    (the request's path and its number, from 1) says which requests get a 404 and
+    (the request's path and its number, from 1) says which requests get a 404 (or, for
+    "stall", no answer at all) and
     `cut(path, number)` which get the first half of the file, then a closed connection."""
 
     def __init__(self, folder, fail=lambda path, number: False, cut=lambda path, n: False):
@@ -333,7 +335,11 @@ class _Shards:
         class Handler(SimpleHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
                 requests.append(self.path)
-                if fail(self.path, len(requests)):
+                failing = fail(self.path, len(requests))
+                if failing == "stall":  # accept, then send nothing
+                    time.sleep(4)
+                    return None
+                if failing:
                     return self.send_error(404)
                 if cut(self.path, len(requests)):
                     data = (folder / self.path.lstrip("/")).read_bytes()
@@ -395,7 +401,8 @@ def test_pipe_and_http_shards_stream_as_local_ones_and_a_cut_transfer_is_read_ag
     )
 
 
-def test_an_unreachable_shard_is_named_before_training_and_stops_a_stream(tmp_path):
+def test_an_unreachable_shard_is_named_before_training_and_stops_a_stream(tmp_path, monkeypatch):
+    from mmtrain.data import samples
     from mmtrain.data.samples import ShardUnreachable
 
     local = write_shards(tmp_path / "s", shards=4, per_shard=5)
@@ -416,6 +423,14 @@ def test_an_unreachable_shard_is_named_before_training_and_stops_a_stream(tmp_pa
     message = str(error.value)
     assert f"cannot read the shard {served.url}/00003.tar after 2 tries" in message
     assert "Traceback" not in message and error.value.exit_code == 1
+    # A server that accepts and then sends nothing: a failed try after STALL_SECONDS.
+    monkeypatch.setattr(samples, "STALL_SECONDS", 1)
+    with _Shards(tmp_path / "s", fail=lambda path, n: "stall") as served:
+        started = time.monotonic()
+        with pytest.raises(UserError, match="curl exited with status 28"):
+            webdataset(image_size=16, train=f"{served.url}/00000.tar", val=local,
+                       samples_per_epoch=20, num_classes=3, retries=0)  # fmt: skip
+        assert time.monotonic() - started < 4
 
 
 def test_weighted_sources_and_resampled_shards_resume_exactly(tmp_path):

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import posixpath
+import shlex
 import subprocess
 import tarfile
 import time
@@ -37,6 +38,7 @@ CLASSES_FILE = "classes.txt"  # beside the shards: one class name per line, in i
 SIZES_FILE = "sizes.json"  # beside the shards: {shard file name: samples} (open_clip's)
 IMAGE = "__image__"  # in a scanned sample: it has an image member
 INSTALL = "pip install 'mmtrain[webdataset]'"
+STALL_SECONDS = 60  # an http(s) shard's server that sends nothing this long has failed
 
 
 def require_webdataset() -> Any:
@@ -193,13 +195,14 @@ def _shard(url: str, handler: Any, retries: int) -> Iterator[dict]:
     given, failures = 0, 0
     while True:
         streams: list[Any] = []
-        opened = _kept(tariterators.url_opener([{"url": url}]), streams)
+        opened = _kept(tariterators.url_opener([{"url": _opened_as(url)}]), streams)
         files = tariterators.tar_file_expander(opened, rename_files=member_name)
         try:
             for place, sample in enumerate(tariterators.group_by_keys(files, handler=handler)):
                 if place >= given:
                     given += 1
                     sample["__place__"] = place  # its place in its shard
+                    sample["__url__"] = url
                     yield sample
             _close(streams)  # a command that failed after its last byte raises here
             return
@@ -220,6 +223,18 @@ def _shard(url: str, handler: Any, retries: int) -> Iterator[dict]:
             time.sleep(min(2.0 ** (failures - 1), 30.0))
         finally:
             _close(streams, quietly=True)
+
+
+def _opened_as(url: str) -> str:
+    """The URL webdataset opens for `url`: an http(s) shard through curl as webdataset's
+    gopen reads it, but failing when the server sends nothing for STALL_SECONDS (instead of
+    waiting for ever) and without curl's own retries (data.retries counts the tries)."""
+    if urlparse(url).scheme not in ("http", "https"):
+        return url
+    return (
+        f"pipe:curl -f -s -L --connect-timeout {STALL_SECONDS} --speed-limit 1 "
+        f"--speed-time {STALL_SECONDS} {shlex.quote(url)}"
+    )
 
 
 def _kept(sources: Iterable[dict], streams: list[Any]) -> Iterator[dict]:
@@ -247,7 +262,7 @@ def _transfer_failed(streams: list[Any], error: Exception) -> str | None:
     if status in stream.ignore_status:
         return None
     command = stream.args[0][0]
-    name = command[0] if isinstance(command, list) else command
+    name = command[0] if isinstance(command, list) else command.split()[0]
     return f"{name} exited with status {status}"
 
 

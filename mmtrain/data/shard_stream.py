@@ -5,7 +5,9 @@ workers): the shards are permuted by (seed, epoch) and dealt to the readers, eac
 shuffles its samples in a buffer seeded by (seed, epoch, reader) and yields the same number
 of full batches, so the DataLoader's round-robin order is fixed too. A resumed run re-reads
 the epoch's samples before its position without decoding them and continues with the very
-batch it stopped before (see `StreamLoader`). The `webdataset` source
+batch it stopped before (see `StreamLoader`). Shards drawn with replacement (`Mixture`:
+data.resampled, data.sources) are drawn by a generator seeded by (seed, epoch, reader), so
+their stream is as fixed as a permutation's. The `webdataset` source
 (`mmtrain.data.shards`) makes the `StreamSplit`s; `stream_loader` is their loader.
 """
 
@@ -47,7 +49,7 @@ REASONS = (
 )
 STOPPED = (
     "The run stops here; its checkpoints are whole: once the shard can be read, resume it "
-    "with trainer.resume=RUN_DIR."
+    "with `mmtrain resume RUN_DIR`."
 )
 SHARD_STRIDE = 10_000_000  # sample index = shard number * SHARD_STRIDE + place in the shard
 

@@ -1,6 +1,8 @@
 """`webdataset`: image-text pairs streamed from tar shards in open_clip's layout.
 
-Shards are named by a brace pattern (`data/{00000..00099}.tar`) or listed. What a sample
+Shards are named as webdataset names them: local paths, `pipe:COMMAND` or `http(s)://`
+URLs, brace patterns (`data/{00000..00099}.tar`), lists; training shards may be a weighted
+mixture of sets (`sources`) drawn with replacement (`resampled`). What a sample
 holds and how its label is read is `mmtrain.data.samples`; how an epoch streams through
 ranks and loader workers, with exact mid-epoch resume, is `mmtrain.data.shard_stream`.
 
