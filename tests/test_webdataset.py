@@ -153,6 +153,8 @@ def test_bad_samples_are_skipped_and_counted_or_stop(tmp_path):
 def test_source_mistakes_are_clear(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="shard file\\(s\\) do not exist"):
         webdataset(image_size=16, train=f"{tmp_path}/{{0..3}}.tar", val=f"{tmp_path}/0.tar")
+    with pytest.raises(UserError, match="opens no s3:// URL \\(s3://b/0.tar\\).*pipe:aws s3 cp"):
+        webdataset(image_size=16, train="s3://b/{0..1}.tar", val=f"{tmp_path}/0.tar")
     with pytest.raises(
         UserError, match="needs data.train=SHARDS \\(or data.sources\\) and data.val=SHARDS"
     ):

@@ -60,10 +60,18 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
     """The shards of a brace pattern (or a list of patterns) as webdataset expands them
     (braces, `::` between sets): local paths made absolute, each of which must exist, and
     URLs kept as written."""
+    from webdataset.gopen import gopen_schemes
     from webdataset.shardlists import expand_urls
 
     patterns = [spec] if isinstance(spec, str) else list(spec)
     names = [name for pattern in patterns for name in expand_urls(str(pattern))]
+    unknown = [n for n in names if is_url(n) and urlparse(n).scheme not in gopen_schemes]
+    if unknown:
+        raise UserError(
+            f"data.{key}: webdataset opens no {urlparse(unknown[0]).scheme}:// URL "
+            f"({unknown[0]}). Name a command that writes the shard to its output instead, "
+            "e.g. 'pipe:aws s3 cp s3://bucket/shard-{000..999}.tar -'."
+        )
     local = [Path(urlparse(n).path if n.startswith("file:") else n).expanduser() for n in names]
     missing = [
         str(p) for n, p in zip(names, local, strict=True) if not is_url(n) and not p.is_file()
