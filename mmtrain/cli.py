@@ -296,9 +296,9 @@ def _dispatch(command: str, args: list[str], console: Console) -> int:
 
             _console_logging()
             export_run(args)
-    except UserError as error:
+    except UserError as error:  # 2, or 1 for one that stopped a run mid-way (a lost shard)
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        return 2
+        return getattr(error, "exit_code", 2)
     except (HydraException, OmegaConfBaseException) as error:
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2

@@ -201,6 +201,8 @@ def _one(value: Any, base: Any, bounds: Bounds | None) -> tuple[bool, Any]:
             return False, value
         if (length := _length(base)) is not None and len(value) != length:
             return False, value
+        if dataclasses.is_dataclass(item):  # a list of schemas: each entry by its rules
+            return True, [_entry(v, item, place) for place, v in enumerate(value)]
         fits = [_one(v, item, bounds) for v in value]
         items = [v for _, v in fits]
         return all(ok for ok, _ in fits), tuple(items) if isinstance(value, tuple) else items
@@ -211,6 +213,15 @@ def _one(value: Any, base: Any, bounds: Bounds | None) -> tuple[bool, Any]:
     else:
         return True, value
     return bounds is None or bounds.holds(value), value
+
+
+def _entry(value: Any, schema: type, place: int) -> Any:
+    """Entry `place` of a list of `schema`s, with its place in a mismatch's path."""
+    try:
+        return conform(value, schema)
+    except Mismatch as inner:
+        path = (str(place), *inner.path)
+        raise Mismatch(str(inner), inner.value, path, inner.accepted) from None
 
 
 def _schema(value: Any, schema: type) -> Any:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import sys
+import time
 
 import pytest
 import torch
@@ -152,7 +153,11 @@ def test_bad_samples_are_skipped_and_counted_or_stop(tmp_path):
 def test_source_mistakes_are_clear(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="shard file\\(s\\) do not exist"):
         webdataset(image_size=16, train=f"{tmp_path}/{{0..3}}.tar", val=f"{tmp_path}/0.tar")
-    with pytest.raises(UserError, match="needs data.train=SHARDS and data.val=SHARDS"):
+    with pytest.raises(UserError, match="opens no s3:// URL \\(s3://b/0.tar\\).*pipe:aws s3 cp"):
+        webdataset(image_size=16, train="s3://b/{0..1}.tar", val=f"{tmp_path}/0.tar")
+    with pytest.raises(
+        UserError, match="needs data.train=SHARDS \\(or data.sources\\) and data.val=SHARDS"
+    ):
         webdataset(image_size=16, train="x.tar")
     pattern = write_shards(tmp_path / "n", shards=2, label="none")
     with pytest.raises(UserError, match="hold no label"):
@@ -314,3 +319,171 @@ def test_a_sample_refused_for_its_members_makes_no_class(tmp_path):
     splits = webdataset(image_size=16, train=pattern, val=pattern, on_bad_sample="skip")
     assert splits["train"].class_names == ["blue", "green", "red"]  # was also pink, purple
     assert len(splits["train"]) == 16
+
+
+class _Shards:
+    """Shards of `folder` served over http on 127.0.0.1 by a thread: `fail(path, number)`
+    (the request's path and its number, from 1) says which requests get a 404 (or, for
+    "stall", no answer at all) and
+    `cut(path, number)` which get the first half of the file, then a closed connection."""
+
+    def __init__(self, folder, fail=lambda path, number: False, cut=lambda path, n: False):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        requests = self.requests = []
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                requests.append(self.path)
+                failing = fail(self.path, len(requests))
+                if failing == "stall":  # accept, then send nothing
+                    time.sleep(4)
+                    return None
+                if failing:
+                    return self.send_error(404)
+                if cut(self.path, len(requests)):
+                    data = (folder / self.path.lstrip("/")).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return None
+                return super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+        )
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_pipe_and_http_shards_stream_as_local_ones_and_a_cut_transfer_is_read_again(
+    tmp_path, caplog
+):
+    local = write_shards(tmp_path / "s", shards=4, per_shard=5)
+    # The second request for shard 2 is cut (the first is the probe of data.train's first
+    # shard, from 00000.tar; then the val scan reads each once): read again, from its start.
+    cut = {"n": 0}
+
+    def cut_once(path, number):
+        cut["n"] += path.endswith("00002.tar")
+        return path.endswith("00002.tar") and cut["n"] == 2
+
+    with _Shards(tmp_path / "s", cut=cut_once) as served:
+        remote = f"{served.url}/{{00000..00003}}.tar"
+        with pytest.raises(UserError, match="data.samples_per_epoch=N"):
+            webdataset(image_size=16, train=remote, val=local, num_classes=3)
+        with pytest.raises(UserError, match="model.num_classes=K"):
+            webdataset(image_size=16, train=remote, val=local, samples_per_epoch=20)
+        with caplog.at_level(logging.WARNING, logger="mmtrain"):
+            splits = webdataset(image_size=16, train=remote, val=remote, samples_per_epoch=20,
+                                num_classes=3, retries=1)  # fmt: skip
+            assert len(splits["val"]) == 20  # counted by one scan over http
+            piped = webdataset(image_size=16, train=f"pipe:cat {local}", val=local,
+                               samples_per_epoch=20, num_classes=3)  # fmt: skip
+            by_http, by_pipe = (_epoch(_loader(s["train"], workers=0), 1) for s in (splits, piped))
+        assert "00002.tar failed" in caplog.text  # the cut transfer, read again
+    by_file = webdataset(image_size=16, train=local, val=local, samples_per_epoch=20)["train"]
+    assert by_http == by_pipe == _epoch(_loader(by_file, workers=0), 1)
+    assert sorted(i for b in by_http for i in b) == sorted(
+        shard * 10_000_000 + place for shard in range(4) for place in range(5)
+    )
+
+
+def test_an_unreachable_shard_is_named_before_training_and_stops_a_stream(tmp_path, monkeypatch):
+    from mmtrain.data import samples
+    from mmtrain.data.samples import ShardUnreachable
+
+    local = write_shards(tmp_path / "s", shards=4, per_shard=5)
+    with pytest.raises(UserError, match="cannot read the shard pipe:cat /no/such.tar after 1"):
+        webdataset(image_size=16, train="pipe:cat /no/such.tar", val=local,
+                   samples_per_epoch=20, num_classes=3, retries=0)  # fmt: skip
+    with _Shards(tmp_path / "s") as served:
+        dead = served.url
+    with pytest.raises(UserError, match=f"data.val: cannot read the shard {dead}/00000.tar"):
+        webdataset(image_size=16, train=local, val=f"{dead}/00000.tar", retries=0)
+    # Mid-stream: shard 3 never answers after the probe; the stream names it, exit code 1.
+    with _Shards(tmp_path / "s", fail=lambda path, n: path.endswith("00003.tar")) as served:
+        train = webdataset(image_size=16, train=f"{served.url}/{{00000..00003}}.tar", val=local,
+                           samples_per_epoch=20, num_classes=3, retries=1)["train"]  # fmt: skip
+        with pytest.raises(ShardUnreachable) as error:
+            _epoch(_loader(train, workers=2), 0)
+        assert served.requests.count("/00003.tar") == 2  # tried twice (data.retries=1)
+    message = str(error.value)
+    assert f"cannot read the shard {served.url}/00003.tar after 2 tries" in message
+    assert "Traceback" not in message and error.value.exit_code == 1
+    # A server that accepts and then sends nothing: a failed try after STALL_SECONDS.
+    monkeypatch.setattr(samples, "STALL_SECONDS", 1)
+    with _Shards(tmp_path / "s", fail=lambda path, n: "stall") as served:
+        started = time.monotonic()
+        with pytest.raises(UserError, match="curl exited with status 28"):
+            webdataset(image_size=16, train=f"{served.url}/00000.tar", val=local,
+                       samples_per_epoch=20, num_classes=3, retries=0)  # fmt: skip
+        assert time.monotonic() - started < 4
+
+
+def test_weighted_sources_and_resampled_shards_resume_exactly(tmp_path):
+    from mmtrain.data.shards import ShardSet
+
+    a = write_shards(tmp_path / "a", shards=4, per_shard=2)
+    b = write_shards(tmp_path / "b", shards=4, per_shard=2)
+    sources = [ShardSet(a, 3.0), ShardSet(f"pipe:cat {b}", 1.0)]
+    with pytest.raises(UserError, match="data.samples_per_epoch=N"):
+        webdataset(image_size=16, sources=sources, val=a, num_classes=3)
+    with pytest.raises(UserError, match="set data.resampled=true"):
+        webdataset(image_size=16, sources=sources, val=a, num_classes=3, resampled=False,
+                   samples_per_epoch=8)  # fmt: skip
+    train = webdataset(image_size=16, sources=sources, val=a, num_classes=3,
+                       samples_per_epoch=400, shuffle_buffer=20)["train"]  # fmt: skip
+    full = _epoch(_loader(train, workers=2, batch=10), 2)
+    seen = [i for batch in full for i in batch]
+    assert len(seen) == 400 and 0.65 < sum(i < 4 * 10_000_000 for i in seen) / 400 < 0.85
+    rest = _epoch(_loader(train, workers=2, batch=10), 2, start=70)
+    assert rest == full[7:]  # resumed at batch 7: the same batches
+    assert _epoch(_loader(train, workers=2, batch=10), 3) != full  # other draws next epoch
+    # One shard for four readers is fine when they draw with replacement.
+    one = webdataset(image_size=16, train=str(tmp_path / "a" / "00000.tar"), val=a,
+                     resampled=True, samples_per_epoch=40)["train"]  # fmt: skip
+    assert len({i for b in _epoch(_loader(one, workers=2, batch=5, world=2), 0) for i in b}) == 2
+
+
+def test_a_mixture_weight_must_be_positive_in_the_spec():
+    from mmtrain import registry
+
+    sources = [{"urls": "a.tar"}, {"urls": "b.tar", "weight": 2}]
+    registry.check("data", {"name": "webdataset", "sources": sources}, ["image_size"])
+    sources[1]["weight"] = 0
+    with pytest.raises(UserError, match="sources.1.weight' of data 'webdataset' must be a pos"):
+        registry.check("data", {"name": "webdataset", "sources": sources}, ["image_size"])
+
+
+def test_a_server_that_stops_answering_ends_the_run_with_exit_1_and_a_whole_checkpoint(tmp_path):
+    local = write_shards(tmp_path / "s", shards=4, per_shard=8)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    # Every request fails once the first epoch's last.pt is written: the second epoch's.
+    with _Shards(tmp_path / "s", fail=lambda path, number: last.exists()) as served:
+        mixture = f"data.sources=[{{urls:'{served.url}/{{00000..00003}}.tar',weight:2}}]"
+        result = run_cli(
+            "train", "data=webdataset", mixture, f"data.val='{local}'",
+            "data.samples_per_epoch=32", "data.batch_size=8", "data.retries=1",
+            "model.num_classes=3", *MODEL_TINY, "trainer.max_epochs=3",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"cannot read the shard {served.url}/0000" in result.stderr
+    assert "curl exited with status 22" in result.stderr and "Traceback" not in result.stderr
+    assert "try 2 of 2" in (tmp_path / "run" / "train.log").read_text()
+    assert torch.load(last, weights_only=False)["data"]["step"] == 4  # whole, after epoch 1

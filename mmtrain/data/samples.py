@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
+import shlex
+import subprocess
 import tarfile
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -25,11 +31,14 @@ from mmtrain.data.images import ImageProblem, load_image
 from mmtrain.data.labels import Classes, resolve_label
 from mmtrain.errors import UserError, read_text
 
+log = logging.getLogger("mmtrain")
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CLASSES_FILE = "classes.txt"  # beside the shards: one class name per line, in id order
 SIZES_FILE = "sizes.json"  # beside the shards: {shard file name: samples} (open_clip's)
 IMAGE = "__image__"  # in a scanned sample: it has an image member
 INSTALL = "pip install 'mmtrain[webdataset]'"
+STALL_SECONDS = 60  # an http(s) shard's server that sends nothing this long has failed
 
 
 def require_webdataset() -> Any:
@@ -41,14 +50,33 @@ def require_webdataset() -> Any:
     return webdataset
 
 
-def expand_shards(spec: str | list[str], key: str) -> list[Path]:
-    """The shard files of a brace pattern (or a list of patterns); each must exist."""
-    from braceexpand import braceexpand
+def is_url(shard: str) -> bool:
+    """True for a shard named by a URL that webdataset opens (`pipe:CMD`, `http(s)://`,
+    `gs://` ...), False for a local path (or a `file:` URL)."""
+    return urlparse(shard).scheme not in ("", "file")
+
+
+def expand_shards(spec: str | list[str], key: str) -> list[str]:
+    """The shards of a brace pattern (or a list of patterns) as webdataset expands them
+    (braces, `::` between sets): local paths made absolute, each of which must exist, and
+    URLs kept as written."""
+    from webdataset.gopen import gopen_schemes
+    from webdataset.shardlists import expand_urls
 
     patterns = [spec] if isinstance(spec, str) else list(spec)
-    paths = [Path(p).expanduser() for pattern in patterns for p in braceexpand(str(pattern))]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
+    names = [name for pattern in patterns for name in expand_urls(str(pattern))]
+    unknown = [n for n in names if is_url(n) and urlparse(n).scheme not in gopen_schemes]
+    if unknown:
+        raise UserError(
+            f"data.{key}: webdataset opens no {urlparse(unknown[0]).scheme}:// URL "
+            f"({unknown[0]}). Name a command that writes the shard to its output instead, "
+            "e.g. 'pipe:aws s3 cp s3://bucket/shard-{000..999}.tar -'."
+        )
+    local = [Path(urlparse(n).path if n.startswith("file:") else n).expanduser() for n in names]
+    missing = [
+        str(p) for n, p in zip(names, local, strict=True) if not is_url(n) and not p.is_file()
+    ]
+    if not names or missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise UserError(
             f"data.{key}={spec}: "
@@ -57,9 +85,10 @@ def expand_shards(spec: str | list[str], key: str) -> list[Path]:
                 if missing
                 else "names no shard"
             )
-            + ". Give a brace pattern such as data/{00000..00099}.tar, or a list of .tar files."
+            + ". Give a brace pattern such as data/{00000..00099}.tar, a list of .tar files, or "
+            "URLs (pipe:COMMAND, https://...)."
         )
-    return [p.resolve() for p in paths]
+    return [n if is_url(n) else str(p.resolve()) for n, p in zip(names, local, strict=True)]
 
 
 def read_classes_file(folder: Path) -> list[str] | None:
@@ -152,19 +181,123 @@ def member_name(name: str) -> str:
     return posixpath.normpath(name)
 
 
-def shard_samples(shards: list[Path], handler: Any) -> Any:
+class ShardUnreachable(UserError):
+    """A remote shard that could not be read after data.retries tries. Mid-run the run
+    stops with exit code 1 (its checkpoints are whole) and this message."""
+
+    exit_code = 1
+
+
+def shard_samples(shards: Iterable[str], handler: Any, retries: int = 0) -> Iterator[dict]:
     """The raw samples of `shards` as webdataset groups a shard's members (member names
-    through `member_name`); `handler(error)` gets each read error and goes on (True)."""
-    wds = require_webdataset()
-    samples = wds.tarfile_to_samples(handler=handler, rename_files=member_name)
-    return samples([{"url": str(shard)} for shard in shards])
+    through `member_name`), each with its place in its shard (`__place__`); `handler(error)` gets each damaged shard and goes on (True).
+    A remote shard whose transfer fails is read again, `retries` times at most, from its
+    start (skipping the samples already given), then `ShardUnreachable` names it."""
+    for shard in shards:
+        yield from _shard(shard, handler, retries)
 
 
-def _small_members(shard: Path) -> tuple[list[dict[str, bytes]], str | None]:
+def _shard(url: str, handler: Any, retries: int) -> Iterator[dict]:
+    from webdataset import tariterators
+
+    given, failures = 0, 0
+    while True:
+        streams: list[Any] = []
+        opened = _kept(tariterators.url_opener([{"url": _opened_as(url)}]), streams)
+        files = tariterators.tar_file_expander(opened, rename_files=member_name)
+        try:
+            for place, sample in enumerate(tariterators.group_by_keys(files, handler=handler)):
+                if place >= given:
+                    given += 1
+                    sample["__place__"] = place  # its place in its shard
+                    sample["__url__"] = url
+                    yield sample
+            _close(streams)  # a command that failed after its last byte raises here
+            return
+        except Exception as error:  # noqa: BLE001 - a transfer's or a tar reader's
+            failed = _transfer_failed(streams, error) if is_url(url) else None
+            if failed is None:
+                handler(error)  # a damaged shard: the handler raises or goes on
+                return
+            failures += 1
+            if failures > retries:
+                raise ShardUnreachable(
+                    f"cannot read the shard {url} after {failures} tries ({failed}); check "
+                    "the URL or command, the server and its credentials (data.retries sets "
+                    "the tries)."
+                ) from None
+            log.warning("reading %s failed (%s); try %d of %d", url, failed, failures + 1,
+                        retries + 1)  # fmt: skip
+            time.sleep(min(2.0 ** (failures - 1), 30.0))
+        finally:
+            _close(streams, quietly=True)
+
+
+def _opened_as(url: str) -> str:
+    """The URL webdataset opens for `url`: an http(s) shard through curl as webdataset's
+    gopen reads it, but failing when the server sends nothing for STALL_SECONDS (instead of
+    waiting for ever) and without curl's own retries (data.retries counts the tries)."""
+    if urlparse(url).scheme not in ("http", "https"):
+        return url
+    return (
+        f"pipe:curl -f -s -L --connect-timeout {STALL_SECONDS} --speed-limit 1 "
+        f"--speed-time {STALL_SECONDS} {shlex.quote(url)}"
+    )
+
+
+def _kept(sources: Iterable[dict], streams: list[Any]) -> Iterator[dict]:
+    """`sources` (opened shards), each stream kept in `streams` too."""
+    for source in sources:
+        streams.append(source["stream"])
+        yield source
+
+
+def _transfer_failed(streams: list[Any], error: Exception) -> str | None:
+    """Why the shard's transfer failed (it could not be opened, or its command or curl
+    exited with an error), or None when its bytes arrived and the tar in them is damaged."""
+    from webdataset.gopen import Pipe
+
+    if not streams:
+        return f"it could not be opened: {error.args[0] if error.args else error!r}"
+    stream = streams[0]
+    if not isinstance(stream, Pipe):
+        return None
+    try:
+        status = stream.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # still sending: the bytes so far are damaged
+        stream.proc.kill()
+        return None
+    if status in stream.ignore_status:
+        return None
+    command = stream.args[0][0]
+    name = command[0] if isinstance(command, list) else command.split()[0]
+    return f"{name} exited with status {status}"
+
+
+def _close(streams: list[Any], quietly: bool = False) -> None:
+    for stream in streams:
+        try:
+            stream.close()
+        except Exception:
+            if not quietly:
+                raise
+
+
+def _small_members(shard: str, retries: int) -> tuple[list[dict[str, bytes]], str | None]:
     """The small members (txt, cls, json) of each sample of `shard`, grouped as
     `shard_samples` groups them, and the error that ended reading a damaged shard (the
-    samples before it are kept)."""
+    samples before it are kept). A local shard's images are skipped, not read; a remote
+    one is read whole, once."""
     from webdataset.tariterators import base_plus_ext
+
+    if is_url(shard):
+        errors: list[str] = []
+        found = [
+            {k: v for k, v in sample.items() if k in ("txt", "cls", "json")}
+            | ({IMAGE: b""} if any(k in sample for k in IMAGE_KEYS) else {})
+            for sample in _shard(shard, lambda error: errors.append(str(error)) or True, retries)
+        ]
+        return found, (errors[0] if errors else None)
 
     samples: list[dict[str, bytes]] = []
     key = None
@@ -187,7 +320,7 @@ def _small_members(shard: Path) -> tuple[list[dict[str, bytes]], str | None]:
 
 
 def scan(
-    shards: list[Path], label_key: str | None
+    shards: list[str], label_key: str | None, retries: int = 0
 ) -> tuple[list[int], list[Any], list[str], list[str]]:
     """One pass over the shards' small members (images are skipped, not read): per shard its
     sample count, every text, the labels of the samples with an image and a text (a sample
@@ -195,7 +328,7 @@ def scan(
     samples before the damage are counted)."""
     counts, labels, texts, damaged = [], [], [], []
     for shard in shards:
-        samples, error = _small_members(shard)
+        samples, error = _small_members(shard, retries)
         if error is not None:
             damaged.append(f"{shard}: {error}")
         counts.append(len(samples))

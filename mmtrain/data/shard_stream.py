@@ -5,7 +5,9 @@ workers): the shards are permuted by (seed, epoch) and dealt to the readers, eac
 shuffles its samples in a buffer seeded by (seed, epoch, reader) and yields the same number
 of full batches, so the DataLoader's round-robin order is fixed too. A resumed run re-reads
 the epoch's samples before its position without decoding them and continues with the very
-batch it stopped before (see `StreamLoader`). The `webdataset` source
+batch it stopped before (see `StreamLoader`). Shards drawn with replacement (`Mixture`:
+data.resampled, data.sources) are drawn by a generator seeded by (seed, epoch, reader), so
+their stream is as fixed as a permutation's. The `webdataset` source
 (`mmtrain.data.shards`) makes the `StreamSplit`s; `stream_loader` is their loader.
 """
 
@@ -15,14 +17,20 @@ import logging
 import math
 import multiprocessing
 import random
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmtrain.data.samples import SampleChecker, require_webdataset, scan, shard_samples
+from mmtrain.data.samples import (
+    SampleChecker,
+    ShardUnreachable,
+    require_webdataset,
+    scan,
+    shard_samples,
+)
 from mmtrain.data.source import BadRow
 from mmtrain.errors import UserError
 
@@ -39,7 +47,26 @@ REASONS = (
     "unknown label",
     "unreadable shard",
 )
+STOPPED = (
+    "The run stops here; its checkpoints are whole: once the shard can be read, resume it "
+    "with `mmtrain resume RUN_DIR`."
+)
 SHARD_STRIDE = 10_000_000  # sample index = shard number * SHARD_STRIDE + place in the shard
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Shards drawn with replacement (data.resampled): each draw picks a shard set by its
+    weight (data.sources), then one of its shards, each as likely."""
+
+    sets: list[list[str]]
+    weights: list[float]
+
+    def draw(self, rng: random.Random, count: int) -> Iterator[str]:
+        """`count` shards drawn with `rng`."""
+        places = range(len(self.sets))
+        for _ in range(count):
+            yield rng.choice(self.sets[rng.choices(places, weights=self.weights)[0]])
 
 
 class StreamSplit:
@@ -48,10 +75,12 @@ class StreamSplit:
     built from the training texts."""
 
     def __init__(
-        self, split: str, shards: list[Path], samples: int, checker: SampleChecker,
+        self, split: str, shards: list[str], samples: int, checker: SampleChecker,
         shuffle_buffer: int, on_bad_sample: str, texts: list[str] | None = None,
+        mixture: Mixture | None = None, retries: int = 0,
     ):  # fmt: skip
         self.split, self.shards, self.samples, self.checker = split, shards, samples, checker
+        self.mixture, self.retries = mixture, retries
         self.shuffle_buffer, self.on_bad_sample = shuffle_buffer, on_bad_sample
         self.class_names = checker.class_names
         self._texts = texts
@@ -68,7 +97,7 @@ class StreamSplit:
     def texts(self) -> list[str]:
         """Every text of the split's shards (read once, on first use)."""
         if self._texts is None:
-            self._texts = scan(self.shards, None)[2]
+            self._texts = scan(self.shards, None, self.retries)[2]
         return self._texts
 
     @property
@@ -81,7 +110,7 @@ class StreamSplit:
 
     def check_all(self) -> None:
         """Decode every sample once (`mmtrain validate`) and list the bad ones."""
-        for sample in shard_samples(self.shards, self._tar_problem):
+        for sample in shard_samples(self.shards, self._tar_problem, self.retries):
             _, problem = self.checker(sample)
             if problem is not None:
                 where = str(sample.get("__url__", ""))
@@ -122,21 +151,18 @@ class ShardStream(IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self.batches_per_reader = 0  # set by StreamLoader: every reader yields this many
 
-    def _raw(self, shards: list[Path]) -> Iterator[dict[str, Any]]:
+    def _raw(self, shards: Iterable[str]) -> Iterator[dict[str, Any]]:
         def unreadable(error: Exception) -> bool:
             self.split.count_bad("unreadable shard", str(error))
             return True
 
-        samples = shard_samples(shards, unreadable)
+        samples = shard_samples(shards, unreadable, self.split.retries)
         # A sample's index names it in every epoch and run: its shard's place in the list
         # of shards, and its place in that shard.
         number = {str(shard): i for i, shard in enumerate(self.split.shards)}
-        url, within = None, 0
         for sample in samples:
-            if sample.get("__url__") != url:
-                url, within = sample.get("__url__"), 0
-            sample["__index__"] = number.get(url, 0) * SHARD_STRIDE + within
-            within += 1
+            place = sample["__place__"]
+            sample["__index__"] = number.get(sample.get("__url__"), 0) * SHARD_STRIDE + place
             yield sample
 
     def __iter__(self) -> Iterator[tuple]:
@@ -165,7 +191,11 @@ class ShardStream(IterableDataset):
         done = max(0, math.ceil((self.start_batch - worker) / workers)) * self.batch_size
         rng = random.Random(f"{self.seed}:{self.epoch}:{reader}")
         yielded, passes = 0, 0
+        mixture = self.split.mixture
+        draws = random.Random(f"{self.seed}:{self.epoch}:{reader}:shards")
         while yielded < quota:
+            if mixture is not None:  # drawn with replacement: as many as could be needed
+                mine = mixture.draw(draws, quota + len(shards))
             shuffled = wds.shuffle(self.split.shuffle_buffer, rng=rng)(self._raw(mine))
             empty = True
             for sample in shuffled:
@@ -224,7 +254,9 @@ class StreamLoader:
         readers = stream.world_size * max(1, num_workers)
         self.workers = max(1, num_workers)
         split = stream.split
-        if stream.train and len(split.shards) < readers:  # evaluation: idle readers are fine
+        if (
+            stream.train and split.mixture is None and len(split.shards) < readers
+        ):  # evaluation: idle readers are fine
             raise UserError(
                 f"The {split.split} split has {len(split.shards)} shard(s) for {readers} readers "
                 f"(ranks x data.num_workers); each reader needs its own shards. Set "
@@ -268,8 +300,13 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
             yield from self.loader
-        except BadSample as error:  # from a worker: its message holds the worker's traceback
-            raise UserError(str(error).rsplit("BadSample: ", 1)[-1].strip()) from None
+        except (BadSample, ShardUnreachable) as error:
+            # From a worker its message holds the worker's traceback: keep the last line.
+            kind = type(error)
+            message = str(error).rsplit(f"{kind.__name__}: ", 1)[-1].strip()
+            if kind is ShardUnreachable:
+                raise ShardUnreachable(f"{message} {STOPPED}") from None
+            raise UserError(message) from None
 
 
 def stream_loader(
