@@ -126,8 +126,8 @@ def claim(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(
             f"The run directory {run_dir} already holds a run ({', '.join(found)}). Resume it "
-            f"with trainer.resume=auto, clear it with trainer.overwrite=true, or train into "
-            "another directory (hydra.run.dir=DIR)."
+            f"with `mmtrain resume {run_dir}` (or trainer.resume=auto), clear it with "
+            "trainer.overwrite=true, or train into another directory (hydra.run.dir=DIR)."
         )
     log.warning("trainer.overwrite=true: clearing the run in %s first", run_dir)
     for entry in run_dir.iterdir():

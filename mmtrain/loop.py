@@ -140,8 +140,8 @@ def train_loop(run: Run, state: TrainState, out: Outputs) -> tuple[str, str | No
     status, total = "completed", Throughput()
     chosen = budget(run.trainer, len(run.train_loader))
     log.info(
-        "training %d steps (%d per epoch)%s, monitoring %s (%s)",
-        run.max_steps, run.steps_per_epoch,
+        "training %d step%s (%d per epoch)%s, monitoring %s (%s)",
+        run.max_steps, "" if run.max_steps == 1 else "s", run.steps_per_epoch,
         f": {chosen.reason}" if chosen.total == run.max_steps else "", run.monitor, run.mode,
     )  # fmt: skip
     gap = validation_gap(run.max_steps)

@@ -96,8 +96,8 @@ def trained(run: str, overrides: list[str] = (), checkpoint: str | None = None) 
             f"checkpoint={checkpoint}: no such file; give a .pt file from a run's checkpoints/ folder."
             if checkpoint
             else f"run={run} has no checkpoint (checkpoints/best.pt or last.pt): the run stopped "
-            "before its first save. Give another file with checkpoint=PATH, or finish the run "
-            "(`mmtrain train trainer.resume=auto hydra.run.dir=RUN_DIR`, with its overrides)."
+            "before its first save, so there is nothing to load or resume. Give another file "
+            "with checkpoint=PATH, or train the run again."
         )
     saved = ckpt.load(weights)
     shape = backbone(spec)
