@@ -25,10 +25,10 @@ train: $(CORE_STAMP)  ## run `mmtrain train` (pass overrides with ARGS="optimize
 	$(VENV)/bin/mmtrain train $(ARGS)
 
 test: $(DEV_STAMP)  ## the whole test suite, slow tests included (what CI runs)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) -m "not gpu" $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) --dist worksteal -m "not gpu" $(ARGS)
 
 test-fast: $(DEV_STAMP)  ## the default suite without tests marked slow
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) -m "not slow and not gpu" $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow and not gpu" $(ARGS)
 
 test-gpu: $(DEV_STAMP)  ## the CUDA tests (skipped without a GPU); benchmarks/gpu_check.sh runs them with the speed checks
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m gpu $(ARGS)

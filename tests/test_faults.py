@@ -616,6 +616,14 @@ def _forked_children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting to be reaped has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
 def test_kill_9_with_loader_workers_frees_the_directory_at_once(tmp_path):
@@ -627,9 +635,10 @@ def test_kill_9_with_loader_workers_frees_the_directory_at_once(tmp_path):
     process.kill()  # the main process only, as the out-of-memory killer does
     process.wait()
     killed = time.monotonic()
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < killed + 2:
+    while any(map(_running, workers)) and time.monotonic() < killed + 4:
         time.sleep(0.05)
-    assert time.monotonic() - killed < 1.5  # not torch's 5 s watch of the parent
+    # Gone at once, not after torch's 5 s watch of the parent (3 s: a loaded CI machine).
+    assert time.monotonic() - killed < 3
     with RunLock(run_dir):  # what an immediate requeue (trainer.resume=auto) takes
         pass
 
