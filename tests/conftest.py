@@ -85,6 +85,30 @@ def resume_from_step(
     return run_cli("train", *overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
 
 
+def save_tiny_clip(folder: Path, texts: list[str], text_positions: int) -> Path:
+    """A tiny CLIP (32 px, width 32, one layer per tower, seeded) saved into `folder` as a
+    pretrained model would be: model, a word-level tokenizer of `texts`, image processor."""
+    from transformers import CLIPImageProcessor
+
+    from mmtrain.data.tokenizer import build_word_tokenizer
+    from mmtrain.models.backbone import build_backbone
+
+    tokenizer = build_word_tokenizer(texts)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}  # fmt: skip
+    config = {
+        "projection_dim": 32,
+        "vision": {**tower, "image_size": 32, "patch_size": 8},
+        "text": {**tower, "max_position_embeddings": text_positions},
+    }
+    torch.manual_seed(0)
+    build_backbone(None, config, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     """Every tensor of the two checkpoints' models is equal (torch.equal), key by key."""
     first = torch.load(a, map_location="cpu", weights_only=True)["model"]

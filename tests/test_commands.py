@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, read_jsonl, run_cli
+from conftest import TINY, read_jsonl, run_cli, save_tiny_clip
 from conftest import compose_train as _compose
 from manifest_files import MODEL_TINY, write_jsonl, write_learnable
 from PIL import Image
@@ -201,39 +201,11 @@ def test_export_loads_in_transformers_with_the_same_features(run, tmp_path):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny CLIP saved as a pretrained model would be: model, tokenizer, image processor."""
-    from transformers import CLIPImageProcessor
-
-    folder = tmp_path_factory.mktemp("pretrained")
     from mmtrain.data.shapes import shapes
 
-    tokenizer = build_word_tokenizer(
-        shapes(image_size=32, train_size=200, val_size=1, test_size=0)["train"].texts
-    )
-    config = {
-        "projection_dim": 32,
-        "vision": {
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-        },
-        "text": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 32,
-        },
-    }
-    torch.manual_seed(0)
-    build_backbone(None, config, tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(folder)
-    return folder
+    folder = tmp_path_factory.mktemp("pretrained")
+    texts = shapes(image_size=32, train_size=200, val_size=1, test_size=0)["train"].texts
+    return save_tiny_clip(folder, texts, text_positions=32)
 
 
 def test_pretrained_backbone_trains_with_its_own_tokenizer_and_vision_frozen(pretrained, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, read_jsonl, run_cli
+from conftest import compose_train, read_jsonl, run_cli, save_tiny_clip
 from manifest_files import COLOURS, learnable_rows, write_csv
 
 from mmtrain.errors import UserError
@@ -21,26 +21,8 @@ FAST = ["trainer.max_epochs=3", "trainer.min_steps=null", "scheduler.warmup_step
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny CLIP saved as a pretrained model would be: model, tokenizer, image processor."""
-    from transformers import CLIPImageProcessor
-
-    from mmtrain.data.tokenizer import build_word_tokenizer
-    from mmtrain.models.backbone import build_backbone
-
     folder = tmp_path_factory.mktemp("pretrained")
-    tokenizer = build_word_tokenizer([TEMPLATE.format(" ".join(COLOURS))])
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}  # fmt: skip
-    config = {
-        "projection_dim": 32,
-        "vision": {**tower, "image_size": 32, "patch_size": 8},
-        "text": {**tower, "max_position_embeddings": 16},
-    }
-    torch.manual_seed(0)
-    build_backbone(None, config, tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(folder, [TEMPLATE.format(" ".join(COLOURS))], text_positions=16)
 
 
 @pytest.fixture(scope="module")
