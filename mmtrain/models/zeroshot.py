@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from mmtrain.errors import UserError
+from mmtrain.errors import UserError, read_text
 from mmtrain.metrics import ZeroShotClasses
 from mmtrain.models.interface import EmbeddingModel
 from mmtrain.registry import register
@@ -153,7 +153,8 @@ def load_templates(templates: str | list[str], key: str = "zeroshot.templates") 
 
 
 def _read_text(path: Path, key: str, given: str) -> str:
-    """The text of a template file, or a UserError saying why it cannot be read."""
+    """The text of a template file; a UserError naming the built-in sets when it is none
+    (`mmtrain.errors.read_text` says why a file cannot be read)."""
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise UserError(
@@ -161,22 +162,7 @@ def _read_text(path: Path, key: str, given: str) -> str:
             f"({path.resolve()} {what}); give a set's name, a text file with one "
             "template per line, or a list like '[\"a photo of a {{}}.\"]'."
         )
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise UserError(f"{key}={given}: cannot read {path}: {error.strerror}.") from None
-    if b"\0" in data:
-        raise UserError(
-            f"{key}={given}: {path} is a binary file, not text; give a text file with one "
-            "template per line."
-        )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(
-            f"{key}={given}: {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
-            "save it as UTF-8."
-        ) from None
+    return read_text(path, f"{key}={given}")
 
 
 def _template_problem(template: str) -> str | None:
