@@ -43,8 +43,11 @@ def shared_run_dir(args: list[str]) -> list[str]:
 
     Hydra names a run directory by the time it starts, which differs between ranks; rank 0
     picks the name and the others receive it through a TCP store on torchrun's master
-    address. Ranks other than 0 write no .hydra folder and no train.log.
+    address. Ranks other than 0 write no .hydra folder and no train.log. Tasks that `srun`
+    started without torchrun first take torchrun's variables from SLURM's (`adopt_slurm`).
     """
+    if not any(a.startswith(("-m", "--multirun")) for a in args):
+        adopt_slurm()
     if not launched() or any(a.startswith(("-m", "--multirun")) for a in args):
         return []
     import torch.distributed as dist
@@ -72,6 +75,20 @@ def shared_run_dir(args: list[str]) -> list[str]:
     if rank != 0:
         overrides += ["hydra/job_logging=disabled"]
     return overrides
+
+
+def adopt_slurm() -> None:
+    """Set torchrun's variables from SLURM's when `srun` started this process as one of
+    several tasks, so the process group starts with env:// as under torchrun."""
+    from mmtrain.distributed import from_slurm
+
+    found = from_slurm(os.environ)
+    os.environ.update(found)
+    if found:
+        log.info(
+            "SLURM task %s of %s: master %s:%s",
+            *(found[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")),
+        )
 
 
 # The .hydra folder's name the user asked for (hydra.output_subdir), for `_write_hydra_files`.
