@@ -77,18 +77,30 @@ def shared_run_dir(args: list[str]) -> list[str]:
     return overrides
 
 
+# Hydra plugins by the override that selects them: (their module, the extra installing it).
+PLUGINS = {
+    "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "sweep"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+}
+
+
+def require_plugins(args: list[str]) -> None:
+    """Refuse a launcher or sweeper whose Hydra plugin is missing, with its install command."""
+    from importlib.util import find_spec
+
+    for arg in args:
+        for selector, (module, extra) in PLUGINS.items():
+            if arg.lstrip("+").startswith(selector) and find_spec(module) is None:
+                name = module.split(".")[1].replace("_", "-")
+                raise UserError(f"{arg} needs the {name} plugin: pip install 'mmtrain[{extra}]'")
+
+
 def adopt_slurm() -> None:
-    """Set torchrun's variables from SLURM's when `srun` started this process as one of
-    several tasks, so the process group starts with env:// as under torchrun."""
+    """torchrun's variables from SLURM's for one of several `srun` tasks (env:// as usual)."""
     from mmtrain.distributed import from_slurm
 
-    found = from_slurm(os.environ)
-    os.environ.update(found)
-    if found:
-        log.info(
-            "SLURM task %s of %s: master %s:%s",
-            *(found[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")),
-        )
+    os.environ.update(from_slurm(os.environ))
 
 
 # The .hydra folder's name the user asked for (hydra.output_subdir), for `_write_hydra_files`.
@@ -209,6 +221,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
     """One elastic-launcher worker: rank 0 logs into the job's train.log; all ranks train."""
     import torch
 
+    from mmtrain.guard import SIGNALS
     from mmtrain.recipe import fit
     from mmtrain.spec import parse
 
@@ -225,7 +238,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
         logging.getLogger().setLevel(logging.INFO)
     else:
         logging.getLogger().setLevel(logging.WARNING)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # until the loop takes over: stop at once
+    for sig in SIGNALS:  # until the loop takes over: stop at once
         signal.signal(sig, _interrupt)
     sys.unraisablehook = _unraisable
     try:
@@ -243,7 +256,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
         # This worker's part is done (its checkpoint and summary are written): a signal now,
         # such as the launcher's SIGTERM when another worker died, ends it quietly instead
         # of raising wherever it lands (a traceback from interpreter shutdown).
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             signal.signal(sig, _leave)
 
 
@@ -305,7 +318,9 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
         raise Interrupted(name, interrupted_message(name, run_dir)) from None
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
-        stopped = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        from mmtrain.guard import SIGNALS
+
+        stopped = {128 + sig for sig in SIGNALS}
         if codes <= stopped:  # the workers stopped on a signal, saved and left (see _worker)
             name = signal.Signals(max(codes) - 128).name
             raise Interrupted(name, interrupted_message(name, run_dir)) from None
