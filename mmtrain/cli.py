@@ -232,11 +232,12 @@ def _train(args: list[str]) -> None:
     run's .hydra files itself once it holds the run directory's lock."""
     from omegaconf import OmegaConf
 
-    from mmtrain.launch import defer_run_files, shared_run_dir
+    from mmtrain.launch import defer_run_files, require_plugins, shared_run_dir
 
     OmegaConf.register_new_resolver(
         "mmtrain_direction", lambda *, _root_: _direction(_root_), replace=True
     )
+    require_plugins(args)
     args, deferred = defer_run_files(args)
     extra = [
         *deferred,

@@ -8,7 +8,8 @@ whether they run under DDP. Starting the worker processes is `mmtrain.launch`'s 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -53,6 +54,46 @@ def process_group(device: torch.device) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
+    SLURM's, for a process `srun` started as one of several tasks without torchrun; empty
+    when SLURM ran one task or torchrun's variables are already set.
+
+    The master is MASTER_ADDR if set, else the job's first host; the port MASTER_PORT if
+    set, else one derived from SLURM_JOB_ID (the same on every task of the job)."""
+    tasks = int(environ.get("SLURM_NTASKS", 1))
+    if tasks <= 1 or "SLURM_PROCID" not in environ or any(k in environ for k in TORCHRUN_KEYS):
+        return {}
+    nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+    job = int(environ.get("SLURM_JOB_ID", 0) or 0)
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or hostnames(nodes)[0],
+        # Below the ephemeral range, with room for the run-directory store on port + 1.
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(15000 + job % 20000),
+    }
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """SLURM's compact host list expanded as `scontrol show hostnames` does, for the common
+    forms: `a,b`, `node[01-03,07]`, `rack1-[1-2],login`."""
+    hosts = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            for number in range(int(first), int(last or first) + 1):
+                hosts.append(f"{prefix}{number:0{len(first)}d}{suffix}")
+    return hosts
 
 
 def backend() -> str:

@@ -24,8 +24,13 @@ from mmtrain.runlock import LOCK_HELD_ENV, RunLock
 log = logging.getLogger("mmtrain")
 
 
+# The signals that stop training with a checkpoint: a terminal, `kill`, a scheduler's
+# SIGTERM, and the SIGUSR1 that SLURM sends ahead of a preemption (`--signal=USR1@90`).
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step and each validation
+    """Turns SIGTERM/SIGINT/SIGUSR1 (SLURM's warning before preemption) into a flag the loop checks after each step and each validation
     batch.
 
     A cluster, `timeout` and a terminal signal the whole process group, and a launcher
@@ -43,7 +48,7 @@ class StopSignal:
         self.previous = {}
 
     def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 

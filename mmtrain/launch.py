@@ -43,8 +43,11 @@ def shared_run_dir(args: list[str]) -> list[str]:
 
     Hydra names a run directory by the time it starts, which differs between ranks; rank 0
     picks the name and the others receive it through a TCP store on torchrun's master
-    address. Ranks other than 0 write no .hydra folder and no train.log.
+    address. Ranks other than 0 write no .hydra folder and no train.log. Tasks that `srun`
+    started without torchrun first take torchrun's variables from SLURM's (`adopt_slurm`).
     """
+    if not any(a.startswith(("-m", "--multirun")) for a in args):
+        adopt_slurm()
     if not launched() or any(a.startswith(("-m", "--multirun")) for a in args):
         return []
     import torch.distributed as dist
@@ -72,6 +75,32 @@ def shared_run_dir(args: list[str]) -> list[str]:
     if rank != 0:
         overrides += ["hydra/job_logging=disabled"]
     return overrides
+
+
+# Hydra plugins by the override that selects them: (their module, the extra installing it).
+PLUGINS = {
+    "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "sweep"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+}
+
+
+def require_plugins(args: list[str]) -> None:
+    """Refuse a launcher or sweeper whose Hydra plugin is missing, with its install command."""
+    from importlib.util import find_spec
+
+    for arg in args:
+        for selector, (module, extra) in PLUGINS.items():
+            if arg.lstrip("+").startswith(selector) and find_spec(module) is None:
+                name = module.split(".")[1].replace("_", "-")
+                raise UserError(f"{arg} needs the {name} plugin: pip install 'mmtrain[{extra}]'")
+
+
+def adopt_slurm() -> None:
+    """torchrun's variables from SLURM's for one of several `srun` tasks (env:// as usual)."""
+    from mmtrain.distributed import from_slurm
+
+    os.environ.update(from_slurm(os.environ))
 
 
 # The .hydra folder's name the user asked for (hydra.output_subdir), for `_write_hydra_files`.
@@ -192,6 +221,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
     """One elastic-launcher worker: rank 0 logs into the job's train.log; all ranks train."""
     import torch
 
+    from mmtrain.guard import SIGNALS
     from mmtrain.recipe import fit
     from mmtrain.spec import parse
 
@@ -208,7 +238,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
         logging.getLogger().setLevel(logging.INFO)
     else:
         logging.getLogger().setLevel(logging.WARNING)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # until the loop takes over: stop at once
+    for sig in SIGNALS:  # until the loop takes over: stop at once
         signal.signal(sig, _interrupt)
     sys.unraisablehook = _unraisable
     try:
@@ -226,7 +256,7 @@ def _worker(config: dict[str, Any], run_dir: str) -> float | dict[str, str]:
         # This worker's part is done (its checkpoint and summary are written): a signal now,
         # such as the launcher's SIGTERM when another worker died, ends it quietly instead
         # of raising wherever it lands (a traceback from interpreter shutdown).
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             signal.signal(sig, _leave)
 
 
@@ -288,7 +318,9 @@ def launch(spec: RunSpec, run_dir: Path) -> float:
         raise Interrupted(name, interrupted_message(name, run_dir)) from None
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
-        stopped = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        from mmtrain.guard import SIGNALS
+
+        stopped = {128 + sig for sig in SIGNALS}
         if codes <= stopped:  # the workers stopped on a signal, saved and left (see _worker)
             name = signal.Signals(max(codes) - 128).name
             raise Interrupted(name, interrupted_message(name, run_dir)) from None

@@ -171,7 +171,11 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("moment", "sig", "code"),
-    [("a step", signal.SIGTERM, 143), ("validation", signal.SIGINT, 130)],
+    [
+        ("a step", signal.SIGTERM, 143),
+        ("validation", signal.SIGINT, 130),
+        ("a step", signal.SIGUSR1, 138),  # SLURM's warning before a preemption
+    ],
 )
 def test_a_signal_to_the_group_saves_and_the_resume_is_exact(
     uninterrupted, tmp_path, moment, sig, code

@@ -69,3 +69,38 @@ def test_optuna_sweeper_maximises_what_train_returns(tmp_path):
         json.loads((sweep / str(i) / "summary.json").read_text())["best"]["value"] for i in range(3)
     ]
     assert best == pytest.approx(max(values))
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_sweep_that_report_reads(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+        "optimizer.lr=1e-3,3e-4", *ONE_EPOCH, f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job, lr in (("0", "0.001"), ("1", "0.0003")):
+        assert f"optimizer.lr={lr}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        assert json.loads((sweep / job / "summary.json").read_text())["status"] == "completed"
+    report = run_cli("report", str(sweep))
+    assert report.returncode == 0, report.stderr
+    rows = [line.split("│")[1].strip() for line in report.stdout.splitlines() if "│" in line]
+    assert sorted(rows) == ["0", "1"]  # the jobs, not submitit's own folder
+
+
+@pytest.mark.parametrize(
+    ("override", "extra"),
+    [("hydra/launcher=submitit_slurm", "slurm"), ("hydra/sweeper=optuna", "sweep")],
+)
+def test_a_missing_hydra_plugin_is_refused_with_its_install_command(monkeypatch, override, extra):
+    import importlib.util
+
+    from mmtrain.errors import UserError
+    from mmtrain.launch import require_plugins
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=rf"pip install 'mmtrain\[{extra}\]'"):
+        require_plugins(["-m", override, "optimizer.lr=1e-3,3e-4"])
+    monkeypatch.undo()
+    require_plugins(["-m", "optimizer.lr=1e-3,3e-4"])  # no plugin asked for: nothing to check
