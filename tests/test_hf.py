@@ -152,3 +152,61 @@ def test_hf_trains_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best"]["value"] > 0.6  # 3 balanced classes: chance is 1/3
+
+
+class _Indices:
+    """A collate that keeps each batch's sample indices and labels."""
+
+    needs_epoch = False
+
+    def __call__(self, rows):
+        return [(int(row[0]), int(row[3])) for row in rows]
+
+
+def test_streaming_reads_the_split_as_caching_does_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from mmtrain.data.shard_stream import stream_loader
+
+    folder = write_parquet(tmp_path / "pq", train=40)
+    cached = hf(image_size=16, path=str(folder), cache_workers=0)["train"]
+    streamed = hf(image_size=16, path=str(folder), streaming=True, shuffle_buffer=16)
+    train = streamed["train"]
+    assert len(train) == 40 and len(streamed["val"]) == 9
+    assert train.class_names == cached.class_names and train.texts == cached.texts
+    sample = next(iter(train.read(train.shards, None)))
+    (image, _, label), problem = train.checker(sample)
+    assert problem is None and label == int(cached.labels[0])
+    assert np.abs(_mean_colour(image) - _mean_colour(cached.image(0))).max() < 25
+
+    def batches(epoch, start=0):
+        loader = stream_loader(
+            train, _Indices(), batch_size=8, num_workers=0, shuffle=True, seed=3,
+            pin_memory=False, rank=0, world_size=1,
+        )  # fmt: skip
+        loader.set_epoch(epoch, start)
+        return list(loader)
+
+    whole = batches(1)
+    assert len(whole) == 5 and sorted(i for b in whole for i, _ in b) == list(range(40))
+    assert [i for b in whole for i, _ in b] != list(range(40))  # shuffled
+    assert batches(1, start=3 * 8) == whole[3:]  # resumed mid-epoch: the very same batches
+    assert batches(2) != whole  # another epoch, another order
+
+
+def test_streaming_refuses_a_cache_and_trains_through_the_cli(tmp_path):
+    folder = write_parquet(tmp_path / "pq", train=48, val=12)
+    with pytest.raises(UserError, match="data.streaming=true .* data.cache=true"):
+        hf(image_size=16, path=str(folder), streaming=True, cache=True)
+    checked = hf(image_size=16, path=str(folder), streaming=True, full_check=True)
+    assert len(checked["train"]) == 48 and not checked["train"].bad_rows
+    run = tmp_path / "run"
+    result = run_cli(
+        "train", "data=hf", f"data.path={folder}", "data.streaming=true", *MODEL_TINY,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.batch_size=16", "trainer.max_epochs=4", "model.contrastive_weight=0",
+        "optimizer.lr=3e-3", f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert not (tmp_path / "cache").exists()  # nothing cached
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["value"] > 0.6  # 3 balanced classes: chance is 1/3
