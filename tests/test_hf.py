@@ -88,6 +88,10 @@ def test_imagefolder_with_metadata_and_save_to_disk(tmp_path, monkeypatch):
     assert len(splits["train"]) == 9 and len(splits["val"]) == 3
     red = splits["train"].image(0)
     assert _mean_colour(red)[0] > 150
+    streamed = hf(image_size=16, path=str(tmp_path / "imagefolder"), streaming=True)["train"]
+    assert len(streamed) == 9
+    (image, text, _), problem = streamed.checker(next(streamed.read(streamed.shards, None)))
+    assert problem is None and text == "mostly red" and _mean_colour(image)[0] > 150
     dataset = datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict(_records(6), features=_features()),
          "validation": datasets.Dataset.from_dict(_records(3, 50), features=_features())}
@@ -95,6 +99,8 @@ def test_imagefolder_with_metadata_and_save_to_disk(tmp_path, monkeypatch):
     dataset.save_to_disk(str(tmp_path / "saved"))
     splits = hf(image_size=16, path=str(tmp_path / "saved"), cache_workers=0)
     assert splits["train"].texts == _records(6)["text"]
+    streamed = hf(image_size=16, path=str(tmp_path / "saved"), streaming=True)
+    assert len(streamed["train"]) == 6 and streamed["train"].texts == _records(6)["text"]
 
 
 def test_bad_rows_are_listed_or_skipped(tmp_path, monkeypatch):
