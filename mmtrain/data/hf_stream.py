@@ -99,6 +99,7 @@ def stream_splits(
         raise UserError(
             f"The train split of {path} has no usable label in column {columns['label']!r}."
         )
+    log.info("  data.streaming=true: images decoded as they stream, none cached")
     log.info("  classes from %s", origin)
     checker = SampleChecker(classes, columns["label"], image_size, max_pixels)
     splits = {}
