@@ -10,7 +10,7 @@ import sys
 import datasets
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import assert_same_weights, resume_from_step, run_cli
 from manifest_files import COLOURS, MODEL_TINY, colour_image
 
 from mmtrain.data.hf import hf
@@ -199,20 +199,28 @@ def test_streaming_reads_the_split_as_caching_does_and_resumes_exactly(tmp_path,
     assert batches(2) != whole  # another epoch, another order
 
 
-def test_streaming_refuses_a_cache_and_trains_through_the_cli(tmp_path):
+def test_streaming_refuses_a_cache_trains_and_resumes_mid_epoch_bit_for_bit(tmp_path):
     folder = write_parquet(tmp_path / "pq", train=48, val=12)
     with pytest.raises(UserError, match="data.streaming=true .* data.cache=true"):
         hf(image_size=16, path=str(folder), streaming=True, cache=True)
     checked = hf(image_size=16, path=str(folder), streaming=True, full_check=True)
     assert len(checked["train"]) == 48 and not checked["train"].bad_rows
+    overrides = [
+        "data=hf", f"data.path={folder}", "data.streaming=true", *MODEL_TINY,
+        f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=16", "trainer.max_epochs=4",
+        "model.contrastive_weight=0", "optimizer.lr=3e-3",
+    ]  # fmt: skip
     run = tmp_path / "run"
     result = run_cli(
-        "train", "data=hf", f"data.path={folder}", "data.streaming=true", *MODEL_TINY,
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.batch_size=16", "trainer.max_epochs=4", "model.contrastive_weight=0",
-        "optimizer.lr=3e-3", f"hydra.run.dir={run}",
+        "train", *overrides, "trainer.checkpoint.every_n_steps=4",
+        "trainer.checkpoint.keep_last=3", f"hydra.run.dir={run}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     assert not (tmp_path / "cache").exists()  # nothing cached
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best"]["value"] > 0.6  # 3 balanced classes: chance is 1/3
+    # Step 4 is the first batch of epoch 2 (3 batches an epoch): resumed there, the run
+    # streams the very batches the uninterrupted one did.
+    resumed = resume_from_step(run, 4, tmp_path / "resumed", *overrides)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert_same_weights(run / "checkpoints" / "last.pt", tmp_path / "resumed/checkpoints/last.pt")
