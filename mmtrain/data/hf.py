@@ -5,7 +5,8 @@
 Columns are named as for manifests; every row gets the manifest's checks and label rule
 (`mmtrain.data.rows`, `mmtrain.data.labels`; a ClassLabel column's names are its classes,
 its integers their ids), and the images (bytes in parquet, files in an imagefolder) go
-through the same decoded-image cache.
+through the same decoded-image cache. With data.streaming=true each split is read as a
+stream instead, nothing held or cached (`mmtrain.data.hf_stream`).
 """
 
 from __future__ import annotations
