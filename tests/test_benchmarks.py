@@ -154,6 +154,16 @@ def loader(tmp: Path) -> None:
     figure(rf"^ratio \(cached / seed\):\s+({NUMBER})x$", out)
 
 
+def hf_streaming(tmp: Path) -> None:
+    from manifest_files import MODEL_TINY
+
+    out = run(script("hf_streaming.py", "--images", "16", "32", "--pixels", "32", "--steps", "2",
+                     "--batch-size", "8", "--modes", "streaming", "--", *MODEL_TINY), tmp, 150)  # fmt: skip
+    for images in (16, 32):
+        figure(rf"^  streaming, {images} images: peak RSS ({NUMBER}) MiB", out)
+    assert figure(rf"^streaming: peak at 32 / at 16 images: x({NUMBER})$", out) < 1.2
+
+
 def profile_step(tmp: Path) -> None:
     out = run(script("profile_step.py", "--steps", "2", "--batch-size", "8", "--rows", "5",
                      "--threads", "1", "--bar-seconds", "0.5", "trainer.device=cpu", "data.train_size=64",
@@ -249,6 +259,7 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None]]] = {
     "data_sources": (("data_sources.py",), data_sources),
     # gpu_check runs throughput.py and e2e.py; their figures are checked as their own
     "gpu_check": (("gpu_check.sh", "gpu_check.py", "throughput.py", "e2e.py"), gpu_check),
+    "hf_streaming": (("hf_streaming.py",), hf_streaming),
     "loader": (("loader.py",), loader),
     "profile_step": (("profile_step.py",), profile_step),
     "recipes": (("recipes.py",), recipes),

@@ -10,7 +10,7 @@ import sys
 import datasets
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import assert_same_weights, resume_from_step, run_cli
 from manifest_files import COLOURS, MODEL_TINY, colour_image
 
 from mmtrain.data.hf import hf
@@ -88,6 +88,10 @@ def test_imagefolder_with_metadata_and_save_to_disk(tmp_path, monkeypatch):
     assert len(splits["train"]) == 9 and len(splits["val"]) == 3
     red = splits["train"].image(0)
     assert _mean_colour(red)[0] > 150
+    streamed = hf(image_size=16, path=str(tmp_path / "imagefolder"), streaming=True)["train"]
+    assert len(streamed) == 9
+    (image, text, _), problem = streamed.checker(next(streamed.read(streamed.shards, None)))
+    assert problem is None and text == "mostly red" and _mean_colour(image)[0] > 150
     dataset = datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict(_records(6), features=_features()),
          "validation": datasets.Dataset.from_dict(_records(3, 50), features=_features())}
@@ -95,6 +99,8 @@ def test_imagefolder_with_metadata_and_save_to_disk(tmp_path, monkeypatch):
     dataset.save_to_disk(str(tmp_path / "saved"))
     splits = hf(image_size=16, path=str(tmp_path / "saved"), cache_workers=0)
     assert splits["train"].texts == _records(6)["text"]
+    streamed = hf(image_size=16, path=str(tmp_path / "saved"), streaming=True)
+    assert len(streamed["train"]) == 6 and streamed["train"].texts == _records(6)["text"]
 
 
 def test_bad_rows_are_listed_or_skipped(tmp_path, monkeypatch):
@@ -152,3 +158,69 @@ def test_hf_trains_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best"]["value"] > 0.6  # 3 balanced classes: chance is 1/3
+
+
+class _Indices:
+    """A collate that keeps each batch's sample indices and labels."""
+
+    needs_epoch = False
+
+    def __call__(self, rows):
+        return [(int(row[0]), int(row[3])) for row in rows]
+
+
+def test_streaming_reads_the_split_as_caching_does_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from mmtrain.data.shard_stream import stream_loader
+
+    folder = write_parquet(tmp_path / "pq", train=40)
+    cached = hf(image_size=16, path=str(folder), cache_workers=0)["train"]
+    streamed = hf(image_size=16, path=str(folder), streaming=True, shuffle_buffer=16)
+    train = streamed["train"]
+    assert len(train) == 40 and len(streamed["val"]) == 9
+    assert train.class_names == cached.class_names and train.texts == cached.texts
+    sample = next(iter(train.read(train.shards, None)))
+    (image, _, label), problem = train.checker(sample)
+    assert problem is None and label == int(cached.labels[0])
+    assert np.abs(_mean_colour(image) - _mean_colour(cached.image(0))).max() < 25
+
+    def batches(epoch, start=0):
+        loader = stream_loader(
+            train, _Indices(), batch_size=8, num_workers=0, shuffle=True, seed=3,
+            pin_memory=False, rank=0, world_size=1,
+        )  # fmt: skip
+        loader.set_epoch(epoch, start)
+        return list(loader)
+
+    whole = batches(1)
+    assert len(whole) == 5 and sorted(i for b in whole for i, _ in b) == list(range(40))
+    assert [i for b in whole for i, _ in b] != list(range(40))  # shuffled
+    assert batches(1, start=3 * 8) == whole[3:]  # resumed mid-epoch: the very same batches
+    assert batches(2) != whole  # another epoch, another order
+
+
+def test_streaming_refuses_a_cache_trains_and_resumes_mid_epoch_bit_for_bit(tmp_path):
+    folder = write_parquet(tmp_path / "pq", train=48, val=12)
+    with pytest.raises(UserError, match="data.streaming=true .* data.cache=true"):
+        hf(image_size=16, path=str(folder), streaming=True, cache=True)
+    checked = hf(image_size=16, path=str(folder), streaming=True, full_check=True)
+    assert len(checked["train"]) == 48 and not checked["train"].bad_rows
+    overrides = [
+        "data=hf", f"data.path={folder}", "data.streaming=true", *MODEL_TINY,
+        f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=16", "trainer.max_epochs=4",
+        "model.contrastive_weight=0", "optimizer.lr=3e-3",
+    ]  # fmt: skip
+    run = tmp_path / "run"
+    result = run_cli(
+        "train", *overrides, "trainer.checkpoint.every_n_steps=4",
+        "trainer.checkpoint.keep_last=3", f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert not (tmp_path / "cache").exists()  # nothing cached
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["value"] > 0.6  # 3 balanced classes: chance is 1/3
+    # Step 4 is the first batch of epoch 2 (3 batches an epoch): resumed there, the run
+    # streams the very batches the uninterrupted one did.
+    resumed = resume_from_step(run, 4, tmp_path / "resumed", *overrides)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert_same_weights(run / "checkpoints" / "last.pt", tmp_path / "resumed/checkpoints/last.pt")

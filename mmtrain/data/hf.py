@@ -5,7 +5,8 @@
 Columns are named as for manifests; every row gets the manifest's checks and label rule
 (`mmtrain.data.rows`, `mmtrain.data.labels`; a ClassLabel column's names are its classes,
 its integers their ids), and the images (bytes in parquet, files in an imagefolder) go
-through the same decoded-image cache.
+through the same decoded-image cache. With data.streaming=true each split is read as a
+stream instead, nothing held or cached (`mmtrain.data.hf_stream`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 import torch
 
 from mmtrain.data.cache import cache_options, decoded_images
+from mmtrain.data.hf_stream import HfStreamSplit, stream_splits
 from mmtrain.data.labels import Classes, classes_of
 from mmtrain.data.rows import Checker, ManifestRow, settle_bad_rows
 from mmtrain.data.source import BadRow, SplitData
@@ -38,10 +40,15 @@ def require_datasets() -> Any:
     return datasets
 
 
-def open_dataset(path: str, data_files: Any = None) -> Any:
+def open_dataset(
+    path: str, data_files: Any = None, name: str | None = None, revision: str | None = None,
+    streaming: bool = False,
+) -> Any:  # fmt: skip
     """A DatasetDict (or Dataset) from a save_to_disk folder, a folder or file that
-    `load_dataset` reads (imagefolder, parquet, csv/json), or a hub name."""
+    `load_dataset` reads (imagefolder, parquet, csv/json), or a hub name (its configuration
+    `name` at `revision`); `streaming`: IterableDatasets, read as they are iterated."""
     datasets = require_datasets()
+    how = {"streaming": streaming}
     local = Path(str(path)).expanduser()
     try:
         if local.is_dir() and any(
@@ -54,10 +61,12 @@ def open_dataset(path: str, data_files: Any = None) -> Any:
             )
             if kind is None:
                 raise UserError(f"data.path={path}: a file must be .parquet, .csv or .jsonl.")
-            return datasets.load_dataset(kind, data_files=str(local))
+            return datasets.load_dataset(kind, data_files=str(local), **how)
         if local.is_dir():
-            return datasets.load_dataset(str(local), data_files=data_files)
-        return datasets.load_dataset(str(path), data_files=data_files)
+            return datasets.load_dataset(str(local), name, data_files=data_files, **how)
+        return datasets.load_dataset(
+            str(path), name, data_files=data_files, revision=revision, **how
+        )
     except UserError:
         raise
     except Exception as error:  # datasets raises many types (hub offline, no files, bad format)
@@ -105,6 +114,8 @@ def _labels(dataset: Any, column: str | None) -> list[Any]:
 def _check_columns(splits: dict[str, Any], columns: dict[str, str | None], path: str) -> None:
     """A UserError naming the first column a split lacks, and the columns it has."""
     for name, dataset in splits.items():
+        if dataset.column_names is None:  # a stream whose columns are not known up front
+            continue
         missing = [c for c in columns.values() if c is not None and c not in dataset.column_names]
         if missing:
             raise UserError(
@@ -186,8 +197,13 @@ def hf(
     image_column: str = "image",
     text_column: str = "text",
     label_column: str | None = "label",
+    subset: str | None = None,
+    revision: str | None = None,
+    streaming: bool = False,
+    samples_per_epoch: Annotated[int, Bounds(ge=1)] | None = None,
+    shuffle_buffer: Annotated[int, Bounds(ge=1)] = 1000,
     cache_dir: str | None = None,
-    cache: bool = True,
+    cache: bool | None = None,
     cache_workers: Annotated[int, Bounds(ge=0)] | None = None,
     cache_scale: Annotated[float, Bounds(ge=1, le=4)] = 1.143,
     max_image_pixels: Annotated[int, Bounds(ge=1)] = 100_000_000,
@@ -195,17 +211,25 @@ def hf(
     class_names: list[str] | None = None,
     num_classes: int | None = None,
     full_check: bool = False,
-) -> dict[str, SplitData]:
-    """Image-text pairs of the Hugging Face dataset `path` (splits `train_split`,
-    `val_split`, optional `test_split`), checked and cached as manifests are; decoded images
-    are cached in `cache_dir` (default: `.mmtrain_cache/` in the current folder)."""
+) -> dict[str, SplitData] | dict[str, HfStreamSplit]:
+    """Image-text pairs of the Hugging Face dataset `path` (configuration `subset`
+    at `revision`; splits `train_split`, `val_split`, optional `test_split`), checked and
+    cached as manifests are; decoded images are cached in `cache_dir` (default:
+    `.mmtrain_cache/` in the current folder). `streaming`: read as streams, nothing cached
+    (`mmtrain.data.hf_stream`)."""
     if path is None:
         raise UserError(
             "data=hf needs data.path: a local folder (imagefolder with metadata.jsonl, parquet "
             "files, a save_to_disk folder), a .parquet file, or a dataset name."
         )
-    options = cache_options(cache, cache_workers, cache_scale, full_check)
-    found = open_dataset(path, data_files)
+    if streaming and cache:
+        raise UserError(
+            "data.streaming=true reads images as they stream and caches none: data.cache=true "
+            "does not go with it. Drop data.cache (or set data.cache=false), or set "
+            "data.streaming=false to cache the decoded images."
+        )
+    options = cache_options(cache is not False, cache_workers, cache_scale, full_check)
+    found = open_dataset(path, data_files, subset, revision, streaming)
     wanted = {"train": train_split, "val": val_split, "test": test_split}
     if class_names is not None:
         wanted["train"] = (
@@ -215,6 +239,12 @@ def hf(
     _check_columns(
         chosen, {"image": image_column, "text": text_column, "label": label_column}, path
     )
+    if streaming:
+        columns = {"image": image_column, "text": text_column, "label": label_column}
+        return stream_splits(
+            chosen, path, columns, image_size, max_image_pixels, on_bad_sample, shuffle_buffer,
+            samples_per_epoch, class_names, num_classes, full_check,
+        )  # fmt: skip
     labels_of = {name: _labels(ds, label_column) for name, ds in chosen.items()}
     if class_names is not None:
         classes = Classes.given(class_names)

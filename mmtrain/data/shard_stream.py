@@ -108,9 +108,14 @@ class StreamSplit:
             found += [BadRow(self.split, "(streamed)", 0, reason, "")] * count
         return found
 
+    def read(self, shards: Iterable[str], handler: Any) -> Iterator[dict[str, Any]]:
+        """The raw samples of `shards`, each with `__place__` and `__url__` (a streamed
+        Hugging Face split reads its own: `mmtrain.data.hf_stream`)."""
+        return shard_samples(shards, handler, self.retries)
+
     def check_all(self) -> None:
         """Decode every sample once (`mmtrain validate`) and list the bad ones."""
-        for sample in shard_samples(self.shards, self._tar_problem, self.retries):
+        for sample in self.read(self.shards, self._tar_problem):
             _, problem = self.checker(sample)
             if problem is not None:
                 where = str(sample.get("__url__", ""))
@@ -156,7 +161,7 @@ class ShardStream(IterableDataset):
             self.split.count_bad("unreadable shard", str(error))
             return True
 
-        samples = shard_samples(shards, unreadable, self.split.retries)
+        samples = self.split.read(shards, unreadable)
         # A sample's index names it in every epoch and run: its shard's place in the list
         # of shards, and its place in that shard.
         number = {str(shard): i for i, shard in enumerate(self.split.shards)}
