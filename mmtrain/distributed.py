@@ -52,6 +52,10 @@ def process_group(device: torch.device) -> Iterator[None]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+        # Leave together: a rank that tears down its connections while another still
+        # finishes (rank 0 writes the last files) could abort at exit. Not after an error,
+        # where the other ranks may never arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
