@@ -2,11 +2,17 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, TINY, read_jsonl, run_cli
+
+from mmtrain import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # each test starts several Python processes (~30-60 s here)
 
@@ -34,6 +40,80 @@ def test_torchrun_writes_one_run_directory_and_learns(tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 12
     losses = _train_losses(run_dir)
     assert losses[-1] < losses[0]
+
+    # The same world size as two "nodes" of one process each (c10d rendezvous on 127.0.0.1),
+    # started without a run directory: they agree on one, and train the same weights.
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    started = [_node(nodes, port=29791, extra=["trainer.max_epochs=3"]) for _ in range(2)]
+    for node in started:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+    [two_nodes] = list((nodes / "outputs").glob("*/*"))
+    assert (two_nodes / "train.log").read_text().count("building model clip_fusion") == 1
+    one = ckpt.load(run_dir / "checkpoints" / "last.pt")["model"]
+    two = ckpt.load(two_nodes / "checkpoints" / "last.pt")["model"]
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def _node(cwd, port: int, extra: list[str]) -> subprocess.Popen:
+    """One "node" of a two-node torchrun job on this host: one process, c10d rendezvous."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+        "-m", "mmtrain", "train", "trainer.device=cpu", *TINY, *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _workers(agent: int) -> dict[int, int]:
+    """The global RANK of each worker process a torchrun agent started: {pid: rank}."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent:
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        found.update({int(entry.name): int(v[5:]) for v in env if v.startswith(b"RANK=")})
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_a_lost_node_stops_the_other_with_a_message_and_a_whole_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    extra = [
+        "trainer.max_epochs=40",
+        "trainer.checkpoint.every_n_steps=2",
+        f"hydra.run.dir={run_dir}",
+    ]
+    nodes = [_node(ROOT, port=29797, extra=extra) for _ in range(2)]
+    deadline = time.monotonic() + 240
+    while "step 6/" not in _read(run_dir / "train.log"):
+        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+        time.sleep(0.2)
+    workers = [_workers(node.pid) for node in nodes]
+    lost = next(i for i, found in enumerate(workers) if 1 in found.values())  # global rank 1
+    os.killpg(nodes[lost].pid, signal.SIGKILL)  # the node: its agent and its worker
+    for pid in workers[lost]:
+        os.kill(pid, signal.SIGKILL)
+    nodes[lost].communicate()
+    _, stderr = nodes[1 - lost].communicate(timeout=240)
+    assert nodes[1 - lost].returncode != 0
+    assert "Another process of this job stopped unexpectedly" in stderr, stderr[-3000:]
+    assert f"mmtrain resume {run_dir}" in stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    assert ckpt.load(run_dir / "checkpoints" / "last.pt")["step"] >= 6  # whole
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 def test_torchrun_without_run_dir_agrees_on_one_directory(tmp_path):
