@@ -25,7 +25,7 @@ train: $(CORE_STAMP)  ## run `mmtrain train` (pass overrides with ARGS="optimize
 	$(VENV)/bin/mmtrain train $(ARGS)
 
 test: $(DEV_STAMP)  ## the whole test suite, slow tests included (what CI runs)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) --dist worksteal -m "not gpu" $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) --dist worksteal -m "not gpu" --durations=25 $(ARGS)
 
 test-fast: $(DEV_STAMP)  ## the default suite without tests marked slow
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow and not gpu" $(ARGS)
