@@ -23,7 +23,13 @@ from mmtrain import checkpoint as ckpt
 from mmtrain.data.source import load_class_names
 from mmtrain.devices import resolve_device, resolve_precision, seed_everything
 from mmtrain.errors import Interrupted, UserError
-from mmtrain.guard import checkpoint_to_resume, locked, peer_failure, refuse_ignored_changes
+from mmtrain.guard import (
+    checkpoint_to_resume,
+    locked,
+    peer_failure,
+    refuse_ignored_changes,
+    shielded,
+)
 from mmtrain.loop import Outputs, Throughput, TrainState, train_loop
 from mmtrain.releases import upgrade
 from mmtrain.run import Run
@@ -82,13 +88,15 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
         try:
             status, stopped_by, speed = train_loop(run, state, outputs)
         except UserError as error:  # a checkpoint that could not be written
-            finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
+            with shielded():
+                finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
             raise
         except RuntimeError as error:
             message = _lost_process(error, world, outputs)
             if message is None:
                 raise
-            finish(run, state, outputs, "failed", None, Throughput(), started, message)
+            with shielded():
+                finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
 
