@@ -111,6 +111,9 @@ def shard(model: nn.Module, precision: str) -> list[nn.Module]:
     for layer in layers:
         fully_shard(layer, mp_policy=policy, ignored_params=scalars)
     fully_shard(model, mp_policy=policy, ignored_params=scalars)
+    # FSDP takes the first module to run forward as its root; zero-shot prompts reach the
+    # text tower's layers before any forward of the whole model, so the root is set now.
+    model._get_fsdp_state()._lazy_init()
     return layers
 
 
