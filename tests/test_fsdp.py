@@ -123,3 +123,19 @@ def test_a_crafted_checkpoint_index_runs_no_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
         sharding.read_index(tmp_path)
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_sharded_save_killed_mid_way_leaves_the_last_checkpoint_whole(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for name in (".last.dcp.old", ".last.dcp.tmp", "step_2.dcp", ".step_4.dcp.tmp"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / ckpt.STATE_FILE).write_text(name)
+    # Killed between the two renames: last.dcp moved aside, the new one not yet in place.
+    ckpt.remove_stale_temporaries(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.dcp", "step_2.dcp"]
+    assert (folder / "last.dcp" / ckpt.STATE_FILE).read_text() == ".last.dcp.old"
+    assert ckpt.resume_candidates(folder, sharded=True) == [
+        folder / "last.dcp",
+        folder / "step_2.dcp",
+    ]
+    assert ckpt.resume_candidates(folder, sharded=False) == []
