@@ -185,12 +185,17 @@ def save(
         if main:
             kept = {**rest, "model": {}, "optimizer": {}, "rngs": rngs, "format": ckpt.SHARDED}
             ckpt.save_atomic({**kept, "optimizer_fresh": fresh}, tmp / ckpt.STATE_FILE)
+            # A kill between the two renames leaves `old`, which the next run puts back
+            # (ckpt.remove_stale_temporaries).
             if path.exists():
-                os.replace(
-                    path, old
-                )  # a kill between the two renames: see remove_stale_temporaries
+                os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except (OSError, dcp.api.CheckpointException) as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
         raise UserError(
@@ -217,7 +222,7 @@ def restore(
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
         raise UserError(
             f"The sharded checkpoint {path} could not be read into this run ({reason}): it is "
-            "damaged, or was written by a run of another model or number of processes."
+            "damaged, or was written by a run of another model."
         ) from None
     if fresh:
         set_model_state_dict(model, state["model"])
