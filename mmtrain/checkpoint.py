@@ -39,6 +39,11 @@ FREE_KEYS = ("data.num_workers",)  # may change between a run and its resume
 # ... except where the data position depends on it: a webdataset stream is dealt to
 # ranks x loader workers, so other workers would read other batches from the same position.
 STREAMED = "webdataset"
+# A sharded checkpoint (trainer.strategy=fsdp, `mmtrain.sharding`): a folder NAME.dcp of DCP
+# files and STATE_FILE, a training checkpoint of everything but the model's and optimizer's
+# tensors; its "format" entry says so.
+SHARDED = ".dcp"
+STATE_FILE = "train_state.pt"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -85,8 +90,8 @@ def snapshot(
 ) -> dict[str, Any]:
     """Everything a resumed run needs: weights, optimizer, schedule, scaler, loop state, RNGs, config."""
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model.state_dict() if model is not None else {},  # None: a sharded model's
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "step": state["step"],
@@ -104,8 +109,11 @@ def restore(
     states (the loop reads its own state from `saved["data"]`); a UserError when a part
     does not fit."""
     where = path or Path("the checkpoint")
-    load_weights(model, saved, where, None)
+    if model is not None:  # None: a sharded checkpoint's, loaded by `mmtrain.sharding`
+        load_weights(model, saved, where, None)
     for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if part is None:
+            continue
         try:
             part.load_state_dict(saved[name])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
@@ -260,9 +268,16 @@ def _write_error(error: OSError | RuntimeError, path: Path, state: dict[str, Any
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete the temporary files of checkpoint writes a killed process left in `folder`
-    (call it only while holding the run directory's lock)."""
-    for stale in sorted(Path(folder).glob(".*.pt.*.tmp")):
-        stale.unlink(missing_ok=True)
+    (call it only while holding the run directory's lock). A sharded checkpoint killed
+    between its two renames is put back."""
+    for old in sorted(Path(folder).glob(f".*{SHARDED}.old")):
+        final = old.with_name(old.name[1 : -len(".old")])
+        if not final.exists():
+            os.replace(old, final)
+    for stale in sorted(Path(folder).glob(f".*{SHARDED}.*")) + sorted(
+        Path(folder).glob(".*.pt.*.tmp")
+    ):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted checkpoint write", stale)
 
 
@@ -276,6 +291,8 @@ def load(path: Path) -> dict[str, Any]:
     UserError when it is missing, damaged, holds anything but tensors and plain values, or
     is not mmtrain's."""
     path = Path(path)
+    if path.is_dir() and (path / STATE_FILE).is_file():  # a sharded checkpoint's own state
+        path = path / STATE_FILE
     if not path.is_file():
         kind = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"Checkpoint {path} {kind}; give the path of a .pt file a run wrote.")
@@ -333,36 +350,38 @@ def load(path: Path) -> dict[str, Any]:
     return saved
 
 
-def step_checkpoints(folder: Path) -> list[Path]:
-    """step_N.pt files in `folder`, oldest step first."""
+def step_checkpoints(folder: Path, suffix: str = ".pt") -> list[Path]:
+    """step_N.pt files (or `suffix`: step_N.dcp folders) in `folder`, oldest step first."""
     found = [
         (int(m.group(1)), p)
-        for p in Path(folder).glob("step_*.pt")
-        if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))
+        for p in Path(folder).glob(f"step_*{suffix}")
+        if (m := re.fullmatch(rf"step_(\d+){re.escape(suffix)}", p.name))
     ]
     return [path for _, path in sorted(found)]
 
 
 def newest(folder: Path) -> Path | None:
-    """The newest checkpoint in `folder`: last.pt (rewritten at every save), else the
-    highest step_N.pt."""
-    last = Path(folder) / "last.pt"
-    if last.is_file():
-        return last
-    steps = step_checkpoints(folder)
-    return steps[-1] if steps else None
+    """The newest checkpoint in `folder`: last.pt (rewritten at every save) or last.dcp,
+    else the highest step_N."""
+    found = resume_candidates(folder)
+    return found[0] if found else None
 
 
-def resume_candidates(folder: Path) -> list[Path]:
-    """The checkpoints a resume may start from, newest first: last.pt, then step_N.pt by step."""
-    last = Path(folder) / "last.pt"
-    return ([last] if last.is_file() else []) + step_checkpoints(folder)[::-1]
+def resume_candidates(folder: Path, sharded: bool | None = None) -> list[Path]:
+    """The checkpoints a resume may start from, newest first: last, then step_N by step; of
+    the sharded kind (NAME.dcp), the single-file one (NAME.pt), or either (None)."""
+    found = []
+    for suffix in [SHARDED, ".pt"] if sharded is None else [SHARDED if sharded else ".pt"]:
+        last = Path(folder) / f"last{suffix}"
+        found += ([last] if last.exists() else []) + step_checkpoints(folder, suffix)[::-1]
+    return found
 
 
 def prune(folder: Path, keep_last: int | None) -> None:
-    """Delete all but the newest `keep_last` step_N.pt files (None keeps all); last.pt and
-    best.pt are never deleted."""
+    """Delete all but the newest `keep_last` step_N checkpoints of each kind (None keeps
+    all); last and best are never deleted."""
     if keep_last is not None:
-        steps = step_checkpoints(folder)
-        for path in steps[: max(len(steps) - keep_last, 0)]:
-            path.unlink(missing_ok=True)
+        for suffix in (".pt", SHARDED):
+            steps = step_checkpoints(folder, suffix)
+            for path in steps[: max(len(steps) - keep_last, 0)]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

@@ -70,12 +70,16 @@ def _train_task(cfg: Any) -> float:
     from hydra.types import RunMode
 
     from mmtrain.launch import record_refused_job, remove_if_unused, start
+    from mmtrain.sharding import refuse_unsupported
     from mmtrain.spec import parse
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         spec = parse(cfg)
         _check_sweep_direction(spec.mode, cfg, HydraConfig.get().sweeper)
+        world = max(int(os.environ.get("WORLD_SIZE", 1)), spec.trainer.nproc_per_node)
+        gradcache = spec.traits.accumulates_features and spec.trainer.accumulate_grad_batches > 1
+        refuse_unsupported(spec.trainer, world, gradcache)
         return start(spec, cfg, run_dir)
     except (UserError, Interrupted) as error:
         _log_to_files(f"error: {error}")  # main() prints it to the console

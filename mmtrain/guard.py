@@ -170,34 +170,55 @@ def _has(path: Path) -> bool:
 
 
 def checkpoint_to_resume(
-    resume: str | None, run_dir: Path
+    resume: str | None, run_dir: Path, sharded: bool = False
 ) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint to resume from and its contents (None, None for a fresh run). With
     `auto`, the newest one in the run directory that loads: a damaged last.pt is skipped,
-    with a line, for the newest step_N.pt."""
+    with a line, for the newest step_N.pt. `sharded`: the run is trainer.strategy=fsdp, which
+    resumes from sharded checkpoints (NAME.dcp folders) only, as ddp from single files."""
     if resume in (None, ""):
         return None, None
     if resume != "auto":
         path = Path(resume)
-        if not path.is_file():
+        if not (path.is_file() or (path / ckpt.STATE_FILE).is_file()):
             raise UserError(
-                f"trainer.resume={resume}: no such checkpoint file. Give a .pt path, or auto with hydra.run.dir=THE_RUN_DIR."
+                f"trainer.resume={resume}: no such checkpoint file. Give a .pt path (a .dcp "
+                "folder under trainer.strategy=fsdp), or auto with hydra.run.dir=THE_RUN_DIR."
             )
-        return path, ckpt.load(path)
+        return path, _of_strategy(ckpt.load(path), path, sharded)
     folder = run_dir / "checkpoints"
-    candidates = ckpt.resume_candidates(folder)
+    # The other kind's, when there are none of this one's: refused with their strategy.
+    candidates = ckpt.resume_candidates(folder, sharded) or ckpt.resume_candidates(folder)
     if not candidates:
         log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", folder)
         return None, None
     for path in candidates:
         try:
-            return path, ckpt.load(path)
+            return path, _of_strategy(ckpt.load(path), path, sharded)
         except ckpt.Damaged as error:
             log.warning("trainer.resume=auto: skipping %s: %s", path, error)
     raise UserError(
         f"trainer.resume=auto: no checkpoint in {folder} could be read ({', '.join(p.name for p in candidates)}; "
         "see the lines above). Move them away to start this run afresh, or give one with trainer.resume=PATH."
     )
+
+
+def _of_strategy(saved: dict[str, Any], path: Path, sharded: bool) -> dict[str, Any]:
+    """`saved`, when a run of trainer.strategy=fsdp (`sharded`) or ddp can resume from it."""
+    kind = saved.get("format")
+    if kind == "consolidated":
+        raise UserError(
+            f"Cannot resume from {path}: it holds the weights only (the single file that "
+            "trainer.strategy=fsdp writes for eval, predict and export). Resume the run from its "
+            "sharded checkpoint (trainer.resume=auto, or checkpoints/last.dcp) with trainer.strategy=fsdp."
+        )
+    if (kind == ckpt.SHARDED) != sharded:
+        written, now = ("fsdp", "ddp") if kind == ckpt.SHARDED else ("ddp", "fsdp")
+        raise UserError(
+            f"Cannot resume from {path}: it was written by trainer.strategy={written}, and this "
+            f"run is trainer.strategy={now}. Resume with trainer.strategy={written}."
+        )
+    return saved
 
 
 # What a resume restores from its checkpoint rather than from the config: a change there

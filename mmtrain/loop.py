@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mmtrain import checkpoint as ckpt
-from mmtrain import distributed
+from mmtrain import distributed, sharding
 from mmtrain.errors import UserError
 from mmtrain.evaluation import evaluate, reference_metrics
 from mmtrain.guard import StopSignal
@@ -112,14 +112,29 @@ class Outputs:
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save(self, name: str, run: Run, state: TrainState) -> None:
-        """Write checkpoints/NAME atomically (rank 0)."""
+    def save(self, name: str, run: Run, state: TrainState, whole: bool = False) -> None:
+        """Write checkpoints/NAME atomically (rank 0). A sharded model's (fsdp; every rank
+        takes part): best.pt, or NAME with `whole`, holds the weights gathered into one file
+        (for eval, predict and export); the others are folders NAME.dcp of shards."""
+        if not sharding.is_sharded(run.model):
+            if self.main:
+                snapshot = ckpt.snapshot(
+                    run.model, run.optimizer, run.scheduler, run.scaler,
+                    dataclasses.asdict(state), self.config,
+                )  # fmt: skip
+                ckpt.save_atomic(snapshot, self.checkpoints / name)
+            return
+        rest = ckpt.snapshot(
+            None, None, run.scheduler, run.scaler, dataclasses.asdict(state), self.config
+        )
+        if name != "best.pt" and not whole:
+            path = self.checkpoints / name
+            sharding.save(path.with_suffix(ckpt.SHARDED), run.model, run.optimizer, rest)
+            return
+        weights = sharding.full_weights(run.model)
         if self.main:
-            snapshot = ckpt.snapshot(
-                run.model, run.optimizer, run.scheduler, run.scaler,
-                dataclasses.asdict(state), self.config,
-            )  # fmt: skip
-            ckpt.save_atomic(snapshot, self.checkpoints / name)
+            whole_file = {**rest, "model": weights, "format": "consolidated"}
+            ckpt.save_atomic(whole_file, self.checkpoints / name)
 
 
 @dataclass
@@ -251,8 +266,9 @@ def _backward(run: Run, batch: dict[str, torch.Tensor], step: _Step, stepping: b
             )
             step.loss, step.pending = loss * step.micro_batches, []
         return
-    # Under DDP, gradients are all-reduced only on the micro-batch that steps.
-    sync = stepping or distributed.world_size() == 1
+    # Under DDP, gradients are all-reduced only on the micro-batch that steps; fsdp
+    # reduce-scatters each micro-batch's into the shards.
+    sync = stepping or distributed.world_size() == 1 or sharding.is_sharded(run.model)
     with run.autocast(), nullcontext() if sync else run.step_model.no_sync():
         output = run.step_model(**batch)
         loss = output["loss"]
@@ -274,7 +290,10 @@ def _optimizer_step(
     stop the run (trainer.on_nonfinite=stop)."""
     t, world = run.trainer, distributed.world_size()
     run.scaler.unscale_(run.optimizer)
-    grad_norm = _grad_norm(trainable, t.grad_clip)
+    if sharding.is_sharded(run.model):
+        grad_norm = sharding.grad_norm(trainable, t.grad_clip)
+    else:
+        grad_norm = _grad_norm(trainable, t.grad_clip)
     step_loss = float(step.loss) / step.micro_batches
     # Gradients are the same on every rank after the all-reduce, so deciding on them keeps
     # the ranks in step; a lone rank's loss is not.

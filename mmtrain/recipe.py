@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mmtrain import assemble, distributed, loggers
+from mmtrain import assemble, distributed, loggers, sharding
 from mmtrain import checkpoint as ckpt
 from mmtrain.data.source import load_class_names
 from mmtrain.devices import resolve_device, resolve_precision, seed_everything
@@ -49,7 +49,8 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
     device = resolve_device(trainer.device)
     with distributed.process_group(device), locked(run_dir, device, claim), ExitStack() as stack:
         main = distributed.is_main()
-        resume_from, saved = checkpoint_to_resume(trainer.resume, run_dir)
+        sharded = trainer.strategy == "fsdp"
+        resume_from, saved = checkpoint_to_resume(trainer.resume, run_dir, sharded)
         state = TrainState()
         if saved is not None:
             ckpt.check_compatible(upgrade(saved["config"]), spec.config, resume_from)
@@ -78,7 +79,8 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
         # Whatever escapes, the trackers' runs end as failed or interrupted, not left open.
         stack.push(lambda kind, error, trace: outputs.metrics.close(error) if error else None)
         if saved is not None:
-            ckpt.restore(saved, run.model, run.optimizer, run.scheduler, run.scaler)
+            restore = sharding.restore if sharded else ckpt.restore
+            restore(saved, run.model, run.optimizer, run.scheduler, run.scaler, resume_from)
             outputs.metrics.truncate_after(state.step)
             log.info(
                 "resumed from %s at step %d (epoch %d, batch %d)",
@@ -87,6 +89,8 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
             del saved
         try:
             status, stopped_by, speed = train_loop(run, state, outputs)
+            if sharded and status in ("completed", "stopped_early"):  # the weights in one file
+                outputs.save("last.pt", run, state, whole=True)
         except UserError as error:  # a checkpoint that could not be written
             with shielded():
                 finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
@@ -211,7 +215,7 @@ def finish(
     if status == "interrupted":
         raise Interrupted(
             stopped_by or "SIGTERM",
-            f"Interrupted by {stopped_by} at step {state.step}; the checkpoint {out.checkpoints / 'last.pt'} is saved. "
+            f"Interrupted by {stopped_by} at step {state.step}; the checkpoint {ckpt.newest(out.checkpoints)} is saved. "
             f"Resume with: {resume_command(out.run_dir)}",
         )
     if status == "failed":

@@ -71,6 +71,7 @@ class TrainerConfig:
     grad_clip: Annotated[float, Bounds(gt=0)] | None = 1.0
     compile: bool = False
     nproc_per_node: Positive = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: sharded (mmtrain.sharding)
     seed: rules.Seed = 42
     val_every_n_steps: Positive | None = None
     val_before_training: bool = False

@@ -33,6 +33,7 @@ LAYERS = {
     "mmtrain.tracking": 3,  # what a tracker is told, and the guard it runs in
     "mmtrain.loggers": 4,  # the built-in trackers
     "mmtrain.guard": 3,
+    "mmtrain.sharding": 3,  # trainer.strategy=fsdp: FSDP2 and its sharded checkpoints
     "mmtrain.optim": 4,  # built on the model interface
     "mmtrain.evaluation": 4,
     "mmtrain.components": 5,

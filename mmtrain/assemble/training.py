@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmtrain import distributed, loggers, registry
+from mmtrain import distributed, loggers, registry, sharding
 from mmtrain.data import augment as aug
 from mmtrain.data.loader import Collate, make_loader
 from mmtrain.data.negatives import NegativeSampler
@@ -296,7 +296,13 @@ def training_run(
     """Everything a training run steps, on `device`. Only the main process passes `run_dir`
     (where the tokenizer and labels are saved); a resumed run passes its `class_names`."""
     built = parts(spec, run_dir, class_names)
+    precision = resolve_precision(spec.trainer.precision, device)
     net = built.model.to(device)
+    if spec.trainer.strategy == "fsdp":  # before the optimizer: sharding swaps the parameters
+        layers = sharding.shard(net, precision)
+        kinds = sorted({type(layer).__name__.removeprefix("FSDP") for layer in layers})
+        log.info("fsdp: %d tower layers (%s) and the root sharded over %d processes",
+                 len(layers), ", ".join(kinds), distributed.world_size())  # fmt: skip
     train_loader = loader(built, "train", train=True, device=device)
     val_loader = loader(built, "val", train=False, device=device)
     steps_per_epoch, max_steps = total_steps(spec.trainer, len(train_loader))
@@ -315,7 +321,6 @@ def training_run(
             f"trainer.checkpoint.monitor={spec.monitor}: {why}; choose one of: "
             f"{', '.join(reported)}."
         )
-    precision = resolve_precision(spec.trainer.precision, device)
     return Run(
         trainer=spec.trainer, device=device, precision=precision, model=net,
         traits=spec.traits, step_model=_step_model(spec, net, device),
@@ -357,9 +362,10 @@ def _optimizer(spec: RunSpec, net: Model) -> torch.optim.Optimizer:
 
 
 def _step_model(spec: RunSpec, net: Model, device: torch.device) -> nn.Module:
-    """What a training step calls: `net` under DDP across ranks, compiled if asked."""
+    """What a training step calls: `net` under DDP across ranks (sharded by fsdp: itself),
+    compiled if asked."""
     step_model = net
-    if distributed.world_size() > 1:
+    if distributed.world_size() > 1 and not sharding.is_sharded(net):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
