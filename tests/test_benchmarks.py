@@ -323,3 +323,20 @@ def test_transfer_verdict_follows_the_issue_target():
     rows["LP-FT + WiSE 0.5"] = row(0.85, 0.39)  # 0.19 won back: under half of 0.4
     assert check(rows)[0] is False
     assert check({BACKBONE_ROW: row(0.2, 0.6)})[0] is None  # nothing to compare with
+
+
+def test_the_shifted_copy_is_the_same_rows_with_more_noise():
+    """suite.render_pair's noise (transfer.py's out-of-distribution copy): the same class,
+    captions and labels, other pixels; noise=0 is the task as it always was."""
+    import numpy as np
+    from suite import render_pair
+
+    plain, same = (
+        render_pair("counting", 1, "val", 3, 32),
+        render_pair("counting", 1, "val", 3, 32, 0.0),
+    )
+    noisy = render_pair("counting", 1, "val", 3, 32, noise=40.0)
+    assert (np.asarray(plain.image) == np.asarray(same.image)).all()
+    assert noisy[1:] == plain[1:]  # class, caption, matching text, label
+    change = np.abs(np.asarray(noisy.image, float) - np.asarray(plain.image, float)).std()
+    assert 20 < change < 60
