@@ -219,8 +219,14 @@ def _list(paths: list[Path]) -> str:
 class Bench:
     """The benchmark's runs and scores, under `work`."""
 
-    def __init__(self, work: Path, size: dict, files: dict[str, Path], mmtrain: Runner):
+    def __init__(
+        self, work: Path, size: dict, files: dict[str, Path], mmtrain: Runner, scale: float | None
+    ):
         self.work, self.size, self.files, self.mmtrain = work, size, files, mmtrain
+        # optimizer.backbone_lr_scale of every fine-tuning run (None: the recipe's auto);
+        # its runs, averages and scores go to their own folders (suffix).
+        self.scale = [] if scale is None else [f"optimizer.backbone_lr_scale={scale:g}"]
+        self.suffix = "" if scale is None else f"_lr{scale:g}"
         self.refs = [files[f"ref:{task}"] for task in PRETRAIN_TASKS] + [files["ref:shifted"]]
         self.template = [f"data.caption_from_label='{TEMPLATE}'"]
         self.prompts = [f"zeroshot.templates=['{TEMPLATE}']"]
@@ -228,17 +234,18 @@ class Bench:
         common = ["data=manifest", SKIP, steps, f"zeroshot.reference={_list(self.refs)}"]
         self.fusion = [
             *common, f"data.train={files['target_train']}", f"data.val={files['target_val']}",
-            "trainer.seed=0",
+            "trainer.seed=0", *self.scale,
         ]  # fmt: skip
         self.flyp = [
             "model=clip_contrastive", *common, f"data.train={files['target_pairs_train']}",
             f"data.val={files['target_pairs_val']}", *self.template,
             "trainer.checkpoint.monitor=val/zeroshot_top1", "trainer.checkpoint.mode=max",
+            *self.scale,
         ]  # fmt: skip
 
     def train(self, name: str, *args: str) -> Path:
         """`mmtrain train ARGS` into runs/NAME (reused when finished)."""
-        run = self.work / "runs" / name
+        run = self.work / "runs" / (name if name in ("pretrain", "scratch") else name + self.suffix)
         if not (run / "summary.json").is_file():
             self.mmtrain("train", *args, f"hydra.run.dir={run}", "trainer.overwrite=true")
         return run
@@ -341,7 +348,10 @@ def run_all(bench: Bench, methods: set[str]) -> dict[str, dict]:
     rows[BACKBONE_ROW] = by_alpha[0]
     if "scratch" in methods:
         scratch = bench.train(
-            "scratch", f"model.tokenizer={bench.files['tokenizer']}", *TOWERS, *bench.fusion
+            "scratch",
+            f"model.tokenizer={bench.files['tokenizer']}",
+            *TOWERS,
+            *(a for a in bench.fusion if a not in bench.scale),  # the recipe from scratch
         )
         rows["from scratch (fusion, same budget)"] = bench.fusion_scores(scratch, False)
     if "fusion" in methods:
@@ -356,7 +366,7 @@ def run_all(bench: Bench, methods: set[str]) -> dict[str, dict]:
                 rows[f"{method} + WiSE {alpha:g}"] = bench.fusion_scores(
                     averaged / f"alpha_{alpha:g}"
                 )
-    if "recipe" in methods:  # the recipe's towers' rate, 10x
+    if "recipe" in methods and not bench.scale:  # the recipe's towers' rate, 10x
         run = bench.train(
             "full_ft_scale0.2", pretrained, *bench.fusion, "optimizer.backbone_lr_scale=0.2"
         )
@@ -365,6 +375,7 @@ def run_all(bench: Bench, methods: set[str]) -> dict[str, dict]:
     for alpha in ALPHAS:
         rows[f"FLYP + WiSE {alpha:g}"] = by_alpha[alpha]
     if "soup" in methods:
+        soup_dir = bench.work / f"soup{bench.suffix}"
         seeds = [flyp] + [
             bench.train(f"flyp_{seed}", pretrained, *bench.flyp, f"trainer.seed={seed}")
             for seed in (1, 2)
@@ -372,9 +383,7 @@ def run_all(bench: Bench, methods: set[str]) -> dict[str, dict]:
         for seed, run in enumerate(seeds[1:], 1):
             summary = json.loads((run / "summary.json").read_text())
             rows[f"FLYP (seed {seed})"] = from_metrics(summary["final"])
-        soup = bench.once(
-            bench.work / "soup", "soup", *map(str, seeds), f"out={bench.work / 'soup'}"
-        )
+        soup = bench.once(soup_dir, "soup", *map(str, seeds), f"out={soup_dir}")
         rows["FLYP soup (3 seeds)"] = from_metrics(
             json.loads((soup / "averaged.json").read_text())["metrics"]
         )
@@ -438,6 +447,10 @@ def main() -> None:
         "--methods", nargs="*", default=list(METHODS), choices=METHODS,
         help="besides the pretraining and FLYP with its WiSE-FT, which always run (none: only those)",
     )  # fmt: skip
+    parser.add_argument(
+        "--backbone-lr-scale", type=float,
+        help="optimizer.backbone_lr_scale of every fine-tuning run (default: the recipe's auto)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads per command")
     parser.add_argument("--bpe", help="bpe_simple_vocab_16e6.txt.gz or an open_clip_torch wheel")
     parser.add_argument("--out", help="append the table and the verdict to this file")
@@ -448,12 +461,14 @@ def main() -> None:
     started = time.perf_counter()
     files = write_data(work, size)
     files["tokenizer"] = clip_tokenizer(work, args.bpe)
-    rows = run_all(Bench(work, size, files, Runner(work, args.threads)), set(args.methods))
+    bench = Bench(work, size, files, Runner(work, args.threads), args.backbone_lr_scale)
+    rows = run_all(bench, set(args.methods))
     met, verdict = check(rows)
     report = table(rows) + "\n\n" + "\n".join(verdict) + "\n"
     print(report + f"\nwall {time.perf_counter() - started:.0f} s")
-    (work / "results.json").write_text(json.dumps({"rows": rows, "met": met}, indent=1) + "\n")
-    (work / "table.md").write_text(report)
+    results = {"rows": rows, "met": met, "backbone_lr_scale": args.backbone_lr_scale}
+    (work / f"results{bench.suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (work / f"table{bench.suffix}.md").write_text(report)
     if args.out:
         with open(args.out, "a") as handle:
             handle.write(report)
