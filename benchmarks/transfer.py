@@ -27,9 +27,14 @@ Runs the real commands in subprocesses, as a user would:
    of the zero-shot accuracy plain fine-tuning lost on the pretraining tasks.
 
     python benchmarks/transfer.py --work transfer_runs --out table.md
+    python benchmarks/transfer.py --work transfer_runs --backbone-lr-scale 0.2 --methods fusion soup
     python benchmarks/transfer.py --tiny --methods --work /tmp/t   # a few steps, FLYP only
 
-Runs already finished in `--work` are reused.
+`--backbone-lr-scale X` sets optimizer.backbone_lr_scale=X in every fine-tuning run (from
+scratch aside) and keeps its runs, averages and tables apart (`_lrX`): the recipe's default
+against other rates. `--methods` picks what runs besides the pretraining and FLYP with its
+WiSE-FT (which always run). The table goes to WORK/table[_lrX].md and results[_lrX].json.
+Runs already finished in `--work` are reused. Figures: `benchmarks/RESULTS.md`.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ PRETRAIN_TASKS = ("colours", "scenes", "relations")
 TARGET = "counting"  # never seen in pretraining; shapes and objects are (relations)
 TEMPLATE = "a photo of {}."  # FLYP's captions and every zero-shot prompt
 ALPHAS = (0.25, 0.5, 0.75)
-FULL = {  # sizes of the full benchmark (about 40 min on 2 shared cores)
+FULL = {  # sizes of the full benchmark (30 min on 2 shared, busy cores)
     "pretrain_pairs": (1500, 200),  # per pretraining task: train, val
     "target_pairs": (1000, 300),
     "pretrain_steps": 1200,
