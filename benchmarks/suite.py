@@ -261,11 +261,18 @@ class Pair(NamedTuple):
     label: int  # 1 when matching_text names the class shown
 
 
-def render_pair(task: str, seed: int, split: str, index: int, size: int = RENDER_SIZE) -> Pair:
-    """Row `index` of `split` of `task`: a pure function of its arguments."""
+def render_pair(
+    task: str, seed: int, split: str, index: int, size: int = RENDER_SIZE, noise: float = 0.0
+) -> Pair:
+    """Row `index` of `split` of `task`: a pure function of its arguments. `noise` > 0 adds
+    pixel noise of that standard deviation (0-255 scale) on top, from a generator of its own
+    (the same rows, captions and labels as without it: a shifted copy of the task)."""
     spec = TASKS[task]
     rng = np.random.default_rng((seed, list(TASKS).index(task), SPLIT_CODES[split], index))
     drawn = spec.draw(rng, size)
+    if noise > 0:
+        extra = np.random.default_rng((seed, list(TASKS).index(task), SPLIT_CODES[split], index, 1))
+        drawn = Drawn(_finish(drawn.image, extra, noise), drawn.cls)
     template = spec.templates[int(rng.integers(len(spec.templates)))]
     label = int(rng.integers(2))
     named = drawn.cls
@@ -281,9 +288,15 @@ def render_pair(task: str, seed: int, split: str, index: int, size: int = RENDER
 
 
 def write_task(
-    task: str, out_dir: Path | str, train_size: int, val_size: int, seed: int = 0
+    task: str,
+    out_dir: Path | str,
+    train_size: int,
+    val_size: int,
+    seed: int = 0,
+    noise: float = 0.0,
 ) -> Path:
     """Write `task`'s images and manifests under `out_dir/task`; return that folder.
+    `noise` > 0 adds pixel noise of that standard deviation to every image (`render_pair`).
 
     An existing folder written with the same arguments is reused as it is.
     """
@@ -296,6 +309,8 @@ def write_task(
         )
     folder = Path(out_dir) / task
     stamp = {"task": task, "train": train_size, "val": val_size, "seed": seed}
+    if noise > 0:
+        stamp["noise"] = noise
     done = folder / "suite.json"
     if done.is_file() and json.loads(done.read_text()) == stamp:
         return folder
@@ -305,7 +320,7 @@ def write_task(
         images.mkdir(parents=True, exist_ok=True)
         matching, pairs = [], []
         for index in range(size):
-            pair = render_pair(task, seed, split, index)
+            pair = render_pair(task, seed, split, index, noise=noise)
             name = f"images/{split}/{index:05d}.png"
             pair.image.save(folder / name)
             matching.append((name, pair.matching_text, pair.label))

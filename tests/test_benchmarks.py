@@ -244,6 +244,24 @@ def throughput_without_augmentation(tmp: Path) -> None:
     positive(result["ratio_samples_per_s"]["mmtrain"]["per_round"]["median"], "ratio")
 
 
+def transfer(tmp: Path) -> None:
+    """The transfer benchmark at its tiny size, FLYP only (pretraining, export, FLYP, its
+    WiSE-FT: four commands): the table's rows, every figure an accuracy."""
+    work = tmp / "transfer"
+    out = run(script("transfer.py", "--tiny", "--methods", "--work", str(work)), tmp, 120)
+    assert "target not checked" in out
+    lines = (work / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| method | counting acc | counting shifted (OOD) |")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:] if "|" in line}
+    assert list(rows) == [
+        "pretrained backbone (zero-shot)", "FLYP", "FLYP + WiSE 0.25", "FLYP + WiSE 0.5",
+        "FLYP + WiSE 0.75",
+    ]  # fmt: skip
+    for name, cells in rows.items():
+        assert len(cells) == 6 and all(0 <= float(c) <= 1 for c in cells), name
+    assert json.loads((work / "results.json").read_text())["met"] is None
+
+
 def tracking(tmp: Path) -> None:
     out = run(script("tracking.py", "--batch-size", "8", "--block-steps", "2", "--blocks", "2",
                      "--warmup-steps", "2", "--calls", "20"), tmp, 120)  # fmt: skip
@@ -268,6 +286,7 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None]]] = {
     "throughput --count-flops": (("throughput.py",), throughput_flops),
     "throughput --augment off": (("throughput.py",), throughput_without_augmentation),
     "tracking": (("tracking.py",), tracking),
+    "transfer": (("transfer.py",), transfer),
 }
 
 
@@ -282,3 +301,42 @@ def test_every_benchmark_script_has_a_case():
 def test_benchmark_runs_tiny_and_reports_its_figures(case, tmp_path):
     _, check = CASES[case]
     check(tmp_path)
+
+
+def test_transfer_verdict_follows_the_issue_target():
+    """transfer.py's check: WiSE 0.5 of FLYP or LP-FT must keep 90% of the best target
+    accuracy and win back half of the zero-shot that full fine-tuning lost."""
+    from transfer import BACKBONE_ROW, check
+
+    def row(target: float, retention: float) -> dict[str, float]:
+        return {"target": target, "retention": retention}
+
+    rows = {
+        BACKBONE_ROW: row(0.2, 0.6), "full FT": row(0.9, 0.2), "LP-FT": row(0.8, 0.3),
+        "FLYP": row(0.85, 0.5), "FLYP + WiSE 0.5": row(0.82, 0.45),
+        "LP-FT + WiSE 0.5": row(0.7, 0.5),
+    }  # fmt: skip
+    met, lines = check(rows)  # FLYP: 0.82 >= 0.81, and 0.25 won back of 0.4 lost
+    assert met is True and lines[-1] == "target MET"
+    rows["FLYP + WiSE 0.5"] = row(0.80, 0.45)  # 89% of the best
+    assert check(rows)[0] is False
+    rows["LP-FT + WiSE 0.5"] = row(0.85, 0.39)  # 0.19 won back: under half of 0.4
+    assert check(rows)[0] is False
+    assert check({BACKBONE_ROW: row(0.2, 0.6)})[0] is None  # nothing to compare with
+
+
+def test_the_shifted_copy_is_the_same_rows_with_more_noise():
+    """suite.render_pair's noise (transfer.py's out-of-distribution copy): the same class,
+    captions and labels, other pixels; noise=0 is the task as it always was."""
+    import numpy as np
+    from suite import render_pair
+
+    plain, same = (
+        render_pair("counting", 1, "val", 3, 32),
+        render_pair("counting", 1, "val", 3, 32, 0.0),
+    )
+    noisy = render_pair("counting", 1, "val", 3, 32, noise=40.0)
+    assert (np.asarray(plain.image) == np.asarray(same.image)).all()
+    assert noisy[1:] == plain[1:]  # class, caption, matching text, label
+    change = np.abs(np.asarray(noisy.image, float) - np.asarray(plain.image, float)).std()
+    assert 20 < change < 60
