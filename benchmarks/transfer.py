@@ -236,13 +236,15 @@ class Bench:
         self.template = [f"data.caption_from_label='{TEMPLATE}'"]
         self.prompts = [f"zeroshot.templates=['{TEMPLATE}']"]
         steps = f"trainer.max_steps={size['finetune_steps']}"
-        common = ["data=manifest", SKIP, steps, f"zeroshot.reference={_list(self.refs)}"]
+        common = ["data=manifest", SKIP, steps]
+        # A fusion classifier does not embed: its retention comes from its exported towers.
         self.fusion = [
             *common, f"data.train={files['target_train']}", f"data.val={files['target_val']}",
             "trainer.seed=0", *self.scale,
         ]  # fmt: skip
         self.flyp = [
-            "model=clip_contrastive", *common, f"data.train={files['target_pairs_train']}",
+            "model=clip_contrastive", *common, f"zeroshot.reference={_list(self.refs)}",
+            f"data.train={files['target_pairs_train']}",
             f"data.val={files['target_pairs_val']}", *self.template,
             "trainer.checkpoint.monitor=val/zeroshot_top1", "trainer.checkpoint.mode=max",
             *self.scale,

@@ -256,6 +256,15 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunSpec:
     zeroshot = prompts_of(zeroshot, caption)
     if "templates" in zeroshot.options:  # a missing template file fails now
         load_templates(zeroshot.options["templates"])
+    if zeroshot.options.get("reference") and not traits.embeds:
+        raise UserError(
+            f"zeroshot.reference: model {model.name!r} classifies image-text pairs and does not "
+            "embed them, so it cannot classify a reference set zero-shot. Train a contrastive "
+            "model (e.g. model=clip_contrastive, FLYP with data.caption_from_label), or measure "
+            "a fusion run's towers after training: mmtrain export run=RUN out=DIR, then mmtrain "
+            "eval out=EVAL model=clip_contrastive model.backbone=DIR zeroshot.reference=[...] "
+            "with your data keys."
+        )
     optimizer = config.get("optimizer") or {}
     optimizer = Component.checked("optimizer", optimizer)
     scheduler = Component.checked("scheduler", config.get("scheduler") or {})

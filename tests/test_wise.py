@@ -234,3 +234,9 @@ def test_a_soup_of_different_backbones_or_a_single_run_is_refused(flyp, tmp_path
     with pytest.raises(UserError, match="at least two runs"):
         soup_run([str(flyp), f"out={out}"])
     assert not out.exists()
+
+
+def test_a_reference_set_on_a_model_that_does_not_embed_is_refused(colours, tmp_path):
+    config = compose_train([*colours, f"zeroshot.reference=[{colours[1].split('=', 1)[1]}]"])
+    with pytest.raises(UserError, match=r"zeroshot.reference: model 'clip_fusion' .* export"):
+        parse(config)
