@@ -74,7 +74,7 @@ def write_digits(folder: Path) -> Path:
 SIZES = {"small": (1500, 300), "large": (6000, 1000)}  # (train, val) pairs
 RECIPES = {
     "default": [],
-    "small_data": ["experiment=small_data"],  # a from-scratch ConvNeXt image tower
+    "small_data": ["experiment=small_data"],  # a from-scratch ResNet image tower, 800 steps
     "concat": ["model.fusion=concat"],
     "cross_attention": ["model.fusion=cross_attention"],
     # mmtrain 0.2.0's default, for before/after: cross-attention alone, 10 epochs however

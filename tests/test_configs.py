@@ -23,7 +23,7 @@ def test_option_composes_validates_and_builds(group, option, tmp_path: Path):
     overrides = [f"{group}={option}", *TINY]
     if (group, option) == ("model", "siglip_contrastive"):  # SigLIP has no projection_dim
         overrides = [o for o in overrides if "projection_dim" not in o]
-    if option in ("convnext_fusion", "small_data"):  # a ConvNeXt: TINY's ViT keys are not its own
+    if option in ("convnext_fusion", "resnet_fusion", "small_data"):  # not TINY's ViT keys
         overrides = [o for o in overrides if ".vision." not in o or "image_size" in o]
     if (group, option) == ("data", "manifest"):  # TINY's data keys are shapes' own
         train, val = write_learnable(tmp_path / "data", train=12, val=6)

@@ -1,5 +1,5 @@
 """transformers' VisionTextDualEncoderModel as a backbone: a pretrained folder of two towers
-(ViT + BERT) and from-config towers of any kind (ConvNeXt), with a pretrained tokenizer."""
+(ViT + BERT) and from-config towers of any kind (ConvNeXt, ResNet), with a pretrained tokenizer."""
 
 from __future__ import annotations
 
@@ -145,6 +145,37 @@ def test_a_dual_encoder_folder_trains_in_the_classifier(vit_bert):
     assert min(losses[-3:]) < 0.7 * losses[0]
 
 
+def test_a_resnet_tower_built_from_its_config_trains_in_the_classifier(tmp_path):
+    from transformers import VisionTextDualEncoderModel
+
+    from mmtrain.models.finetune import layer_counts
+
+    resnet = {**CONVNEXT, "vision": {"config_class": "ResNetConfig", "image_size": 32,
+              "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}}  # fmt: skip
+    tokenizer = build_word_tokenizer(CAPTIONS)
+    spec = backbone_spec(None, resnet)
+    assert spec.image_size == 32  # a key ResNetConfig lacks, kept for the processor
+    torch.manual_seed(0)
+    model = clip_fusion(tokenizer=tokenizer, spec=spec, backbone_config=resnet, num_classes=2)
+    # its pooled [B, C, 1, 1] map is flattened into the projection; its last 4 x 4 map is 16 tokens
+    tokens, pooled = encode_image(model.clip, torch.randn(3, 3, 32, 32))
+    assert pooled.shape == (3, 16) and tokens.shape == (3, 16, 16)
+    depths = tower_depths(model.clip)
+    stem = model.clip.vision_model.embedder.embedder.convolution.weight
+    assert layer_counts(model.clip)["vision_model"] == 2 and depths[id(stem)] == (0, 2)
+    batch = {**_batch(tokenizer), "labels": torch.tensor([0, 1] * 4)}
+    losses = _losses(model, batch)
+    assert min(losses[-3:]) < 0.7 * losses[0]
+    # what export saves loads back; the features are its flattened pooled map, projected
+    model.clip.save_pretrained(tmp_path)
+    loaded = VisionTextDualEncoderModel.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = loaded.vision_model(pixel_values=pixels).pooler_output.flatten(1)
+        expected = encode_image(model.clip.eval(), pixels)[1]
+        assert torch.allclose(loaded.visual_projection(pooled), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("factory", [clip_contrastive, siglip_contrastive])
 def test_contrastive_losses_train_a_convnext_tower_built_from_its_config(factory, tmp_path):
     tokenizer = build_word_tokenizer(CAPTIONS)
@@ -217,8 +248,8 @@ def test_bad_towers_processors_and_tokenizers_are_clear_errors(vit_bert, tmp_pat
 
     with pytest.raises(UserError, match="no such config class. Did you mean 'ConvNextConfig'"):
         backbone_spec(None, {"vision": {"config_class": "ConvNextConfg"}})
-    with pytest.raises(UserError, match="'resnet' image tower pools to a feature map"):
-        backbone_spec(None, {"vision": {"config_class": "ResNetConfig"}})
+    with pytest.raises(UserError, match="'mobilenet_v2' image tower names no output width"):
+        backbone_spec(None, {"vision": {"config_class": "MobileNetV2Config"}})
     with pytest.raises(UserError, match=r"Unknown key 'patch_sizes' .*Did you mean 'patch_size'"):
         backbone_spec(None, {"vision": {"config_class": "ConvNextConfig", "patch_sizes": 2}})
     mismatched = tmp_path / "mismatched"
@@ -242,14 +273,14 @@ def test_bad_towers_processors_and_tokenizers_are_clear_errors(vit_bert, tmp_pat
         build_parts(cfg)
 
 
-def test_small_data_trains_a_convnext_tower_and_the_hint_points_to_it(caplog):
+def test_small_data_trains_a_resnet_tower_and_the_hint_points_to_it(caplog):
     from mmtrain.assemble import backbone
     from mmtrain.spec import parse
     from mmtrain.watch import ChanceWatch
 
     spec = parse(compose_train(["experiment=small_data"]))
     assert spec.model.name == "clip_fusion"
-    assert spec.model.options["backbone_config"]["vision"]["config_class"] == "ConvNextConfig"
+    assert spec.model.options["backbone_config"]["vision"]["config_class"] == "ResNetConfig"
     assert backbone(spec).family == "vision-text-dual-encoder"
     at_chance = {"val/accuracy": 0.5, "val/auroc": 0.5}
     with caplog.at_level(logging.WARNING, logger="mmtrain"):

@@ -22,6 +22,7 @@ from mmtrain.data.source import SplitData, load_class_names, save_class_names
 from mmtrain.data.tokenizer import load_saved_tokenizer, save_tokenizer
 from mmtrain.devices import autocast_for, resolve_device, resolve_precision, seed_everything
 from mmtrain.errors import UserError
+from mmtrain.models import towers
 from mmtrain.models.backbone import BackboneSpec, image_processor
 from mmtrain.models.finetune import plain_backbone
 from mmtrain.models.interface import Model
@@ -80,6 +81,15 @@ class Trained:
     def transformers_parts(self) -> tuple[nn.Module, Any]:
         """The transformers dual encoder (LoRA adapters merged) and its image processor:
         what `mmtrain export` saves."""
+        vision = getattr(self.model.clip.config, "vision_config", None)
+        if vision is not None and vision.model_type in towers.UNFLAT_POOLERS:
+            log.warning(
+                "The %r image tower pools to a [B, C, 1, 1] map, which transformers' "
+                "VisionTextDualEncoderModel.get_image_features cannot project: flatten it "
+                "first, visual_projection(vision_model(pixel_values=x).pooler_output.flatten(1)) "
+                "(mmtrain predict and evaluate do).",
+                vision.model_type,
+            )
         return plain_backbone(self.model.clip), image_processor(self.shape)
 
 

@@ -280,7 +280,7 @@ def init_sincos_positions(model: nn.Module) -> bool:
     tower is not CLIP's (a convolutional tower has no position table).
     """
     tower = model.vision_model  # a dual encoder's CLIPVisionModel wraps CLIP's tower
-    embeddings = getattr(tower, "vision_model", tower).embeddings
+    embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
     if not isinstance(getattr(embeddings, "position_embedding", None), nn.Embedding):
         return False
     grid = int(math.isqrt(embeddings.num_patches))
@@ -367,6 +367,8 @@ def encode_image(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Te
     out = model.vision_model(pixel_values=pixel_values)
     projection = getattr(model, "visual_projection", None)
     pooled, tokens = out.pooler_output, out.last_hidden_state
+    if pooled.dim() == 4:  # a ResNet's pooled [B, C, 1, 1] map (towers.UNFLAT_POOLERS)
+        pooled = pooled.flatten(1)
     if tokens.dim() == 4:  # a convolutional tower's feature map [B, C, H, W]: H * W tokens
         tokens = tokens.flatten(2).transpose(1, 2)
     return tokens, projection(pooled) if projection is not None else pooled

@@ -90,7 +90,7 @@ def layer_depth(name: str, num_layers: int) -> int:
     match = _LAYER.search(name)
     if match:
         return int(match["index"]) + 1
-    if ".embeddings." in name or "pre_layrnorm" in name:
+    if ".embeddings." in name or ".embedder." in name or "pre_layrnorm" in name:  # ResNet: embedder
         return 0
     return num_layers + 1
 

@@ -18,8 +18,9 @@ from mmtrain.rules import did_you_mean
 
 DUAL = "vision-text-dual-encoder"  # transformers' model_type of VisionTextDualEncoderModel
 TOWER_DEFAULTS = {"vision": "CLIPVisionConfig", "text": "CLIPTextConfig"}
-# Image models whose pooled output is a [B, C, 1, 1] map: VisionTextDualEncoderModel's
-# projection (a Linear over the last axis) cannot read it.
+# Image models whose pooled output is a [B, C, 1, 1] map: mmtrain flattens it to [B, C]
+# (backbone.encode_image); transformers' own VisionTextDualEncoderModel.get_image_features
+# cannot read it (its projection is a Linear over the last axis), which export says.
 UNFLAT_POOLERS = ("resnet", "regnet", "bit")
 # Text models whose position table starts after the padding id (fairseq's convention).
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
@@ -60,7 +61,10 @@ def tower_config(section: str, options: dict[str, Any] | None) -> Any:
     options = dict(options or {})
     where = f"model.backbone_config.{section}.config_class"
     config_type = config_class(str(options.pop("config_class", TOWER_DEFAULTS[section])), where)
-    check_keys(section, options, config_type().to_dict())
+    defaults = config_type().to_dict()
+    if section == "vision":  # the processor's size, kept by a tower that lacks it (ResNet)
+        defaults.setdefault("image_size", None)
+    check_keys(section, options, defaults)
     config = config_type(**options)
     if section == "vision":
         flat_width(config, f"model.backbone_config.vision ({config_type.__name__})")
@@ -69,22 +73,15 @@ def tower_config(section: str, options: dict[str, Any] | None) -> Any:
 
 def flat_width(vision_config: Any, where: str) -> None:
     """Make sure the image tower pools to one vector of a known width (`hidden_size`, the
-    input of VisionTextDualEncoderModel's projection): a hierarchical tower's is its last
-    stage's width; a tower that pools to a feature map is refused."""
-    model_type = vision_config.model_type
-    if model_type in UNFLAT_POOLERS:
-        raise UserError(
-            f"{where}: a {model_type!r} image tower pools to a feature map, which "
-            "VisionTextDualEncoderModel's projection cannot read. Use a tower that pools to a "
-            "vector: ConvNextConfig or ConvNextV2Config (convolutional), SwinConfig "
-            "(hierarchical) or ViTConfig."
-        )
+    input of VisionTextDualEncoderModel's projection): a hierarchical or convolutional
+    tower's is its last stage's width."""
     if getattr(vision_config, "hidden_size", None) is None:
         sizes = getattr(vision_config, "hidden_sizes", None)
         if not sizes:
             raise UserError(
-                f"{where}: the {model_type!r} image tower names no output width (hidden_size "
-                "or hidden_sizes), which VisionTextDualEncoderModel needs for its projection."
+                f"{where}: the {vision_config.model_type!r} image tower names no output width "
+                "(hidden_size or hidden_sizes), which VisionTextDualEncoderModel needs for its "
+                "projection."
             )
         vision_config.hidden_size = int(sizes[-1])
 
