@@ -95,8 +95,8 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
             with shielded():
                 finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
             raise
-        except RuntimeError as error:
-            message = _lost_process(error, world, outputs)
+        except (RuntimeError, ConnectionError, EOFError) as error:
+            message = _lost_process(error, world, outputs, _reads_in_workers(run))
             if message is None:
                 raise
             with shielded():
@@ -146,11 +146,19 @@ def _worker_deaths_where_data_is_read() -> None:
     signal_handling._SIGCHLD_handler_set = True
 
 
-def _lost_process(error: RuntimeError, world: int, out: Outputs) -> str | None:
+def _reads_in_workers(run: Run) -> bool:
+    return any(loader.num_workers > 0 for loader in (run.train_loader, run.val_loader))
+
+
+def _lost_process(error: Exception, world: int, out: Outputs, workers: bool) -> str | None:
     """The message for a run that lost a process (another rank of the job, or a data loader
-    worker killed, e.g. by the out-of-memory killer); None for any other error."""
+    worker killed, e.g. by the out-of-memory killer); None for any other error. A worker
+    killed while its batch is being received can surface as the broken connection itself
+    (ConnectionResetError, EOFError) before torch sees the worker gone."""
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
-    if "DataLoader worker" in reason:
+    if "DataLoader worker" in reason or (
+        workers and isinstance(error, (ConnectionError, EOFError))
+    ):
         who = "A data loader worker process of this run stopped unexpectedly"
     elif world > 1 and peer_failure(error):
         who = "Another process of this job stopped unexpectedly"

@@ -807,3 +807,17 @@ def test_code_a_tokenizer_names_runs_only_when_the_user_opts_in(tmp_path):
     assert parse(_compose([])).trust_remote_code is False
     with pytest.raises(UserError, match="model.trust_remote_code"):
         parse(_compose(["model.trust_remote_code=maybe"]))
+
+
+def test_a_loader_worker_lost_mid_batch_is_named_even_as_a_broken_connection(tmp_path):
+    from types import SimpleNamespace
+
+    from mmtrain.recipe import _lost_process
+
+    out = SimpleNamespace(checkpoints=tmp_path / "checkpoints", run_dir=tmp_path)
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    message = _lost_process(reset, 1, out, True)
+    assert message.startswith("A data loader worker process of this run stopped unexpectedly")
+    assert "Connection reset by peer" in message and f"mmtrain resume {tmp_path}" in message
+    assert _lost_process(reset, 1, out, False) is None  # no workers: not theirs
+    assert _lost_process(RuntimeError("shape mismatch"), 1, out, True) is None
