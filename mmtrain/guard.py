@@ -72,28 +72,20 @@ class StopSignal:
 
     def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
         if kind is not None and not issubclass(kind, (Interrupted, KeyboardInterrupt)):
-            # The run is failing (a lost process, a full disk): a launcher's signal now would
-            # cut its failure record short. Held off until the process ends (see shielded).
-            for sig in SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+            hold_signals()  # the run is failing (a lost process, a full disk)
             return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
-@contextmanager
-def shielded() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT/SIGUSR1 off while a failing run writes its summary: when a process
-    or node is lost, the launchers signal the ranks left (torchrun's agent does when it loses
-    its rendezvous), and that signal must not cut the record short or replace its message.
-    The run ends with its error right after, as the signal asked. (A loop that fails holds
-    them off already, from the moment it fails: StopSignal.)"""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def hold_signals() -> None:
+    """Ignore SIGTERM/SIGINT/SIGUSR1 from now until the process ends: the run is failing and
+    writes its summary. When a process or node is lost, the launchers signal the ranks left
+    (torchrun's agent does when it loses its rendezvous), and that signal must not cut the
+    record short or replace its message; the run ends with its error right after, as the
+    signal asked."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextmanager

@@ -25,10 +25,10 @@ from mmtrain.devices import resolve_device, resolve_precision, seed_everything
 from mmtrain.errors import Interrupted, UserError
 from mmtrain.guard import (
     checkpoint_to_resume,
+    hold_signals,
     locked,
     peer_failure,
     refuse_ignored_changes,
-    shielded,
 )
 from mmtrain.loop import Outputs, Throughput, TrainState, train_loop
 from mmtrain.releases import upgrade
@@ -92,15 +92,15 @@ def fit(spec: RunSpec, run_dir: Path, claim: Callable[[], None] | None = None) -
             if sharded and status in ("completed", "stopped_early"):  # the weights in one file
                 outputs.save("last.pt", run, state, whole=True)
         except UserError as error:  # a checkpoint that could not be written
-            with shielded():
-                finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
+            hold_signals()
+            finish(run, state, outputs, "failed", None, Throughput(), started, str(error))
             raise
         except (RuntimeError, ConnectionError, EOFError) as error:
             message = _lost_process(error, world, outputs, _reads_in_workers(run))
             if message is None:
                 raise
-            with shielded():
-                finish(run, state, outputs, "failed", None, Throughput(), started, message)
+            hold_signals()
+            finish(run, state, outputs, "failed", None, Throughput(), started, message)
             raise UserError(message) from None
         return finish(run, state, outputs, status, stopped_by, speed, started)
 
